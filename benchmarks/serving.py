@@ -1,0 +1,368 @@
+"""Serving benchmark (not a test): gallery index, ONNX vs torch agreement, HTTP load test, search-only speed.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/serving.py [--out benchmarks/results/serving.json]
+        [--gallery-model G.safetensors --query-model Q.safetensors] [--requests 2000 --concurrency 8]
+
+Without models it makes small random ones (the numbers measure the machinery, not retrieval quality).
+Steps, all on this machine and bounded in count and time:
+1. index the Fashion-MNIST test set (10k; synthetic images if the data is missing) with the gallery model;
+2. export the query model to ONNX and check that ONNX and torch give the same top-10 for held-out queries;
+3. start ``cmpnas serve`` on 127.0.0.1 (a subprocess) and send N requests at concurrency C (stop after N
+   requests or the time cap): throughput, client-side p50/p99, error count, plus the server's /stats;
+4. search only: FAISS IndexFlatIP vs numpy brute force at 10k and 100k random unit vectors (dim 128);
+5. ONNX Runtime batch-1 latency of the query model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from cmpnas import __version__
+from cmpnas.errors import CmpnasError
+from cmpnas.io import write_json_atomic
+from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
+from cmpnas.serving.export import export_onnx, load_encoder, onnx_session, percentiles_ms
+from cmpnas.serving.index import GalleryIndex, GallerySource, Item, build_index, dataset_source
+
+SMALL_GALLERY = {"widths": [16, 32], "depths": [1, 1], "strides": [1, 2]}
+SMALL_QUERY = {"widths": [8, 16], "depths": [1, 1], "strides": [2, 1]}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_models(work: Path, dim: int) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    gallery = EmbeddingModel(
+        ModelSpec(backbone="resnet_small", backbone_kwargs=SMALL_GALLERY, embed_dim=dim, name="bench-gallery")
+    ).eval()
+    gfp = save_model(gallery, work / "gallery.safetensors")
+    query = EmbeddingModel(
+        ModelSpec(
+            backbone="resnet_small",
+            backbone_kwargs=SMALL_QUERY,
+            embed_dim=dim,
+            compatible_with=gfp,
+            name="bench-query",
+        )
+    ).eval()
+    save_model(query, work / "query.safetensors")
+    return work / "gallery.safetensors", work / "query.safetensors"
+
+
+def synthetic_images(n: int, seed: int) -> np.ndarray:
+    """28x28 uint8 pictures: a random bright bar over noise (stand-in when Fashion-MNIST is missing)."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+    rows = rng.integers(0, 24, n)
+    for i, r in enumerate(rows):
+        imgs[i, r : r + 4] = 220
+    return imgs
+
+
+def gallery_source(size: int) -> tuple[GallerySource, np.ndarray, str]:
+    """(source to index, held-out query images, dataset name)."""
+    try:
+        src = dataset_source("fashion_mnist", "test", limit=size)
+        from cmpnas.serving.index import load_dataset_split
+
+        train_x, _ = load_dataset_split("fashion_mnist", "train", None, True)
+        return src, train_x[:200], "fashion_mnist/test"
+    except CmpnasError as exc:
+        log(f"Fashion-MNIST unavailable ({exc.problem}); using synthetic images")
+    imgs = synthetic_images(size, 0)
+    items = [Item(f"synthetic/{i:06d}", "", str(i % 10)) for i in range(size)]
+    src = GallerySource({"kind": "synthetic"}, items, lambda i: Image.fromarray(imgs[i], mode="L"))
+    return src, synthetic_images(200, 1), "synthetic"
+
+
+def top10_agreement(
+    index_dir: Path, query_model: Path, onnx_path: Path, queries: np.ndarray
+) -> dict[str, Any]:
+    index = GalleryIndex.load(index_dir)
+    pil = [Image.fromarray(q, mode="L") for q in queries]
+    a = index.search(load_encoder(query_model).embed_images(pil), 10)
+    b = index.search(load_encoder(onnx_path).embed_images(pil), 10)
+    same = sum([h["id"] for h in x] == [h["id"] for h in y] for x, y in zip(a, b, strict=True))
+    diff = max(
+        abs(h["score"] - g["score"]) for x, y in zip(a, b, strict=True) for h, g in zip(x, y, strict=True)
+    )
+    return {"queries": len(pil), "identical_top10_lists": same, "max_score_diff": diff}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(index_dir: Path, model: Path, port: int) -> subprocess.Popen:
+    code = (
+        "import sys; from cmpnas.serving.app import run_server; "
+        "run_server(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), log_level='warning', threads=1)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(index_dir), str(model), str(port)], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("server did not become healthy in 120 s")
+
+
+def load_test(url: str, payloads: list[bytes], requests: int, concurrency: int, time_cap: float) -> dict:
+    """``requests`` POST /search calls from ``concurrency`` keep-alive clients, bounded by ``time_cap``."""
+    lock = threading.Lock()
+    state = {"next": 0, "errors": 0, "error_examples": []}
+    latencies: list[float] = []
+    deadline = time.monotonic() + time_cap
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while time.monotonic() < deadline:
+                with lock:
+                    i = state["next"]
+                    if i >= requests:
+                        return
+                    state["next"] += 1
+                t0 = time.perf_counter()
+                try:
+                    r = client.post(
+                        "/search",
+                        params={"k": 10},
+                        files={"file": ("q.png", payloads[i % len(payloads)], "image/png")},
+                    )
+                    ok, why = r.status_code == 200 and len(r.json()["results"]) == 10, f"HTTP {r.status_code}"
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    ok, why = False, f"{type(exc).__name__}: {exc}"
+                dt = (time.perf_counter() - t0) * 1000
+                with lock:
+                    latencies.append(dt)
+                    if not ok:
+                        state["errors"] += 1
+                        if len(state["error_examples"]) < 5:
+                            state["error_examples"].append(why)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.asarray(latencies)
+    return {
+        "requests_planned": requests,
+        "requests_sent": len(lat),
+        "concurrency": concurrency,
+        "time_cap_s": time_cap,
+        "stopped_by_time_cap": len(lat) < requests,
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(len(lat) / wall, 2),
+        "latency_ms": {
+            "p50": float(np.percentile(lat, 50)),
+            "p90": float(np.percentile(lat, 90)),
+            "p99": float(np.percentile(lat, 99)),
+            "max": float(lat.max()),
+        },
+        "errors": state["errors"],
+        "error_examples": state["error_examples"],
+    }
+
+
+def search_only(sizes: tuple[int, ...], dim: int = 128, n_queries: int = 1000, single: int = 200) -> dict:
+    """Exact top-10 by FAISS IndexFlatIP vs numpy (matmul + argpartition): batched and one query at a time."""
+    rng = np.random.default_rng(0)
+
+    def unit(n: int) -> np.ndarray:
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def numpy_topk(g: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
+        sims = q @ g.T
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1)
+        return np.take_along_axis(part, order, 1)
+
+    out: dict[str, Any] = {
+        "dim": dim,
+        "k": 10,
+        "queries_batch": n_queries,
+        "queries_single": single,
+        "faiss_threads_batch": faiss.omp_get_max_threads(),
+    }
+    queries = unit(n_queries)
+    for n in sizes:
+        gallery = unit(n)
+        index = faiss.IndexFlatIP(dim)
+        index.add(gallery)
+        row: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        _, f_ids = index.search(queries, 10)
+        row["faiss_flat_batch_qps"] = n_queries / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        n_ids = numpy_topk(gallery, queries)
+        row["numpy_batch_qps"] = n_queries / (time.perf_counter() - t0)
+        row["same_top10_lists"] = int(sum(set(a) == set(b) for a, b in zip(f_ids, n_ids, strict=True)))
+        default_threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # as in the server: one query at a time, one thread
+        t0 = time.perf_counter()
+        for q in queries[:single]:
+            index.search(q[None], 10)
+        row["faiss_flat_single_qps_1thread"] = single / (time.perf_counter() - t0)
+        faiss.omp_set_num_threads(default_threads)
+        t0 = time.perf_counter()
+        for q in queries[:single]:
+            numpy_topk(gallery, q[None])
+        row["numpy_single_qps"] = single / (time.perf_counter() - t0)
+        out[f"gallery_{n}"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}
+    return out
+
+
+def onnx_batch1(onnx_path: Path, runs: int = 200) -> dict[str, Any]:
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28), dtype=np.float32)
+    return {
+        name: percentiles_ms(lambda s=onnx_session(onnx_path, threads): s.run(None, {"images": x}), runs)
+        for name, threads in (("onnxruntime_1thread", 1), ("onnxruntime_default", None))
+    }
+
+
+def png_payloads(images: np.ndarray) -> list[bytes]:
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img, mode="L").save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/serving.json"), help="JSON results file"
+    )
+    ap.add_argument("--gallery-model", type=Path, help="gallery .safetensors (default: a small random model)")
+    ap.add_argument("--query-model", type=Path, help="query .safetensors compatible with the gallery model")
+    ap.add_argument("--gallery-size", type=int, default=10_000, help="gallery images to index")
+    ap.add_argument("--dim", type=int, default=128, help="embedding dim of the generated models")
+    ap.add_argument("--requests", type=int, default=2000, help="HTTP requests in the load test")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients")
+    ap.add_argument("--time-cap", type=float, default=180.0, help="load test stops after this many seconds")
+    ap.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto", help="ONNX exporter")
+    ap.add_argument(
+        "--search-sizes", type=int, nargs="+", default=[10_000, 100_000], help="search-only sizes"
+    )
+    args = ap.parse_args()
+    if (args.gallery_model is None) != (args.query_model is None):
+        ap.error("pass both --gallery-model and --query-model, or neither")
+
+    started = time.time()
+    result: dict[str, Any] = {
+        "benchmark": "serving",
+        "cmpnas_version": __version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_at_start": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "faiss": faiss.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="cmpnas-bench-") as tmp:
+        work = Path(tmp)
+        if args.gallery_model is None:
+            gallery_model, query_model = make_models(work, args.dim)
+            result["models"] = {
+                "generated": True,
+                "gallery": SMALL_GALLERY,
+                "query": SMALL_QUERY,
+                "dim": args.dim,
+            }
+        else:
+            gallery_model, query_model = args.gallery_model, args.query_model
+            result["models"] = {"generated": False, "gallery": str(gallery_model), "query": str(query_model)}
+
+        source, held_out, name = gallery_source(args.gallery_size)
+        log(f"indexing {len(source.items)} {name} images with the gallery model")
+        t0 = time.perf_counter()
+        manifest = build_index(gallery_model, source, work / "index")
+        result["index"] = {
+            "dataset": name,
+            "count": manifest["count"],
+            "dim": manifest["dim"],
+            "type": "flat",
+            "build_s": round(time.perf_counter() - t0, 2),
+        }
+
+        log(f"exporting the query model to ONNX ({args.exporter} exporter)")
+        onnx_path = work / "query.onnx"
+        report = export_onnx(query_model, onnx_path, exporter=args.exporter, latency_runs=30)
+        result["export"] = {
+            k: report[k]
+            for k in ("exporter", "exporter_fallback_reason", "export_seconds", "parity", "latency_ms")
+        }
+        result["onnx_vs_torch_top10"] = top10_agreement(work / "index", query_model, onnx_path, held_out)
+        result["onnx_batch1_ms"] = onnx_batch1(onnx_path)
+        log(f"ONNX vs torch top-10: {result['onnx_vs_torch_top10']}")
+
+        port = free_port()
+        log(f"starting the server on 127.0.0.1:{port} (ONNX query model)")
+        server = start_server(work / "index", onnx_path, port)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            load_test(url, png_payloads(held_out[:20]), 40, 2, 30)  # warm-up, not reported
+            log(f"load test: {args.requests} requests at concurrency {args.concurrency}")
+            result["load_test"] = load_test(
+                url, png_payloads(held_out), args.requests, args.concurrency, args.time_cap
+            )
+            stats = httpx.get(f"{url}/stats", timeout=10).json()
+            result["load_test"]["server_threads"] = 1
+            result["load_test"]["server_stats"] = {
+                k: stats[k] for k in ("queries", "rejected", "latency_ms", "mode")
+            }
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        summary = {k: result["load_test"][k] for k in ("throughput_rps", "latency_ms", "errors")}
+        log(f"load test: {json.dumps(summary)}")
+
+    log("search only: FAISS flat vs numpy brute force")
+    result["search_only"] = search_only(tuple(args.search_sizes))
+    result["total_s"] = round(time.time() - started, 1)
+    write_json_atomic(args.out, result)
+    log(f"wrote {args.out} in {result['total_s']} s")
+
+
+if __name__ == "__main__":
+    main()

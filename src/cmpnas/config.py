@@ -1,0 +1,241 @@
+"""Typed, validated configuration (pydantic + YAML). One config object drives every stage.
+
+A YAML file is validated against :class:`Config`; unknown keys are errors (a typo must not be
+silently ignored). CLI overrides use dotted keys: ``--set train.epochs=3``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cmpnas.errors import CmpnasError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where images come from and how they are split."""
+
+    name: Literal["fashion_mnist", "folder", "csv", "synthetic"] = "fashion_mnist"
+    root: str | None = Field(None, description="dataset folder / CSV file; None = look up defaults")
+    download: bool = Field(True, description="allow torchvision's download when no local copy is found")
+    val_size: int = Field(5000, ge=0, description="images held out of train for model selection / search reward")
+    subset_train: int | None = Field(None, ge=1, description="use only this many training images (smoke runs)")
+    subset_test: int | None = Field(None, ge=1, description="use only this many test images (smoke runs)")
+    image_size: int = Field(28, ge=8, description="side length images are resized to (folder/csv)")
+    in_chans: int = Field(1, description="1 = grayscale, 3 = RGB")
+    open_set: bool = Field(False, description="folder/csv: test classes disjoint from training classes")
+    open_set_test_fraction: float = Field(0.3, gt=0, lt=1)
+    on_bad_image: Literal["skip", "error"] = "skip"
+    seed: int = 0
+
+    @field_validator("in_chans")
+    @classmethod
+    def _chans(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError("in_chans must be 1 (grayscale) or 3 (RGB)")
+        return v
+
+
+class ModelConfig(_Strict):
+    """An embedding model: backbone + embedding head (dim D) + classifier."""
+
+    backbone: str = Field("cifar_resnet20", description="factory name, e.g. 'cifar_resnet20', 'timm:resnet18', 'tv:mobilenet_v2'")
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    arch: dict[str, Any] | None = Field(None, description="SPOS architecture encoding (backbone 'spos')")
+    embed_dim: int = Field(128, ge=2)
+    classifier: Literal["linear", "cosine"] = "linear"
+    cosine_scale: float = Field(16.0, gt=0)
+    pretrained: bool = False
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+
+
+class TrainConfig(_Strict):
+    """The one training loop's settings (every stage)."""
+
+    epochs: float = Field(2, gt=0, description="may be fractional: 0.5 = half an epoch")
+    batch_size: int = Field(128, ge=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    warmup_epochs: float = Field(0.2, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = True
+    augment: bool = True
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch default")
+    log_every: int = Field(50, ge=1)
+
+
+class CompatConfig(_Strict):
+    """Weights of the compatibility losses combined in query / supernet training."""
+
+    mode: Literal["independent", "bct"] = "bct"
+    bct_weight: float = Field(1.0, ge=0, description="lambda of the BCT influence loss")
+    align_weight: float = Field(0.0, ge=0, description="weight of the embedding-alignment term")
+    align: Literal["cosine", "l2"] = "cosine"
+    gallery_classifier: Literal["auto", "trained", "synthesized"] = Field(
+        "auto",
+        description="classifier used by BCT: the gallery's own ('trained'), BCT's class-mean one ('synthesized'), "
+        "or 'auto' = trained when it covers the training classes, else synthesized",
+    )
+
+
+class SpaceConfig(_Strict):
+    """The SPOS ShuffleNetV2 one-shot search space (defaults sized for 1x28x28 inputs)."""
+
+    name: Literal["spos"] = "spos"
+    stem_channels: int = Field(16, ge=4)
+    stem_stride: int = Field(1, ge=1, le=4)
+    stage_repeats: list[int] = Field(default_factory=lambda: [2, 2, 4, 2])
+    stage_widths: list[int] = Field(default_factory=lambda: [24, 48, 96, 192])
+    stage_strides: list[int] = Field(default_factory=lambda: [2, 2, 2, 2])
+    last_channels: int = Field(128, ge=8)
+    choices: list[Literal["shuffle3", "shuffle5", "shuffle7", "xception"]] = Field(
+        default_factory=lambda: ["shuffle3", "shuffle5", "shuffle7", "xception"]
+    )
+    channel_scales: list[float] = Field(
+        default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6], description="mid-channel scales (SPOS)"
+    )
+
+
+class SearchConfig(_Strict):
+    """Evolutionary search (SPOS defaults) and the reward."""
+
+    population: int = Field(50, ge=2)
+    generations: int = Field(20, ge=1)
+    parents: int = Field(10, ge=1)
+    mutations: int = Field(25, ge=0)
+    crossovers: int = Field(25, ge=0)
+    mutation_prob: float = Field(0.1, gt=0, le=1)
+    max_tries_factor: int = Field(10, ge=1, description="each operator tries at most factor x count times")
+    reward: Literal["R1", "R2", "R3"] = "R3"
+    reward_weight: float = Field(0.5, ge=0, le=1, description="w in R3 = w*M(q,g) + (1-w)*M(q,q)")
+    metric: Literal["top1", "map"] = "top1"
+    recal_images: int = Field(2000, ge=1)
+    recal_batch: int = Field(250, ge=1)
+    val_images: int | None = Field(None, ge=1, description="use only this many val images for the reward")
+    seed: int = 0
+
+
+class NasConfig(_Strict):
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    budget_macs: float | None = Field(None, gt=0, description="query cost cap in MACs")
+    budget_cost_reduction: float | None = Field(
+        80.0, gt=0, description="cap = gallery MACs / this (used when budget_macs is None)"
+    )
+    budget_latency_ms: float | None = Field(None, gt=0, description="optional cap on measured batch-1 latency")
+    sample_band: float | None = Field(
+        0.5, gt=0, le=1, description="supernet paths sampled with MACs in [band*cap, cap] (None = uniform)"
+    )
+    supernet_train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    retrain: TrainConfig = Field(default_factory=TrainConfig)
+    study_archs: int = Field(40, ge=0)
+    study_band: float = Field(0.15, gt=0, lt=1, description="study archs within +-band of the budget")
+    study_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
+
+
+class BaselineConfig(_Strict):
+    """A hand-designed query model trained by `cmpnas run` for comparison."""
+
+    name: str
+    model: ModelConfig
+    compat: Literal["independent", "bct"] = "bct"
+
+
+class RunConfig(_Strict):
+    """What `cmpnas run` does beyond the core stages."""
+
+    baselines: list[BaselineConfig] = Field(default_factory=list)
+    rewards: list[Literal["R1", "R2", "R3"]] = Field(default_factory=lambda: ["R1", "R2", "R3"])
+    headline_reward: Literal["R1", "R2", "R3"] = "R3"
+    study: bool = True
+    export_onnx: bool = True
+    build_index: bool = True
+    latency_repeats: int = Field(50, ge=1)
+
+
+class Config(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    gallery: ModelConfig = Field(default_factory=ModelConfig)
+    gallery_train: TrainConfig = Field(default_factory=TrainConfig)
+    query: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(backbone="tv:mobilenet_v2", backbone_kwargs={"width_mult": 0.35})
+    )
+    query_train: TrainConfig = Field(default_factory=TrainConfig)
+    compat: CompatConfig = Field(default_factory=CompatConfig)
+    nas: NasConfig = Field(default_factory=NasConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    eval_batch_size: int = Field(512, ge=1)
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise CmpnasError(f"Override '{key}': '{p}' is not a section.", "use a dotted path to a leaf option")
+    cur[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value is read as YAML so numbers, bools and lists work."""
+    if "=" not in item:
+        raise CmpnasError(f"Override '{item}' has no '='.", "write overrides as key=value, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config_dict(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise CmpnasError(f"Config file '{p}' does not exist.", "pass an existing YAML file, e.g. configs/smoke.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CmpnasError(f"Config file '{p}' is not valid YAML: {exc}.", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise CmpnasError(f"Config file '{p}' must hold a mapping of sections.", "see configs/default.yaml")
+    return data
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, model: type[BaseModel] = Config) -> Any:
+    """Validate ``raw`` + overrides against ``model``; errors name the key and the expected value."""
+    data = copy.deepcopy(raw)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise CmpnasError(
+            f"Bad config value at '{loc}': {err['msg']} (got {err.get('input')!r}).",
+            "correct that key in the YAML file or the --set override (see `cmpnas <command> --help`)",
+        ) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = Config) -> Any:
+    return build_config(load_config_dict(path), overrides, model)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,173 @@
+"""``build_data(cfg)``: one entry point from a :class:`DataConfig` to a ready :class:`DataBundle`.
+
+A source (registered in :data:`DATA_SOURCES`) yields a train pool and a test set; this module then
+applies the same steps to every source: stratified subsets, the val split, and mean/std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cmpnas.config import DataConfig
+from cmpnas.data import fashion_mnist, folder, synthetic
+from cmpnas.data.base import (
+    DataBundle,
+    ImageDataset,
+    SourceSplits,
+    TensorImageDataset,
+    compute_mean_std,
+    split_train_val,
+    stratified_subset,
+)
+from cmpnas.errors import CmpnasError
+
+VAL_MAX_FRACTION = 0.2  # val never takes more than this share of the training pool
+SYNTHETIC_DEFAULT_TRAIN, SYNTHETIC_DEFAULT_TEST = 2000, 500
+# Sub-seeds: each random step gets its own stream, so changing one setting does not reshuffle the others.
+_SEED_SUBSET_TRAIN, _SEED_SUBSET_TEST, _SEED_VAL, _SEED_STATS = 1, 2, 3, 4
+
+
+def _fashion_mnist_source(cfg: DataConfig) -> SourceSplits:
+    train_x, train_y, test_x, test_y = fashion_mnist.load_fashion_mnist(cfg.root, download=cfg.download)
+    notes = []
+    datasets = []
+    for images, labels in ((train_x, train_y), (test_x, test_y)):
+        x = torch.from_numpy(images).unsqueeze(1)
+        if cfg.image_size != x.shape[-1]:
+            x = _resize_uint8(x, cfg.image_size)
+        if cfg.in_chans == 3:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        datasets.append(TensorImageDataset(x, labels))
+    if cfg.image_size != train_x.shape[-1]:
+        notes.append(f"images resized from {train_x.shape[-1]} to {cfg.image_size} pixels")
+    if cfg.in_chans == 3:
+        notes.append("grayscale images repeated to 3 channels (data.in_chans=3)")
+    return SourceSplits(
+        train=datasets[0],
+        test=datasets[1],
+        class_names=list(fashion_mnist.CLASS_NAMES),
+        num_classes=len(fashion_mnist.CLASS_NAMES),
+        in_chans=cfg.in_chans,
+        image_size=cfg.image_size,
+        notes=notes,
+    )
+
+
+def _folder_options(cfg: DataConfig) -> dict:
+    return {
+        "image_size": cfg.image_size,
+        "in_chans": cfg.in_chans,
+        "open_set": cfg.open_set,
+        "open_set_test_fraction": cfg.open_set_test_fraction,
+        "on_bad_image": cfg.on_bad_image,
+        "seed": cfg.seed,
+    }
+
+
+def _folder_source(cfg: DataConfig) -> SourceSplits:
+    return folder.load_image_folder(cfg.root, **_folder_options(cfg))
+
+
+def _csv_source(cfg: DataConfig) -> SourceSplits:
+    if cfg.root is None:
+        raise CmpnasError(
+            "data.name=csv needs data.root.", "set data.root to the CSV manifest (path,label[,split])"
+        )
+    return folder.load_csv_manifest(cfg.root, **_folder_options(cfg))
+
+
+def _synthetic_source(cfg: DataConfig) -> SourceSplits:
+    return synthetic.make_synthetic_splits(
+        cfg.subset_train or SYNTHETIC_DEFAULT_TRAIN,
+        cfg.subset_test or SYNTHETIC_DEFAULT_TEST,
+        num_classes=10,
+        image_size=cfg.image_size,
+        in_chans=cfg.in_chans,
+        seed=cfg.seed,
+    )
+
+
+DATA_SOURCES: dict[str, Callable[[DataConfig], SourceSplits]] = {
+    "fashion_mnist": _fashion_mnist_source,
+    "folder": _folder_source,
+    "csv": _csv_source,
+    "synthetic": _synthetic_source,
+}
+
+OPEN_SET_SOURCES = frozenset({"folder", "csv"})
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Load ``cfg.name``, then subset (stratified), split val from train and compute mean/std."""
+    source_fn = DATA_SOURCES.get(cfg.name)
+    if source_fn is None:
+        raise CmpnasError(
+            f"Unknown data.name '{cfg.name}'.", f"use one of: {', '.join(sorted(DATA_SOURCES))}"
+        )
+    if cfg.open_set and cfg.name not in OPEN_SET_SOURCES:
+        raise CmpnasError(
+            f"data.open_set is not supported for data.name={cfg.name}.",
+            f"set data.open_set=false, or use one of: {', '.join(sorted(OPEN_SET_SOURCES))}",
+        )
+    source = source_fn(cfg)
+    notes = list(source.notes)
+    pool = _subset(source.train, cfg.subset_train, [cfg.seed, _SEED_SUBSET_TRAIN], "train", notes)
+    test = _subset(source.test, cfg.subset_test, [cfg.seed, _SEED_SUBSET_TEST], "test", notes)
+    if source.val is not None:
+        train, val = pool, source.val
+    else:
+        val_size = min(cfg.val_size, int(VAL_MAX_FRACTION * len(pool)))
+        if val_size < cfg.val_size:
+            notes.append(
+                f"val_size clipped from {cfg.val_size} to {val_size} "
+                f"(at most {VAL_MAX_FRACTION:.0%} of the {len(pool)} training images)"
+            )
+        train_idx, val_idx = split_train_val(pool.labels, val_size, seed=[cfg.seed, _SEED_VAL])
+        train, val = pool.subset(train_idx), pool.subset(val_idx)
+    if len(train) == 0 or len(test) == 0:
+        raise CmpnasError(
+            f"Data '{cfg.name}' has {len(train)} training and {len(test)} test images after splitting.",
+            "use more images, or raise data.subset_train / data.subset_test",
+        )
+    mean, std = compute_mean_std(train, seed=[cfg.seed, _SEED_STATS])
+    return DataBundle(
+        name=cfg.name,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=source.num_classes,
+        in_chans=source.in_chans,
+        image_size=source.image_size,
+        mean=mean,
+        std=std,
+        class_names=list(source.class_names),
+        open_set=source.open_set,
+        notes=notes,
+    )
+
+
+def _subset(
+    ds: ImageDataset, size: int | None, seed: list[int], split: str, notes: list[str]
+) -> ImageDataset:
+    if size is None:
+        return ds
+    if size >= len(ds):
+        notes.append(f"subset_{split}={size} >= the {len(ds)} {split} images available: using all")
+        return ds
+    notes.append(f"{split}: stratified subset of {size} of {len(ds)} images")
+    return ds.subset(stratified_subset(ds.labels, size, seed=seed))
+
+
+def _resize_uint8(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 ``[N,C,H,W]`` in chunks, to bound the float copy."""
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk].float()
+        resized = F.interpolate(
+            block, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        out[start : start + chunk] = resized.round().clamp(0, 255).to(torch.uint8)
+    return out

@@ -1,0 +1,69 @@
+"""Batch-level preprocessing shared by training, evaluation, export and serving.
+
+Datasets return uint8 [C,H,W]; whole batches are converted, normalised and (for training) augmented
+here in one vectorised step, which is much faster on CPU than per-image PIL transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cmpnas.errors import CmpnasError
+
+
+def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (or 0..1 float) [B,C,H,W] -> normalised float32."""
+    x = x.float()
+    if x.max() > 1.5 or x.dtype == torch.uint8:
+        x = x / 255.0
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random translation (pad + crop, per image) and horizontal flip, vectorised over the batch."""
+    b, _, h, w = x.shape
+    if pad > 0:
+        c = x.shape[1]
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        rows = (dy.view(b, 1, 1, 1) + torch.arange(h).view(1, 1, h, 1)).expand(b, c, h, padded.shape[3])
+        x = torch.gather(padded, 2, rows)
+        cols = (dx.view(b, 1, 1, 1) + torch.arange(w).view(1, 1, 1, w)).expand(b, c, h, w)
+        x = torch.gather(x, 3, cols)
+    if flip:
+        mask = torch.rand(b, generator=generator) < 0.5
+        x = torch.where(mask.view(b, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def pil_to_uint8(img: Image.Image, in_chans: int, size: int) -> torch.Tensor:
+    """PIL image -> uint8 [C,size,size]: convert mode, resize shorter side, centre crop."""
+    img = img.convert("L" if in_chans == 1 else "RGB")
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise CmpnasError("Image has zero width or height.", "send a real image")
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.copy())
+
+
+def preprocess_images(images: Sequence[Image.Image], spec: object) -> torch.Tensor:
+    """PIL images -> the normalised float batch a model with this ``ModelSpec`` expects."""
+    batch = torch.stack([pil_to_uint8(im, spec.in_chans, spec.input_size) for im in images])  # type: ignore[attr-defined]
+    return normalize_batch(batch, spec.mean, spec.std)  # type: ignore[attr-defined]

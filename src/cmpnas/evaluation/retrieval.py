@@ -1,0 +1,453 @@
+"""Class-level retrieval: exact k-NN and the metrics of deep metric learning / BCT.
+
+Conventions (see docs/datasets.md §3):
+
+* Similarity is the inner product; :func:`retrieval_metrics` L2-normalises first, so it is cosine.
+* **Ties are broken by the lower gallery index**, everywhere (``knn`` with either backend and the metric
+  ranking), so results never depend on the backend, on ``chunk_size`` or on sort stability.
+* ``exclude_self=True`` is leave-one-out on one image set (query i and gallery i are the same image, possibly
+  embedded by *different* models): gallery item i is removed from the ranking of query i, and the relevant
+  count R of a query does not include itself. The self-match is masked by index, never assumed to be the top
+  hit.
+* Recall@K ("topK") is the DML / BCT top-K accuracy: 1 if a relevant item is within the first K ranks.
+  AP / mAP run over the full ranking; MAP@R and R-precision (Musgrave et al. 2020) over the first R ranks.
+* Queries without any relevant gallery item ("lone") are dropped (``lone_queries="exclude"``, the
+  pytorch-metric-learning convention) or counted as misses with AP 0 (``"fail"``); both counts are returned.
+
+Memory stays bounded for 70k x 70k: queries are processed in blocks of at most ``chunk_size`` rows and at most
+``_BLOCK_ELEMENTS`` similarity entries, so no Q x G matrix is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmpnas.errors import CmpnasError
+
+__all__ = ["knn", "l2_normalize", "metrics_from_similarity", "retrieval_metrics"]
+
+# Cap on similarity entries per block: 8M entries keep the ranking temporaries (~40 bytes each) near 300 MB.
+_BLOCK_ELEMENTS = 1 << 23
+# knn asks its candidate generator for this many extra neighbours so that ties at rank k can be resolved.
+_EXTRA_CANDIDATES = 16
+_LOW32 = 0xFFFFFFFF
+_BACKENDS = ("auto", "faiss", "torch")
+_LONE_MODES = ("exclude", "fail")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _as_embeddings(name: str, x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise CmpnasError(
+            f"{name} embeddings must be a non-empty 2-D tensor [N, D], got shape {tuple(x.shape)}.",
+            "pass one embedding row per image.",
+        )
+    if not x.is_floating_point():
+        x = x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise CmpnasError(
+            f"{name} embeddings contain NaN or inf.",
+            "check the model for diverged weights (NaN loss) or broken input images.",
+        )
+    return x
+
+
+def _as_labels(name: str, labels: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise CmpnasError(
+            f"{name} labels must be a 1-D tensor with one label per row ({n}), got {tuple(labels.shape)}.",
+            "pass integer class ids aligned with the embeddings.",
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise CmpnasError(
+            f"{name} labels must be integer class ids, got dtype {labels.dtype}.",
+            "convert labels with .long().",
+        )
+    return labels.to(device=device, dtype=torch.int64)
+
+
+def _check_pair(query: torch.Tensor, gallery: torch.Tensor, exclude_self: bool) -> None:
+    if query.shape[1] != gallery.shape[1]:
+        raise CmpnasError(
+            f"query and gallery embeddings have different widths ({query.shape[1]} vs {gallery.shape[1]}).",
+            "compare embeddings of the same dimension (BCT query models must match the gallery width).",
+        )
+    if exclude_self and query.shape[0] != gallery.shape[0]:
+        raise CmpnasError(
+            f"exclude_self=True needs query i and gallery i to be the same image, but Q={query.shape[0]} "
+            f"and G={gallery.shape[0]}.",
+            "embed the same image list on both sides, or set exclude_self=False for separate sets.",
+        )
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise CmpnasError(f"chunk_size must be a positive integer, got {chunk_size!r}.", "use e.g. 1024.")
+
+
+def _check_ks(ks: tuple[int, ...]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise CmpnasError(f"ks must be positive integers, got {ks!r}.", "use e.g. ks=(1, 5, 10).")
+    return ks
+
+
+def _check_lone_mode(lone_queries: str) -> None:
+    if lone_queries not in _LONE_MODES:
+        raise CmpnasError(
+            f"unknown lone_queries mode {lone_queries!r}.",
+            "use 'exclude' (drop queries with no relevant item) or 'fail' (count them as misses).",
+        )
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in _BACKENDS:
+        raise CmpnasError(f"unknown knn backend {backend!r}.", f"use one of {', '.join(_BACKENDS)}.")
+    if backend == "auto":
+        return "faiss" if _faiss_available() else "torch"
+    if backend == "faiss" and not _faiss_available():
+        raise CmpnasError(
+            "backend 'faiss' was requested but faiss is not installed.",
+            "pip install faiss-cpu, or use backend='torch'.",
+        )
+    return backend
+
+
+def _rows_per_block(chunk_size: int, n_gallery: int) -> int:
+    return max(1, min(chunk_size, _BLOCK_ELEMENTS // max(n_gallery, 1)))
+
+
+# ------------------------------------------------------------------------------------------------------ knn
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, as float32 (cosine similarity = inner product). Zero rows stay zero."""
+    x = torch.as_tensor(x)
+    if x.dim() != 2:
+        raise CmpnasError(f"expected a 2-D tensor [N, D] to normalise, got shape {tuple(x.shape)}.", None)
+    return F.normalize(x.float(), p=2.0, dim=1, eps=1e-12)
+
+
+def _exact_scores(query64: torch.Tensor, gallery_t64: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Inner products in float64, accumulated in a fixed order over the dimensions.
+
+    Every entry is computed by the same sequence of IEEE operations whatever the block shape, so two candidate
+    lists that share an item give it bit-identical scores: that makes faiss and torch results identical.
+    """
+    acc = torch.zeros(candidates.shape, dtype=torch.float64, device=candidates.device)
+    for d in range(query64.shape[1]):
+        acc += query64[:, d : d + 1] * gallery_t64[d][candidates]
+    return acc
+
+
+def _exact_scores_all(query64: torch.Tensor, gallery_t64: torch.Tensor) -> torch.Tensor:
+    """Same arithmetic as :func:`_exact_scores`, against the whole gallery (fallback for tie-heavy rows)."""
+    acc = torch.zeros((query64.shape[0], gallery_t64.shape[1]), dtype=torch.float64, device=query64.device)
+    for d in range(query64.shape[1]):
+        acc += query64[:, d : d + 1] * gallery_t64[d].unsqueeze(0)
+    return acc
+
+
+def _sort_by_score_then_index(
+    indices: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each row by descending score, equal scores by ascending gallery index."""
+    indices, perm = indices.sort(dim=1)
+    scores = scores.gather(1, perm)
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    return scores, indices.gather(1, order)
+
+
+def _dot_error_bound(dim: int) -> float:
+    """Worst-case relative error of a float32 dot product (any summation order) plus our float64 rescoring."""
+    unit = 2.0**-24 if torch.get_float32_matmul_precision() == "highest" else 2.0**-8
+    gamma32 = dim * unit / (1.0 - dim * unit) if dim * unit < 0.5 else 1.0
+    gamma64 = (dim + 1) * 2.0**-53 * 1.01
+    return 1.01 * gamma32 + gamma64
+
+
+def knn(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    *,
+    exclude_self: bool = False,
+    backend: str = "auto",
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k: ``(scores [Q, k] float32, indices [Q, k] int64)``, best first.
+
+    Embeddings are used as given (normalise first for cosine). ``backend`` only chooses how candidates are
+    found (faiss ``IndexFlatIP`` or a chunked torch matmul + topk); both candidate lists are rescored with the
+    same float64 arithmetic and ordered by (score desc, index asc), so the backends return identical indices
+    and scores. A candidate list is accepted only if its k-th score beats every item it might have missed by
+    more than the float32 rounding bound; otherwise that row is ranked exactly against the whole gallery.
+    """
+    query = _as_embeddings("query", query).float()
+    gallery = _as_embeddings("gallery", gallery).float().to(query.device)
+    _check_pair(query, gallery, exclude_self)
+    _check_chunk_size(chunk_size)
+    backend = _resolve_backend(backend)
+    n_query, dim = query.shape
+    n_gallery = gallery.shape[0]
+    n_eligible = n_gallery - 1 if exclude_self else n_gallery
+    if not isinstance(k, int) or not 1 <= k <= n_eligible:
+        raise CmpnasError(
+            f"k={k!r} neighbours requested but only {n_eligible} gallery items are eligible"
+            + (" (self excluded)." if exclude_self else "."),
+            f"use 1 <= k <= {n_eligible}.",
+        )
+    device = query.device
+    n_candidates = min(n_gallery, k + _EXTRA_CANDIDATES + (1 if exclude_self else 0))
+    complete = n_candidates == n_gallery  # every item is a candidate: nothing can have been missed
+    gallery_t64 = gallery.double().T.contiguous()
+    # twice one score's error bound: a missed item may be under-, a candidate over-estimated.
+    tolerance = (
+        2.0 * _dot_error_bound(dim) * query.double().norm(dim=1) * float(gallery.double().norm(dim=1).max())
+    )
+
+    index = None
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(dim)
+        index.add(np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32))
+
+    out_scores = torch.empty((n_query, k), dtype=torch.float32, device=device)
+    out_indices = torch.empty((n_query, k), dtype=torch.int64, device=device)
+    block_rows = _rows_per_block(chunk_size, n_gallery)
+    for start in range(0, n_query, block_rows):
+        stop = min(start + block_rows, n_query)
+        q_block = query[start:stop]
+        self_idx = torch.arange(start, stop, device=device)
+        if index is not None:
+            q_np = np.ascontiguousarray(q_block.detach().cpu().numpy(), dtype=np.float32)
+            _, found = index.search(q_np, n_candidates)
+            candidates = torch.from_numpy(found).to(device=device, dtype=torch.int64)
+        else:
+            approx = q_block @ gallery.T
+            if exclude_self:
+                approx[torch.arange(stop - start, device=device), self_idx] = -math.inf
+            candidates = approx.topk(n_candidates, dim=1).indices
+            del approx
+        q64 = q_block.double()
+        scores = _exact_scores(q64, gallery_t64, candidates)
+        is_self = (
+            candidates == self_idx.unsqueeze(1)
+            if exclude_self
+            else torch.zeros_like(candidates, dtype=torch.bool)
+        )
+        scores = scores.masked_fill(is_self, -math.inf)
+        sorted_scores, sorted_indices = _sort_by_score_then_index(candidates, scores)
+        if complete:
+            resolved = torch.ones(stop - start, dtype=torch.bool, device=device)
+        else:
+            lowest = scores.masked_fill(is_self, math.inf).min(dim=1).values
+            resolved = sorted_scores[:, k - 1] - lowest > tolerance[start:stop]
+        out_scores[start:stop] = sorted_scores[:, :k].float()
+        out_indices[start:stop] = sorted_indices[:, :k]
+        unresolved = (~resolved).nonzero().flatten()
+        for rows in unresolved.split(_rows_per_block(chunk_size, n_gallery)):
+            full = _exact_scores_all(q64[rows], gallery_t64)
+            if exclude_self:
+                full[torch.arange(rows.numel(), device=device), rows + start] = -math.inf
+            full_scores, full_order = full.sort(dim=1, descending=True, stable=True)
+            out_scores[rows + start] = full_scores[:, :k].float()
+            out_indices[rows + start] = full_order[:, :k]
+    return out_scores, out_indices
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose ascending order is (score asc, index desc): unique, so any sort is deterministic."""
+    bits = (scores + 0.0).contiguous().view(torch.int32).to(torch.int64)  # +0.0 turns -0.0 into +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE-754 bits -> order-preserving integers
+    index = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)
+    return bits * (1 << 32) + (_LOW32 - index)
+
+
+def _descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """Gallery indices of each row by descending score, ties by ascending index ([B, G] int64).
+
+    float32 rows are sorted as unique int64 keys (numpy's vectorised sort on CPU is several times faster than
+    a stable argsort); other dtypes use torch's stable sort. Both give the same order.
+    """
+    if scores.dtype != torch.float32 and scores.dtype not in (torch.float16, torch.bfloat16):
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices
+    keys = _order_keys(scores.float())
+    if keys.device.type == "cpu":
+        sorted_keys = torch.from_numpy(np.sort(keys.numpy(), axis=1)).flip(1)
+    else:
+        sorted_keys = torch.sort(keys, dim=1, descending=True).values
+    return _LOW32 - (sorted_keys & _LOW32)
+
+
+class _PerQuery:
+    """Per-query results, filled block by block and reduced once at the end (chunking cannot change sums)."""
+
+    def __init__(self, n_query: int, device: torch.device) -> None:
+        self.n_relevant = torch.zeros(n_query, dtype=torch.int64, device=device)
+        self.first_rank = torch.zeros(
+            n_query, dtype=torch.int64, device=device
+        )  # 1-based; 0 = no relevant item
+        self.ap = torch.zeros(n_query, dtype=torch.float64, device=device)
+        self.map_at_r = torch.zeros(n_query, dtype=torch.float64, device=device)
+        self.r_precision = torch.zeros(n_query, dtype=torch.float64, device=device)
+
+    def add_block(
+        self,
+        start: int,
+        scores: torch.Tensor,
+        query_labels: torch.Tensor,
+        gallery_labels: torch.Tensor,
+        exclude_self: bool,
+    ) -> None:
+        """Rank one block of similarity rows (queries ``start ..``) and record each query's metrics."""
+        n_rows, n_gallery = scores.shape
+        order = _descending_order(scores)
+        if exclude_self:  # drop the query's own column wherever it landed
+            self_idx = torch.arange(start, start + n_rows, device=order.device).unsqueeze(1)
+            order = order[order != self_idx].view(n_rows, n_gallery - 1)
+        relevant = gallery_labels[order] == query_labels.unsqueeze(1)
+        del order
+        n_relevant = relevant.sum(dim=1)
+        rows, positions = relevant.nonzero(as_tuple=True)  # row-major: each row's hits in rank order
+        del relevant
+        row_start = torch.cumsum(n_relevant, 0) - n_relevant
+        hit_number = torch.arange(rows.numel(), device=rows.device) - row_start[rows] + 1
+        rank = positions + 1
+        precision = hit_number.double() / rank.double()  # P@rank at each relevant rank
+        within_r = rank <= n_relevant[rows]
+        ap_sum = torch.zeros(n_rows, dtype=torch.float64, device=rows.device).index_add_(0, rows, precision)
+        map_r_sum = torch.zeros_like(ap_sum).index_add_(0, rows, precision * within_r)
+        hits_in_r = torch.zeros_like(ap_sum).index_add_(0, rows, within_r.double())
+        first = hit_number == 1
+        first_rank = torch.zeros(n_rows, dtype=torch.int64, device=rows.device)
+        first_rank[rows[first]] = rank[first]
+        denom = n_relevant.clamp_min(1).double()
+        block = slice(start, start + n_rows)
+        self.n_relevant[block] = n_relevant
+        self.first_rank[block] = first_rank
+        self.ap[block] = ap_sum / denom
+        self.map_at_r[block] = map_r_sum / denom
+        self.r_precision[block] = hits_in_r / denom
+
+    def summarize(self, ks: tuple[int, ...], lone_queries: str) -> dict[str, float]:
+        lone = self.n_relevant == 0
+        n_lone = int(lone.sum())
+        counted = ~lone if lone_queries == "exclude" else torch.ones_like(lone)
+        n_counted = int(counted.sum())
+        if n_counted == 0:
+            raise CmpnasError(
+                "no query has a relevant gallery item, so retrieval metrics are undefined.",
+                "check that query and gallery labels share classes, or use lone_queries='fail'.",
+            )
+
+        def percent(per_query: torch.Tensor) -> float:
+            return 100.0 * float(per_query[counted].sum()) / n_counted
+
+        found = self.first_rank > 0  # lone queries have first_rank 0 and AP 0: misses under "fail"
+        result: dict[str, float] = {f"top{k}": percent((found & (self.first_rank <= k)).double()) for k in ks}
+        result["map"] = percent(self.ap)
+        result["map_at_r"] = percent(self.map_at_r)
+        result["r_precision"] = percent(self.r_precision)
+        result["n_queries"] = n_counted
+        result["n_lone"] = n_lone
+        return result
+
+
+def metrics_from_similarity(
+    sim: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    *,
+    exclude_self: bool = False,
+    ks: tuple[int, ...] = (1, 5, 10),
+    lone_queries: str = "exclude",
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Retrieval metrics (percent) from a precomputed [Q, G] similarity matrix (higher = more similar).
+
+    The low-level entry point: any score works (e.g. negative distances); :func:`retrieval_metrics` feeds it
+    cosine-similarity blocks. float32 scores are ranked as they are; float64 scores keep their full precision.
+    """
+    sim = torch.as_tensor(sim)
+    if sim.dim() != 2 or sim.shape[0] == 0 or sim.shape[1] == 0 or not sim.is_floating_point():
+        raise CmpnasError(
+            f"sim must be a non-empty float matrix [Q, G], got {sim.dtype} {tuple(sim.shape)}.", None
+        )
+    if bool(torch.isnan(sim).any()):
+        raise CmpnasError("similarity matrix contains NaN.", "check the embeddings for NaN values.")
+    n_query, n_gallery = sim.shape
+    if exclude_self and n_query != n_gallery:
+        raise CmpnasError(
+            f"exclude_self=True needs a square similarity matrix, got {n_query} x {n_gallery}.",
+            "use exclude_self=False for separate query and gallery sets.",
+        )
+    q_labels = _as_labels("query", query_labels, n_query, sim.device)
+    g_labels = _as_labels("gallery", gallery_labels, n_gallery, sim.device)
+    ks = _check_ks(ks)
+    _check_lone_mode(lone_queries)
+    _check_chunk_size(chunk_size)
+    per_query = _PerQuery(n_query, sim.device)
+    block_rows = _rows_per_block(chunk_size, n_gallery)
+    for start in range(0, n_query, block_rows):
+        stop = min(start + block_rows, n_query)
+        per_query.add_block(start, sim[start:stop], q_labels[start:stop], g_labels, exclude_self)
+    return per_query.summarize(ks, lone_queries)
+
+
+def retrieval_metrics(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery_emb: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    *,
+    exclude_self: bool = False,
+    ks: tuple[int, ...] = (1, 5, 10),
+    backend: str = "auto",
+    chunk_size: int = 1024,
+    lone_queries: str = "exclude",
+) -> dict[str, float]:
+    """Cosine-similarity retrieval metrics in percent: topK (Recall@K), map, map_at_r, r_precision.
+
+    Also returns ``n_queries`` (queries averaged over) and ``n_lone`` (queries with no relevant gallery item).
+    Every metric, top-K included, is read off one full ranking per query, so they can never disagree about
+    the order. ``backend`` is validated but does not change the result: mAP needs the whole ranking, which a
+    top-k index cannot give, so faiss would only add a second, redundant ranking.
+    """
+    query = l2_normalize(_as_embeddings("query", query_emb))
+    gallery = l2_normalize(_as_embeddings("gallery", gallery_emb)).to(query.device)
+    _check_pair(query, gallery, exclude_self)
+    n_query, n_gallery = query.shape[0], gallery.shape[0]
+    q_labels = _as_labels("query", query_labels, n_query, query.device)
+    g_labels = _as_labels("gallery", gallery_labels, n_gallery, query.device)
+    ks = _check_ks(ks)
+    _check_lone_mode(lone_queries)
+    _check_chunk_size(chunk_size)
+    _resolve_backend(backend)
+    per_query = _PerQuery(n_query, query.device)
+    block_rows = _rows_per_block(chunk_size, n_gallery)
+    for start in range(0, n_query, block_rows):
+        stop = min(start + block_rows, n_query)
+        sim_block = query[start:stop] @ gallery.T
+        per_query.add_block(start, sim_block, q_labels[start:stop], g_labels, exclude_self)
+    return per_query.summarize(ks, lone_queries)

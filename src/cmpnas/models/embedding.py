@@ -1,0 +1,137 @@
+"""Embedding model = backbone + embedding head (dim D) + classifier, with a JSON spec.
+
+A model is saved as one ``.safetensors`` file: weights plus the spec (JSON) in the metadata.
+Loading never unpickles objects. The fingerprint (hash of spec + weights) identifies a model: a
+query model records the fingerprint of the gallery model it was trained to be compatible with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cmpnas.errors import CmpnasError
+from cmpnas.io import atomic_path
+from cmpnas.models.backbones import create_backbone
+from cmpnas.models.classifiers import create_classifier
+
+FORMAT = "cmpnas.embedding_model.v1"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it images."""
+
+    backbone: str
+    embed_dim: int = 128
+    num_classes: int = 10
+    classifier: str = "linear"
+    cosine_scale: float = 16.0
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] | None = None
+    in_chans: int = 1
+    input_size: int = 28
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    compatible_with: str | None = None  # fingerprint of the gallery model this query model was trained against
+    name: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        return cls(**json.loads(text))
+
+
+class EmbeddingModel(nn.Module):
+    """forward(x) -> embedding [B, D] (not normalised; retrieval normalises). ``classifier`` maps embeddings to logits."""
+
+    def __init__(self, spec: ModelSpec, pretrained: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone, feat = create_backbone(
+            spec.backbone, in_chans=spec.in_chans, pretrained=pretrained, arch=spec.arch, **spec.backbone_kwargs
+        )
+        self.head = nn.Sequential(nn.Linear(feat, spec.embed_dim, bias=False), nn.BatchNorm1d(spec.embed_dim))
+        self.classifier = create_classifier(spec.classifier, spec.embed_dim, spec.num_classes, spec.cosine_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        return (batch, self.spec.in_chans, self.spec.input_size, self.spec.input_size)
+
+
+def fingerprint(model: EmbeddingModel) -> str:
+    """sha256 over the spec (minus its own compat link/name) and all tensors, first 16 hex digits."""
+    h = hashlib.sha256()
+    spec = json.loads(model.spec.to_json())
+    spec.pop("name", None)
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    for key, t in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_model(model: EmbeddingModel, path: str | Path, extra: dict[str, str] | None = None) -> str:
+    """Atomically write weights + spec; returns the fingerprint."""
+    fp = fingerprint(model)
+    meta = {"format": FORMAT, "spec": model.spec.to_json(), "fingerprint": fp, **(extra or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return fp
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise CmpnasError(f"Model file '{p}' does not exist.", "pass the model.safetensors written by a training command")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CmpnasError(f"'{p}' is not a readable safetensors model ({exc}).", "pass a model.safetensors written by cmpnas") from None
+    if meta.get("format") != FORMAT:
+        raise CmpnasError(f"'{p}' is not a cmpnas model (no cmpnas spec in its metadata).",
+                          "pass a model.safetensors written by cmpnas train-gallery/train-query/retrain")
+    return meta
+
+
+def load_model(path: str | Path) -> EmbeddingModel:
+    """Rebuild the model from its spec and load weights (strict). Returns it in eval mode."""
+    meta = read_metadata(path)
+    spec = ModelSpec.from_json(meta["spec"])
+    model = EmbeddingModel(spec)
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, SafetensorError) as exc:
+        raise CmpnasError(f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
+                          "the file is corrupt or was edited: retrain or restore it") from None
+    return model.eval()
+
+
+def model_summary(model: EmbeddingModel) -> dict[str, Any]:
+    from cmpnas.models.cost import count_macs
+
+    return {
+        "name": model.spec.name or model.spec.backbone,
+        "backbone": model.spec.backbone,
+        "macs": count_macs(model, model.input_shape(1)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "fingerprint": fingerprint(model),
+        "embed_dim": model.spec.embed_dim,
+    }

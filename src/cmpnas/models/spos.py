@@ -1,0 +1,588 @@
+"""The SPOS one-shot search space over ShuffleNetV2 choice blocks (paper_spec §3.2, anchors §2.1).
+
+Layout: stem conv 3x3 -> stages of choice layers -> conv 1x1 to ``last_channels`` -> global average pool.
+Every layer picks one of ``cfg.choices`` (Shuffle 3x3 / 5x5 / 7x7, Shuffle-Xception) and one mid-channel
+scale from ``cfg.channel_scales``. An architecture is plain JSON::
+
+    {"blocks": [choice index per layer], "scales": [mid-channel scale per layer]}
+
+Blocks follow megvii's SPOS code. The first block of every stage has a projection branch (dw k x k with
+the stage stride -> pw) next to the main branch, and the two outputs are concatenated, so the width can
+change even when the stage stride is 1. The other blocks split the input in half with a fixed channel
+shuffle; one half passes through and the other goes through the main branch.
+Main branch: pw 1x1 -> dw k x k (stride) -> pw 1x1 (Shuffle k), or 3 x (dw 3x3 -> pw) (Xception).
+``mid = stage_width // 2 * scale``, rounded to the nearest even number (at least 2).
+
+Channel search shares weights the SPOS way. The supernet allocates every (layer, choice) block at the
+largest mid width, and a path with a smaller scale uses the *first* ``mid`` channels: the pw-in weight
+``W[:mid]``, the depthwise weight ``W[:mid]`` with ``groups=mid``, the pw-out weight ``W[:, :mid]``, and
+BN over the first ``mid`` running statistics (updated in place through the slice).
+
+MACs come from an analytic per-(layer, choice, scale) lookup table (the LUT). The tests check it against
+the hook counter in :mod:`cmpnas.models.cost` on :func:`build` subnets.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmpnas.config import SpaceConfig, build_config
+from cmpnas.errors import CmpnasError
+from cmpnas.models.cost import LatencyTable, measure_latency_ms
+
+Arch = dict
+KERNELS = {"shuffle3": 3, "shuffle5": 5, "shuffle7": 7, "xception": 3}
+
+
+def mid_channels(stage_width: int, scale: float) -> int:
+    """Mid width of a block: stage_width // 2 * scale, rounded to the nearest even number, at least 2."""
+    raw = (stage_width // 2) * scale
+    return max(2, int(raw / 2 + 0.5) * 2)
+
+
+def _out_size(size: int, stride: int) -> int:
+    """Spatial size after an odd k x k conv with padding k // 2 (every conv in this space)."""
+    return (size - 1) // stride + 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape facts of one choice layer; everything the LUT and the blocks need."""
+
+    index: int
+    stage: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    project: bool  # first block of a stage: projection branch instead of channel split
+    in_size: int
+    out_size: int
+    mids: tuple[int, ...]  # mid width per channel scale (same order as cfg.channel_scales)
+
+    @property
+    def main_in(self) -> int:
+        return self.in_channels if self.project else self.out_channels // 2
+
+    @property
+    def main_out(self) -> int:
+        return self.out_channels - (self.in_channels if self.project else self.out_channels // 2)
+
+
+def block_macs(spec: LayerSpec, choice: str, mid: int) -> int:
+    """Conv MACs of one block, counted as the hook counter counts them (out elems x in/groups x k^2)."""
+    a_in, a_out = spec.in_size**2, spec.out_size**2
+    kernel = KERNELS[choice]
+    if choice == "xception":
+        main = a_out * spec.main_in * 9 + a_out * spec.main_in * mid  # dw 3x3 (strided) -> pw in->mid
+        main += a_out * mid * 9 + a_out * mid * mid  # dw 3x3 -> pw mid->mid
+        main += a_out * mid * 9 + a_out * mid * spec.main_out  # dw 3x3 -> pw mid->out
+    else:
+        main = a_in * spec.main_in * mid  # pw before the strided dw: input resolution
+        main += a_out * mid * kernel * kernel
+        main += a_out * mid * spec.main_out
+    proj = 0
+    if spec.project:
+        proj = a_out * spec.in_channels * kernel * kernel + a_out * spec.in_channels * spec.in_channels
+    return main + proj
+
+
+def _sliced_batch_norm(bn: nn.BatchNorm2d, x: Tensor, channels: int) -> Tensor:
+    """BN over the first ``channels`` features, updating those running statistics in place."""
+    factor = 0.0
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean[:channels] if bn.running_mean is not None and track else None
+    running_var = bn.running_var[:channels] if bn.running_var is not None and track else None
+    weight = bn.weight[:channels] if bn.weight is not None else None
+    bias = bn.bias[:channels] if bn.bias is not None else None
+    return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, bn.eps)
+
+
+class ConvBN(nn.Module):
+    """conv -> BN (-> ReLU). ``in_mid``/``out_mid`` mark the sides that carry the block's searchable mid
+    width; such a conv can run on the first ``mid`` channels only (weight slicing, see module docstring)."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int = 1,
+        *,
+        depthwise: bool = False,
+        relu: bool = False,
+        affine: bool = True,
+        in_mid: bool = False,
+        out_mid: bool = False,
+    ) -> None:
+        super().__init__()
+        groups = cin if depthwise else 1
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout, affine=affine)
+        self.relu = relu
+        self.depthwise = depthwise
+        self.in_mid, self.out_mid = in_mid, out_mid
+        self.mid_width = cout if out_mid else cin if in_mid else None
+
+    def forward(self, x: Tensor, mid: int | None = None) -> Tensor:
+        if self.mid_width is None or mid is None or mid == self.mid_width:
+            y = self.bn(self.conv(x))
+        else:
+            y = self._sliced(x, mid)
+        return F.relu(y) if self.relu else y
+
+    def _sliced(self, x: Tensor, mid: int) -> Tensor:
+        if mid > self.mid_width:
+            raise ValueError(f"mid {mid} exceeds the allocated width {self.mid_width}")
+        weight = self.conv.weight
+        out_c = mid if self.out_mid else weight.shape[0]
+        if self.depthwise:
+            weight, groups = weight[:out_c], out_c
+        else:
+            in_c = mid if self.in_mid else weight.shape[1]
+            weight, groups = weight[:out_c, :in_c], 1
+        y = F.conv2d(x, weight, None, self.conv.stride, self.conv.padding, 1, groups)
+        return _sliced_batch_norm(self.bn, y, out_c)
+
+
+def split_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
+    """SPOS channel shuffle + split: even channels (pass-through) and odd channels (main branch).
+
+    Written as unflatten/transpose/flatten + slicing so it exports to plain ONNX Reshape/Transpose/Slice.
+    """
+    channels = x.shape[1]
+    half = channels // 2
+    x = x.unflatten(1, (half, 2)).transpose(1, 2).flatten(1, 2)
+    return x[:, :half], x[:, half:]
+
+
+class ChoiceBlock(nn.Module):
+    """One ShuffleNetV2 unit (Shuffle k x k or Shuffle-Xception) allocated at ``mid`` width."""
+
+    def __init__(self, spec: LayerSpec, choice: str, mid: int, affine: bool = True) -> None:
+        super().__init__()
+        if choice not in KERNELS:
+            raise CmpnasError(f"Unknown block choice '{choice}'.", f"use one of {', '.join(KERNELS)}")
+        self.choice, self.mid, self.stride = choice, mid, spec.stride
+        kernel = KERNELS[choice]
+        cin, cout, s = spec.main_in, spec.main_out, spec.stride
+        if choice == "xception":
+            ops = [
+                ConvBN(cin, cin, 3, s, depthwise=True, affine=affine),
+                ConvBN(cin, mid, 1, relu=True, affine=affine, out_mid=True),
+                ConvBN(mid, mid, 3, depthwise=True, affine=affine, in_mid=True, out_mid=True),
+                ConvBN(mid, mid, 1, relu=True, affine=affine, in_mid=True, out_mid=True),
+                ConvBN(mid, mid, 3, depthwise=True, affine=affine, in_mid=True, out_mid=True),
+                ConvBN(mid, cout, 1, relu=True, affine=affine, in_mid=True),
+            ]
+        else:
+            ops = [
+                ConvBN(cin, mid, 1, relu=True, affine=affine, out_mid=True),
+                ConvBN(mid, mid, kernel, s, depthwise=True, affine=affine, in_mid=True, out_mid=True),
+                ConvBN(mid, cout, 1, relu=True, affine=affine, in_mid=True),
+            ]
+        self.main = nn.ModuleList(ops)
+        self.proj: nn.ModuleList | None = None
+        if spec.project:
+            inp = spec.in_channels
+            self.proj = nn.ModuleList(
+                [
+                    ConvBN(inp, inp, kernel, s, depthwise=True, affine=affine),
+                    ConvBN(inp, inp, 1, relu=True, affine=affine),
+                ]
+            )
+
+    def forward(self, x: Tensor, mid: int | None = None) -> Tensor:
+        if self.proj is not None:
+            passthrough = x
+            for op in self.proj:
+                passthrough = op(passthrough)
+        else:
+            passthrough, x = split_shuffle(x)
+        for op in self.main:
+            x = op(x, mid)
+        return torch.cat([passthrough, x], 1)
+
+
+class SposSpace:
+    """The search space: shapes, architecture encoding and operators, and the MAC lookup table."""
+
+    def __init__(self, cfg: SpaceConfig | dict[str, Any], in_chans: int = 1, input_size: int = 28) -> None:
+        if isinstance(cfg, dict):
+            cfg = build_config(cfg, model=SpaceConfig)
+        self.cfg = cfg
+        self.in_chans, self.input_size = int(in_chans), int(input_size)
+        _check_space(cfg, self.in_chans, self.input_size)
+        self.choices: list[str] = list(cfg.choices)
+        self.scales: list[float] = [float(s) for s in cfg.channel_scales]
+        self.stem_size = _out_size(self.input_size, cfg.stem_stride)
+        self.layers: list[LayerSpec] = self._layer_specs()
+        self.num_layers = len(self.layers)
+        final = self.layers[-1]
+        self.stem_macs = self.stem_size**2 * self.in_chans * cfg.stem_channels * 9
+        self.last_macs = final.out_size**2 * final.out_channels * cfg.last_channels
+        # _table[layer][choice][scale] -> MACs; min/max per layer make min_macs/max_macs exact.
+        self._table = [
+            [[block_macs(spec, choice, mid) for mid in spec.mids] for choice in self.choices]
+            for spec in self.layers
+        ]
+
+    def _layer_specs(self) -> list[LayerSpec]:
+        cfg, specs = self.cfg, []
+        channels, size = cfg.stem_channels, self.stem_size
+        for stage, (repeats, width, stride) in enumerate(
+            zip(cfg.stage_repeats, cfg.stage_widths, cfg.stage_strides, strict=True)
+        ):
+            for i in range(repeats):
+                s = stride if i == 0 else 1
+                mids = tuple(mid_channels(width, scale) for scale in cfg.channel_scales)
+                out = _out_size(size, s)
+                specs.append(LayerSpec(len(specs), stage, channels, width, s, i == 0, size, out, mids))
+                channels, size = width, out
+        return specs
+
+    # ----------------------------------------------------------------------------------- encoding
+    def validate(self, arch: Any) -> Arch:
+        """Return a normalised copy of ``arch`` or raise CmpnasError naming the bad gene."""
+        fix = (
+            f"use {self.num_layers} block indices in 0..{len(self.choices) - 1} and scales from {self.scales}"
+        )
+        if not isinstance(arch, dict) or "blocks" not in arch:
+            raise CmpnasError(f"Architecture must be a mapping with a 'blocks' list (got {arch!r:.80}).", fix)
+        extra = set(arch) - {"blocks", "scales"}
+        if extra:
+            raise CmpnasError(
+                f"Architecture has unknown keys {sorted(extra)}.", "keep only 'blocks' and 'scales'"
+            )
+        blocks = arch["blocks"]
+        scales = arch.get("scales")
+        if scales is None and len(self.scales) == 1 and isinstance(blocks, Sequence):
+            scales = [self.scales[0]] * len(blocks)  # single-scale space: scales may be omitted
+        for name, genes in (("blocks", blocks), ("scales", scales)):
+            if not isinstance(genes, Sequence) or isinstance(genes, str):
+                raise CmpnasError(f"Architecture '{name}' must be a list (got {genes!r:.80}).", fix)
+            if len(genes) != self.num_layers:
+                raise CmpnasError(
+                    f"Architecture '{name}' has {len(genes)} entries, the space {self.num_layers} layers.",
+                    fix,
+                )
+        out_blocks = []
+        for layer, gene in enumerate(blocks):
+            if isinstance(gene, bool) or not isinstance(gene, int) or not 0 <= gene < len(self.choices):
+                raise CmpnasError(
+                    f"Architecture blocks[{layer}] = {gene!r} is not a valid choice index.", fix
+                )
+            out_blocks.append(int(gene))
+        out_scales = []
+        for layer, gene in enumerate(scales):
+            match = None
+            if isinstance(gene, int | float) and not isinstance(gene, bool):
+                match = next((s for s in self.scales if math.isclose(s, float(gene), abs_tol=1e-9)), None)
+            if match is None:
+                raise CmpnasError(
+                    f"Architecture scales[{layer}] = {gene!r} is not one of the space's scales.", fix
+                )
+            out_scales.append(match)
+        return {"blocks": out_blocks, "scales": out_scales}
+
+    def arch_key(self, arch: Arch) -> str:
+        """Canonical string of an architecture (memo-table key); equal archs give equal keys."""
+        a = self.validate(arch)
+        return "b" + "".join(str(b) for b in a["blocks"]) + "|s" + ",".join(f"{s:g}" for s in a["scales"])
+
+    def mid(self, layer: int, scale: float) -> int:
+        return self.layers[layer].mids[self.scales.index(scale)]
+
+    # ----------------------------------------------------------------------------------- operators
+    def sample(self, rng: random.Random) -> Arch:
+        """Uniform over blocks and scales, independently per layer (SPOS single-path sampling)."""
+        return {
+            "blocks": [rng.randrange(len(self.choices)) for _ in range(self.num_layers)],
+            "scales": [rng.choice(self.scales) for _ in range(self.num_layers)],
+        }
+
+    def mutate(self, arch: Arch, rng: random.Random, prob: float) -> Arch:
+        """Resample every gene (each layer's block and its scale) independently with probability ``prob``."""
+        if not 0.0 <= prob <= 1.0:
+            raise CmpnasError(
+                f"Mutation probability {prob} is outside [0, 1].", "use e.g. 0.1 (SPOS default)"
+            )
+        a = self.validate(arch)
+        for layer in range(self.num_layers):
+            if rng.random() < prob:
+                a["blocks"][layer] = rng.randrange(len(self.choices))
+            if rng.random() < prob:
+                a["scales"][layer] = rng.choice(self.scales)
+        return a
+
+    def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
+        """Per-gene uniform crossover: each block and scale comes from ``a`` or ``b`` with probability 1/2."""
+        a, b = self.validate(a), self.validate(b)
+        return {
+            key: [x if rng.random() < 0.5 else y for x, y in zip(a[key], b[key], strict=True)]
+            for key in ("blocks", "scales")
+        }
+
+    # ----------------------------------------------------------------------------------- MACs
+    def macs(self, arch: Arch) -> int:
+        """Feature-extractor MACs: stem + the chosen block per layer + last conv (no embedding head)."""
+        a = self.validate(arch)
+        total = self.stem_macs + self.last_macs
+        for layer, (choice, scale) in enumerate(zip(a["blocks"], a["scales"], strict=True)):
+            total += self.lut_macs(layer, choice, scale)
+        return total
+
+    def lut_macs(self, layer: int, choice: int, scale: float) -> int:
+        """MACs of one (layer, choice index, scale) entry of the lookup table."""
+        return self._table[layer][choice][self.scales.index(scale)]
+
+    def min_macs(self) -> int:
+        return self.stem_macs + self.last_macs + sum(min(min(row) for row in layer) for layer in self._table)
+
+    def max_macs(self) -> int:
+        return self.stem_macs + self.last_macs + sum(max(max(row) for row in layer) for layer in self._table)
+
+    def sample_in_band(
+        self, rng: random.Random, low: float, high: float, max_tries: int = 500
+    ) -> Arch | None:
+        """Rejection-sample a uniform architecture with ``low <= macs <= high``.
+
+        SPOS's FLOPs-binned sampling draws a bin, then calls this. Returns None when the band is infeasible
+        or all ``max_tries`` draws miss it (the caller decides whether to fall back to uniform sampling).
+        """
+        if low > high:
+            raise CmpnasError(f"MAC band [{low:g}, {high:g}] is empty.", "pass low <= high")
+        if high < self.min_macs() or low > self.max_macs():
+            return None
+        for _ in range(max_tries):
+            arch = self.sample(rng)
+            if low <= self.macs(arch) <= high:
+                return arch
+        return None
+
+    def lut(self) -> dict[str, Any]:
+        """The MAC lookup table as JSON: fixed parts plus per-(layer, choice, scale) block MACs."""
+        layers = []
+        for spec, row in zip(self.layers, self._table, strict=True):
+            layers.append(
+                {
+                    "index": spec.index,
+                    "stage": spec.stage,
+                    "in_channels": spec.in_channels,
+                    "out_channels": spec.out_channels,
+                    "stride": spec.stride,
+                    "project": spec.project,
+                    "in_size": spec.in_size,
+                    "out_size": spec.out_size,
+                    "mids": {
+                        LatencyTable.scale_key(s): m for s, m in zip(self.scales, spec.mids, strict=True)
+                    },
+                    "macs": {
+                        choice: {
+                            LatencyTable.scale_key(s): m for s, m in zip(self.scales, per_scale, strict=True)
+                        }
+                        for choice, per_scale in zip(self.choices, row, strict=True)
+                    },
+                }
+            )
+        return {
+            "unit": "MACs",
+            "input_shape": [1, self.in_chans, self.input_size, self.input_size],
+            "stem": self.stem_macs,
+            "last": self.last_macs,
+            "choices": self.choices,
+            "scales": self.scales,
+            "layers": layers,
+        }
+
+    # ----------------------------------------------------------------------------------- latency
+    def block(self, layer: int, choice: int, scale: float, affine: bool = True) -> ChoiceBlock:
+        """A standalone block of ``layer`` at exactly the mid width of ``scale``."""
+        return ChoiceBlock(self.layers[layer], self.choices[choice], self.mid(layer, scale), affine=affine)
+
+    def latency_table(self, threads: int = 1, repeats: int = 20, warmup: int = 3) -> LatencyTable:
+        """Measure every (layer, choice, scale) block alone at batch 1 (p50 ms, torch eager, eval).
+
+        Cost: num_layers x choices x scales small timings, a few seconds for the default 28x28 space on an
+        idle core (timings taken on a loaded machine are inflated and noisy: build the table when idle).
+        """
+        entries: list[dict[str, dict[str, float]]] = []
+        for spec in self.layers:
+            shape = (1, spec.in_channels, spec.in_size, spec.in_size)
+            row: dict[str, dict[str, float]] = {}
+            for c, choice in enumerate(self.choices):
+                row[choice] = {}
+                for scale in self.scales:
+                    block = self.block(spec.index, c, scale)
+                    timing = measure_latency_ms(block, shape, warmup=warmup, repeats=repeats, threads=threads)
+                    row[choice][LatencyTable.scale_key(scale)] = timing["p50"]
+            entries.append(row)
+        stem, head = _Stem(self, affine=True), _Head(self, affine=True)
+        final = self.layers[-1]
+        fixed_ms = 0.0
+        for module, shape in (
+            (stem, (1, self.in_chans, self.input_size, self.input_size)),
+            (head, (1, final.out_channels, final.out_size, final.out_size)),
+        ):
+            timing = measure_latency_ms(module, shape, warmup=warmup, repeats=repeats, threads=threads)
+            fixed_ms += timing["p50"]
+        meta = {
+            "threads": threads,
+            "repeats": repeats,
+            "input_shape": [1, self.in_chans, self.input_size, self.input_size],
+        }
+        return LatencyTable(entries=entries, fixed_ms=fixed_ms, choices=list(self.choices), meta=meta)
+
+
+def _check_space(cfg: SpaceConfig, in_chans: int, input_size: int) -> None:
+    """Shape rules the pydantic model cannot express; each error names the key to change."""
+    n = len(cfg.stage_repeats)
+    if n == 0 or len(cfg.stage_widths) != n or len(cfg.stage_strides) != n:
+        raise CmpnasError(
+            f"nas.space has {n} stage_repeats, {len(cfg.stage_widths)} stage_widths and "
+            f"{len(cfg.stage_strides)} stage_strides.",
+            "give the three lists the same (non-zero) length",
+        )
+    if any(r < 1 for r in cfg.stage_repeats):
+        raise CmpnasError(
+            f"nas.space.stage_repeats {cfg.stage_repeats} has a stage with < 1 block.", "use >= 1"
+        )
+    if any(s not in (1, 2) for s in cfg.stage_strides):
+        raise CmpnasError(
+            f"nas.space.stage_strides {cfg.stage_strides} must be 1 or 2.", "use 1 or 2 per stage"
+        )
+    previous = cfg.stem_channels
+    for width in cfg.stage_widths:
+        if width % 2 or width <= previous:
+            raise CmpnasError(
+                f"nas.space.stage_widths {cfg.stage_widths}: width {width} must be even and larger than the "
+                f"previous width {previous} (the first stage: above stem_channels).",
+                "use increasing even widths, each above stem_channels",
+            )
+        previous = width
+    if not cfg.choices or len(set(cfg.choices)) != len(cfg.choices):
+        raise CmpnasError(
+            f"nas.space.choices {cfg.choices} must be non-empty and distinct.", "remove duplicates"
+        )
+    if not cfg.channel_scales or any(s <= 0 for s in cfg.channel_scales):
+        raise CmpnasError(
+            f"nas.space.channel_scales {cfg.channel_scales} must be positive.", "use e.g. [1.0]"
+        )
+    if len(set(cfg.channel_scales)) != len(cfg.channel_scales):
+        raise CmpnasError(
+            f"nas.space.channel_scales {cfg.channel_scales} has duplicates.", "remove duplicates"
+        )
+    if in_chans < 1 or input_size < 1:
+        raise CmpnasError(
+            f"Input {in_chans}x{input_size}x{input_size} is not an image shape.", "use e.g. 1x28x28"
+        )
+
+
+def _pool(x: Tensor) -> Tensor:
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+class _Stem(ConvBN):
+    """conv 3x3 (stem_stride) in_chans -> stem_channels, BN, ReLU."""
+
+    def __init__(self, space: SposSpace, affine: bool) -> None:
+        cfg = space.cfg
+        super().__init__(space.in_chans, cfg.stem_channels, 3, cfg.stem_stride, relu=True, affine=affine)
+
+
+class _Head(nn.Module):
+    """conv 1x1 -> last_channels, BN, ReLU, global average pool -> [B, last_channels]."""
+
+    def __init__(self, space: SposSpace, affine: bool) -> None:
+        super().__init__()
+        self.last = ConvBN(
+            space.layers[-1].out_channels, space.cfg.last_channels, 1, relu=True, affine=affine
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _pool(self.last(x))
+
+
+class Supernet(nn.Module):
+    """Weight-sharing SPOS supernet; BN has ``affine=False`` everywhere (as SPOS), so a path's BN statistics
+    can be re-estimated cheaply (BN recalibration) without learned scale/shift tied to other paths.
+
+    Each (layer, choice) block is allocated at the layer's largest mid width; ``forward(x, arch)`` runs only
+    the path's blocks, slicing the first ``mid`` channels for smaller scales.
+    """
+
+    def __init__(self, space: SposSpace) -> None:
+        super().__init__()
+        self.space = space
+        cfg = space.cfg
+        self.num_features = cfg.last_channels
+        self.stem = _Stem(space, affine=False)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(ChoiceBlock(spec, choice, max(spec.mids), affine=False) for choice in space.choices)
+            for spec in space.layers
+        )
+        self.head = _Head(space, affine=False)
+
+    def forward(self, x: Tensor, arch: Arch) -> Tensor:
+        a = self.space.validate(arch)
+        x = self.stem(x)
+        for layer, (choice, scale) in enumerate(zip(a["blocks"], a["scales"], strict=True)):
+            x = self.layers[layer][choice](x, self.space.mid(layer, scale))
+        return self.head(x)
+
+
+class SposNet(nn.Module):
+    """A standalone subnet (ordinary affine BN): plain ops only, so it exports to ONNX."""
+
+    def __init__(self, space: SposSpace, arch: Arch) -> None:
+        super().__init__()
+        cfg = space.cfg
+        self.arch = space.validate(arch)
+        self.num_features = cfg.last_channels
+        self.stem = _Stem(space, affine=True)
+        self.blocks = nn.ModuleList(
+            space.block(layer, choice, scale)
+            for layer, (choice, scale) in enumerate(
+                zip(self.arch["blocks"], self.arch["scales"], strict=True)
+            )
+        )
+        self.head = _Head(space, affine=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build(space: SposSpace, arch: Arch) -> SposNet:
+    """The standalone network of ``arch`` (for retraining, counting MACs, export)."""
+    return SposNet(space, arch)
+
+
+def extract_subnet(supernet: Supernet, arch: Arch) -> SposNet:
+    """A standalone net carrying the supernet path's weights: the first ``mid`` channels of every shared
+    tensor (the same slices the supernet's forward uses), BN running statistics included, and the affine
+    BN parameters at identity. In eval mode it computes exactly ``supernet(x, arch)``; use it to export or
+    fine-tune a searched path without retraining from scratch."""
+    net = build(supernet.space, arch)
+    pairs = [(net.stem, supernet.stem), (net.head, supernet.head)]
+    pairs += [(net.blocks[i], supernet.layers[i][c]) for i, c in enumerate(net.arch["blocks"])]
+    with torch.no_grad():
+        for dst, src in pairs:
+            src_state = src.state_dict()
+            for name, tensor in dst.state_dict().items():
+                if name in src_state:  # affine BN weight/bias exist only in dst: they keep their 1 / 0 init
+                    tensor.copy_(src_state[name][tuple(slice(0, n) for n in tensor.shape)])
+    return net

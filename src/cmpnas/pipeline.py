@@ -1,0 +1,276 @@
+"""`cmpnas run`: every stage from one config, skipping stages already done for the same inputs.
+
+Each stage's record (a key = hash of its config sections and upstream keys, its outputs and
+timing) is kept in ``RUN/run_state.json``; a stage whose record matches is skipped, so a killed
+run continues where it stopped (and long stages resume from their own checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmpnas import progress
+from cmpnas.config import CompatConfig, Config, dump_config
+from cmpnas.errors import CmpnasError
+from cmpnas.io import write_json_atomic, write_text_atomic
+
+STATE_FILE = "run_state.json"
+
+
+@dataclass
+class StageDef:
+    name: str
+    deps: list[str]
+    config_parts: Callable[[Config], Any]
+    fn: Callable[[RunContext], dict[str, Any]]
+    folder: str | None = None
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    out: Path
+    data: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    @property
+    def gallery_path(self) -> Path:
+        return self.path("gallery", "model.safetensors")
+
+    @property
+    def supernet_path(self) -> Path:
+        return self.path("supernet", "supernet.safetensors")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dump(x: Any) -> Any:
+    return x.model_dump(mode="json") if hasattr(x, "model_dump") else x
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _gallery(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.stages import train_gallery
+
+    return train_gallery(ctx.cfg, ctx.path("gallery"), resume=True, data=ctx.data)
+
+
+def _baseline(index: int) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from cmpnas.stages import train_query
+
+        b = ctx.cfg.run.baselines[index]
+        compat = CompatConfig(**{**ctx.cfg.compat.model_dump(), "mode": b.compat})
+        return train_query(ctx.cfg, ctx.gallery_path, ctx.path("baselines", b.name), resume=True, data=ctx.data,
+                           model_cfg=b.model, compat=compat, name=b.name)
+
+    return run
+
+
+def _supernet(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.nas.stages import train_supernet
+
+    return train_supernet(ctx.cfg, ctx.gallery_path, ctx.path("supernet"), resume=True, data=ctx.data)
+
+
+def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from cmpnas.nas.stages import search
+
+        scfg = ctx.cfg.nas.search.model_copy(update={"reward": reward})
+        res = search(ctx.cfg, ctx.gallery_path, ctx.supernet_path, ctx.path("search", reward), resume=True,
+                     data=ctx.data, search_cfg=scfg, cache_path=ctx.path("search", "candidates.json"))
+        return {"best": res["best"], "seconds": res["seconds"], "n_candidates": res["n_candidates"],
+                "evaluator_calls": res["evaluator_calls"]}
+
+    return run
+
+
+def _retrain(reward: str) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from cmpnas.nas.stages import retrain
+
+        arch = ctx.state[f"search-{reward}"]["outputs"]["best"]["arch"]
+        # Two rewards may find the same arch: train it once and point the other entry at it.
+        for other in ctx.cfg.run.rewards:
+            rec = ctx.state.get(f"retrain-{other}")
+            if other != reward and rec and rec.get("outputs", {}).get("arch") == arch:
+                return {**rec["outputs"], "same_as": other}
+        res = retrain(ctx.cfg, ctx.gallery_path, arch, ctx.path("retrain", reward), resume=True, data=ctx.data,
+                      name=f"cmpnas-{reward}")
+        return {**res, "arch": arch, "dir": str(ctx.path("retrain", reward))}
+
+    return run
+
+
+def _study(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.nas.stages import study
+
+    res = study(ctx.cfg, ctx.gallery_path, ctx.path("study"), supernet_path=ctx.supernet_path, data=ctx.data)
+    return {k: v for k, v in res.items() if k != "rows"}
+
+
+def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str]]:
+    """(display name, model dir, kind) of every query model of the run, in report order."""
+    rows = [(b.name, ctx.path("baselines", b.name), "baseline") for b in ctx.cfg.run.baselines]
+    for r in ctx.cfg.run.rewards:
+        rec = ctx.state.get(f"retrain-{r}", {}).get("outputs", {})
+        folder = ctx.path("retrain", rec.get("same_as", r))
+        rows.append((f"CMP-NAS {r} (searched, BCT)", folder, f"searched-{r}"))
+    return rows
+
+
+def _evaluate(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.evaluation.evaluate import LeaveOneOut
+    from cmpnas.models.cost import measure_latency_ms
+    from cmpnas.models.embedding import load_model
+    from cmpnas.stages import compare
+
+    gallery = load_model(ctx.gallery_path)
+    protocol = LeaveOneOut(ctx.data.test)
+    cache: dict = {}
+    rows = []
+    g_lat = measure_latency_ms(gallery, gallery.input_shape(1), repeats=ctx.cfg.run.latency_repeats, threads=1)
+    for name, folder, kind in query_model_dirs(ctx):
+        query = load_model(folder / "model.safetensors")
+        res = compare(gallery, query, protocol, batch_size=ctx.cfg.eval_batch_size, gallery_cache=cache)
+        res["query"]["name"] = name
+        res["query"]["kind"] = kind
+        res["query"]["latency_ms_b1"] = measure_latency_ms(query, query.input_shape(1),
+                                                           repeats=ctx.cfg.run.latency_repeats, threads=1)["p50"]
+        res["gallery"]["latency_ms_b1"] = g_lat["p50"]
+        rows.append(res)
+        progress.event("evaluate", message=(f"{name}: hom {res['homogeneous']['top1']:.2f} het "
+                                            f"{res['heterogeneous']['top1']:.2f} paragon {res['paragon']['top1']:.2f}"))
+    write_json_atomic(ctx.path("evaluation", "rows.json"), rows)
+    return {"rows": "evaluation/rows.json", "n_models": len(rows)}
+
+
+def _headline_dir(ctx: RunContext) -> Path:
+    r = ctx.cfg.run.headline_reward
+    rec = ctx.state.get(f"retrain-{r}", {}).get("outputs", {})
+    return ctx.path("retrain", rec.get("same_as", r))
+
+
+def _export(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.serving.export import export_onnx
+
+    res = export_onnx(_headline_dir(ctx) / "model.safetensors", ctx.path("export", "query.onnx"))
+    return {"onnx": "export/query.onnx", **{k: v for k, v in res.items() if isinstance(v, (int, float, str, dict))}}
+
+
+def _index(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.serving.index import build_index_from_dataset
+
+    res = build_index_from_dataset(ctx.gallery_path, ctx.cfg.data, "test", ctx.path("index"))
+    return {"index": "index", **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
+
+
+def _report(ctx: RunContext) -> dict[str, Any]:
+    from cmpnas.report import write_report
+
+    return write_report(ctx.out, ctx.cfg, ctx.state)
+
+
+def build_stages(cfg: Config) -> list[StageDef]:
+    """The stage graph for this config (optional stages only when enabled and available)."""
+    data_part = lambda c: _dump(c.data)  # noqa: E731
+    stages = [StageDef("gallery", [], lambda c: [data_part(c), _dump(c.gallery), _dump(c.gallery_train)], _gallery)]
+    for i, b in enumerate(cfg.run.baselines):
+        stages.append(StageDef(f"baseline-{b.name}", ["gallery"],
+                               lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
+                               _baseline(i)))
+    nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction]  # noqa: E731
+    stages.append(StageDef("supernet", ["gallery"], lambda c: [nas_common(c), c.nas.sample_band,
+                           _dump(c.nas.supernet_train), _dump(c.compat), _dump(c.query)], _supernet))
+    for r in cfg.run.rewards:
+        stages.append(StageDef(f"search-{r}", ["supernet"], lambda c, r=r: [_dump(c.nas.search), r,
+                               c.nas.budget_latency_ms], _search(r)))
+    for r in cfg.run.rewards:
+        deps = [f"search-{r}"] + [f"retrain-{o}" for o in cfg.run.rewards[: cfg.run.rewards.index(r)]]
+        stages.append(StageDef(f"retrain-{r}", deps, lambda c: [_dump(c.nas.retrain), _dump(c.compat)], _retrain(r)))
+    if cfg.run.study and cfg.nas.study_archs > 0:
+        stages.append(StageDef("study", ["supernet"], lambda c: [c.nas.study_archs, c.nas.study_band,
+                               _dump(c.nas.study_train), _dump(c.nas.search)], _study))
+    evaluate_deps = [s.name for s in stages if s.name.startswith(("baseline-", "retrain-"))]
+    stages.append(StageDef("evaluate", ["gallery", *evaluate_deps], lambda c: [c.eval_batch_size,
+                           c.run.latency_repeats], _evaluate))
+    if cfg.run.export_onnx and _available("cmpnas.serving.export", "export_onnx"):
+        stages.append(StageDef("export", [f"retrain-{cfg.run.headline_reward}"], lambda c: [], _export))
+    if cfg.run.build_index and _available("cmpnas.serving.index", "build_index_from_dataset"):
+        stages.append(StageDef("index", ["gallery"], lambda c: [], _index))
+    stages.append(StageDef("report", [s.name for s in stages], lambda c: [], _report))
+    return stages
+
+
+def _available(module: str, attr: str) -> bool:
+    import importlib
+
+    try:
+        return hasattr(importlib.import_module(module), attr)
+    except ImportError:
+        return False
+
+
+def stage_key(stage: StageDef, cfg: Config, state: dict[str, Any]) -> str:
+    return _hash([stage.name, stage.config_parts(cfg), [state.get(d, {}).get("key") for d in stage.deps]])
+
+
+def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = None) -> dict[str, Any]:
+    """Run (or continue) the whole pipeline; returns the run state."""
+    from cmpnas.stages import load_data
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    state_path = out / STATE_FILE
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    stages = build_stages(cfg)
+    names = [s.name for s in stages]
+    for f in force or []:
+        if f not in names:
+            raise CmpnasError(f"Unknown stage '{f}' for --force.", f"use one of: {', '.join(names)}")
+        state.pop(f, None)
+        folder = {"gallery": "gallery", "supernet": "supernet", "study": "study"}.get(f)
+        if folder and out.joinpath(folder).exists():
+            shutil.rmtree(out / folder)
+        if f.startswith("search-"):
+            shutil.rmtree(out / "search" / f.split("-", 1)[1], ignore_errors=True)
+        if f.startswith("retrain-"):
+            shutil.rmtree(out / "retrain" / f.split("-", 1)[1], ignore_errors=True)
+        if f.startswith("baseline-"):
+            shutil.rmtree(out / "baselines" / f.split("-", 1)[1], ignore_errors=True)
+    ctx = RunContext(cfg, out, state=state)
+    t_run = time.perf_counter()
+    done_seconds = 0.0
+    for i, stage in enumerate(stages, 1):
+        key = stage_key(stage, cfg, state)
+        rec = state.get(stage.name)
+        if rec and rec.get("key") == key and rec.get("status") == "done":
+            progress.event("stage", stage=stage.name, status="skipped",
+                           message=f"{stage.name} ({i}/{len(stages)}) already done, skipped")
+            continue
+        if ctx.data is None:
+            ctx.data = load_data(cfg)
+        with progress.Stage(stage.name, i, len(stages)) as st:
+            outputs = stage.fn(ctx)
+        done_seconds += st.elapsed
+        state[stage.name] = {"key": key, "status": "done", "seconds": round(st.elapsed, 2), "outputs": outputs}
+        write_json_atomic(state_path, state)
+        remaining = len(stages) - i
+        progress.event("progress", message=(f"{i}/{len(stages)} stages done, elapsed "
+                                            f"{progress.format_seconds(time.perf_counter() - t_run)}, "
+                                            f"{remaining} to go"))
+    return state

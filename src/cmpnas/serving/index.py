@@ -1,0 +1,594 @@
+"""Gallery index: embed gallery images with the gallery model into FAISS, plus an item table and a manifest.
+
+An index is a folder::
+
+    INDEX/index.faiss     FAISS index over L2-normalised float32 embeddings (inner product = cosine)
+    INDEX/items.csv       one row per vector, in FAISS row order: id, path, label
+    INDEX/manifest.json   gallery model fingerprint, dim, normalisation, count, index type + params, times
+
+It is built in a hidden temporary folder beside INDEX and moved into place only when complete, so a killed
+build leaves the previous index (or none), never half of one. ``append`` rebuilds the folder the same way.
+
+Index types (``IndexParams.kind``):
+- ``flat``  exact inner product (IndexFlatIP). The default: exact and fast enough up to ~1M items.
+- ``ivf``   IndexIVFFlat: ``nlist`` k-means cells (default ~4*sqrt(n), clamped so each cell has >= 39
+  training points), ``nprobe`` cells visited per query (default 8; higher = better recall, slower).
+- ``hnsw``  IndexHNSWFlat: graph with ``hnsw_m`` links per node (32), ``ef_construction`` (40) build
+  beam and ``ef_search`` (64) search beam. No training, slow to build for millions of items.
+- ``ivfpq`` IndexIVFPQ: IVF cells + product quantisation of each vector into ``pq_m`` sub-codes
+  of ``pq_bits`` bits (default: dim/4 sub-codes of 8 bits, i.e. dim bytes per vector instead of 4*dim).
+IVF/PQ are trained on the first build's vectors; ``append`` adds without retraining (rebuild if the gallery
+changes a lot).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cmpnas import __version__
+from cmpnas.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from cmpnas.data.transforms import pil_to_uint8
+from cmpnas.errors import CmpnasError
+from cmpnas.io import write_json_atomic
+from cmpnas.serving.export import Encoder, load_encoder
+
+INDEX_FORMAT = "cmpnas.gallery_index.v1"
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DATASETS = ("fashion_mnist",)
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------- params
+@dataclass
+class IndexParams:
+    """FAISS index type and its parameters; ``None`` means 'size it from the gallery'."""
+
+    kind: str = "flat"
+    nlist: int | None = None
+    nprobe: int = 8
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    pq_m: int | None = None
+    pq_bits: int = 8
+
+    def resolved(self, count: int, dim: int) -> IndexParams:
+        """Effective parameters for ``count`` training vectors (small galleries get small nlist/pq_bits)."""
+        if self.kind not in INDEX_TYPES:
+            raise CmpnasError(f"Unknown index type '{self.kind}'.", f"use one of {', '.join(INDEX_TYPES)}")
+        p = IndexParams(**asdict(self))
+        if p.kind in ("ivf", "ivfpq"):
+            cap = max(1, count // 39)  # faiss k-means wants >= 39 points per centroid
+            p.nlist = max(1, min(p.nlist or round(4 * math.sqrt(count)), cap))
+            p.nprobe = max(1, min(p.nprobe, p.nlist))
+        if p.kind == "ivfpq":
+            if count < 16:
+                raise CmpnasError(
+                    f"ivfpq needs at least 16 gallery images to train (got {count}).",
+                    "use --index flat for tiny galleries",
+                )
+            # each sub-quantiser runs k-means with 2**bits centroids: keep >= 39 training points per centroid
+            p.pq_bits = max(4, min(p.pq_bits, int(math.log2(max(count // 39, 1)))))
+            p.pq_m = p.pq_m or max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
+            if dim % p.pq_m:
+                raise CmpnasError(
+                    f"--pq-m {p.pq_m} does not divide the embedding dim {dim}.",
+                    "pick a divisor of the dim (e.g. dim/4)",
+                )
+        return p
+
+
+def _new_faiss_index(params: IndexParams, dim: int, train: np.ndarray) -> faiss.Index:
+    ip = faiss.METRIC_INNER_PRODUCT
+    if params.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if params.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, ip)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+        return index
+    quantizer = faiss.IndexFlatIP(dim)
+    if params.kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, ip)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, params.pq_bits, ip)
+    index.own_fields = True
+    quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
+    if len(train) > 200_000:  # k-means on a sample is as good and much faster
+        train = train[np.random.default_rng(0).choice(len(train), 200_000, replace=False)]
+    index.train(np.ascontiguousarray(train, dtype=np.float32))
+    index.nprobe = params.nprobe
+    return index
+
+
+def apply_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """nprobe / efSearch are query-time knobs: set them without rebuilding."""
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = int(nprobe)
+    if ef_search is not None and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(ef_search)
+
+
+# --------------------------------------------------------------------------------------------- sources
+@dataclass
+class Item:
+    id: str
+    path: str
+    label: str
+
+
+@dataclass
+class GallerySource:
+    """Items to index plus a loader that turns item ``i`` into a PIL image (``None`` = unreadable, skip)."""
+
+    description: dict[str, Any]
+    items: list[Item]
+    load: Callable[[int], Image.Image | None]
+
+
+def _open_image(path: str | Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def folder_source(root: str | Path) -> GallerySource:
+    """Image files under ``root`` (sorted); id = relative path, label = its folder (ImageFolder layout)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise CmpnasError(
+            f"Image folder '{base}' does not exist.", "pass --images DIR with image files in it"
+        )
+    files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CmpnasError(
+            f"No image files under '{base}'.", f"put {', '.join(sorted(IMAGE_SUFFIXES))} files there"
+        )
+    items = [
+        Item(
+            p.relative_to(base).as_posix(),
+            str(p.resolve()),
+            p.parent.relative_to(base).as_posix() if p.parent != base else "",
+        )
+        for p in files
+    ]
+    return GallerySource(
+        {"kind": "images", "root": str(base.resolve())}, items, lambda i: _open_image(items[i].path)
+    )
+
+
+def csv_source(csv_path: str | Path) -> GallerySource:
+    """A CSV of ``path,label`` rows (header optional); relative paths are relative to the CSV's folder."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise CmpnasError(f"CSV file '{p}' does not exist.", "pass --csv FILE with path,label rows")
+    with open(p, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    if not rows:
+        raise CmpnasError(f"CSV '{p}' has no rows.", "add path,label lines")
+    items = []
+    for r in rows:
+        raw = r[0].strip()
+        full = Path(raw) if Path(raw).is_absolute() else (p.parent / raw)
+        items.append(Item(raw, str(full.resolve()), r[1].strip() if len(r) > 1 else ""))
+    return GallerySource(
+        {"kind": "csv", "path": str(p.resolve())}, items, lambda i: _open_image(items[i].path)
+    )
+
+
+@lru_cache(maxsize=4)
+def load_dataset_split(
+    name: str, split: str, root: str | None = None, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,H,W], labels [N]) of a dataset split, raw rows in file order (ids and thumbnails
+    refer to them, so no subsetting or shuffling here); cached because thumbnails re-render from it."""
+    if name not in DATASETS:
+        raise CmpnasError(
+            f"Unknown dataset '{name}'.", f"use one of {', '.join(DATASETS)}, or --images/--csv"
+        )
+    if split not in ("train", "test"):
+        raise CmpnasError(f"Unknown split '{split}'.", "use --split train or --split test")
+    train_x, train_y, test_x, test_y = load_fashion_mnist(root, download=download)
+    return (train_x, train_y) if split == "train" else (test_x, test_y)
+
+
+def dataset_item_id(name: str, split: str, index: int) -> str:
+    return f"{name}/{split}/{index:06d}"
+
+
+def parse_dataset_item_id(item_id: str) -> tuple[str, str, int] | None:
+    parts = item_id.split("/")
+    if len(parts) == 3 and parts[0] in DATASETS and parts[2].isdigit():
+        return parts[0], parts[1], int(parts[2])
+    return None
+
+
+def dataset_source(
+    name: str, split: str = "test", root: str | None = None, limit: int | None = None
+) -> GallerySource:
+    """A built-in dataset split; ids ``name/split/NNNNNN`` keep the row so thumbnails can be re-rendered."""
+    images, labels = load_dataset_split(name, split, root, download=True)
+    n = len(images) if limit is None else min(limit, len(images))
+    items = [Item(dataset_item_id(name, split, i), "", CLASS_NAMES[int(labels[i])]) for i in range(n)]
+    desc = {"kind": "dataset", "name": name, "split": split, "root": root}
+    return GallerySource(desc, items, lambda i: Image.fromarray(images[i], mode="L"))
+
+
+# --------------------------------------------------------------------------------------------- embedding
+def embed_source(
+    encoder: Encoder,
+    source: GallerySource,
+    rows: Sequence[int],
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, list[int], list[str]]:
+    """Embed ``source.items[rows]`` in batches; returns (vectors [M,D], embedded rows, skipped item ids)."""
+    spec = encoder.spec
+    vectors, kept, skipped = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk, batch = rows[start : start + batch_size], []
+        for r in chunk:
+            img = source.load(r)
+            if img is None:
+                skipped.append(source.items[r].id)
+                continue
+            try:
+                batch.append(pil_to_uint8(img, spec.in_chans, spec.input_size))
+            except CmpnasError:
+                skipped.append(source.items[r].id)
+                continue
+            kept.append(r)
+        if batch:
+            vectors.append(encoder.embed_uint8(torch.stack(batch)))
+        if progress is not None:
+            progress(min(start + batch_size, len(rows)), len(rows))
+    dim = encoder.dim
+    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept, skipped
+
+
+# --------------------------------------------------------------------------------------------- the index
+class GalleryIndex:
+    """A loaded index folder: FAISS index + items + manifest. Search takes L2-normalised float32 queries."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], index: faiss.Index, items: list[Item]) -> None:
+        self.path, self.manifest, self.index, self.items = path, manifest, index, items
+        self.row_of = {it.id: i for i, it in enumerate(items)}
+
+    @property
+    def gallery_fingerprint(self) -> str:
+        return str(self.manifest["gallery_fingerprint"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GalleryIndex:
+        p = Path(path)
+        manifest_path = p / "manifest.json"
+        if not manifest_path.is_file():
+            raise CmpnasError(
+                f"'{p}' is not a gallery index (no manifest.json).",
+                "build one with cmpnas index --gallery-model G --out INDEX",
+            )
+        import json
+
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CmpnasError(f"'{manifest_path}' is not valid JSON ({exc}).", "rebuild the index") from None
+        if manifest.get("format") != INDEX_FORMAT:
+            raise CmpnasError(
+                f"'{p}' has an unknown index format {manifest.get('format')!r}.", "rebuild the index"
+            )
+        try:
+            index = faiss.read_index(str(p / "index.faiss"))
+        except RuntimeError as exc:
+            raise CmpnasError(
+                f"Cannot read '{p / 'index.faiss'}' ({str(exc)[:160]}).", "rebuild the index"
+            ) from None
+        items = read_items(p / "items.csv")
+        if index.ntotal != len(items) or index.d != manifest["dim"]:
+            raise CmpnasError(
+                f"Index '{p}' is inconsistent: {index.ntotal} vectors, {len(items)} items.",
+                "rebuild the index",
+            )
+        params = manifest.get("index", {}).get("params", {})
+        apply_search_params(index, params.get("nprobe"), params.get("ef_search"))
+        return cls(p, manifest, index, items)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        """Top-k per query row: [{"id", "score", "label"}], best first."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise CmpnasError(
+                f"Query embeddings have shape {q.shape}, the index expects dim {self.dim}.",
+                "use a query model with the gallery model's embedding dim",
+            )
+        k = max(1, min(int(k), len(self.items)))
+        scores, rows = self.index.search(q, k)
+        return [
+            [
+                {"id": self.items[r].id, "score": float(s), "label": self.items[r].label}
+                for s, r in zip(srow, rrow, strict=True)
+                if r >= 0
+            ]
+            for srow, rrow in zip(scores, rows, strict=True)
+        ]
+
+    def thumbnail_image(self, item_id: str) -> Image.Image | None:
+        """The gallery image behind ``item_id`` (from disk, or re-rendered from the dataset), or None."""
+        row = self.row_of.get(item_id)
+        if row is None:
+            return None
+        parsed = parse_dataset_item_id(item_id)
+        if parsed is not None:
+            name, split, idx = parsed
+            root = next(
+                (
+                    s.get("root")
+                    for s in self.manifest.get("sources", [])
+                    if s.get("kind") == "dataset" and s.get("name") == name
+                ),
+                None,
+            )
+            images, _ = load_dataset_split(name, split, root)
+            return Image.fromarray(images[idx], mode="L") if 0 <= idx < len(images) else None
+        return _open_image(self.items[row].path)
+
+
+def read_items(path: Path) -> list[Item]:
+    if not path.is_file():
+        raise CmpnasError(f"Item table '{path}' is missing.", "rebuild the index")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return [Item(r["id"], r["path"], r["label"]) for r in reader]
+
+
+def _write_items(path: Path, items: Sequence[Item]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "path", "label"])
+        for it in items:
+            writer.writerow([it.id, it.path, it.label])
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Move a complete index folder onto ``out`` (rename, since a folder cannot replace a non-empty one)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _check_out_dir(out: Path, append: bool) -> None:
+    if append:
+        if not (out / "manifest.json").is_file():
+            raise CmpnasError(
+                f"--append needs an existing index at '{out}'.", "build it first without --append"
+            )
+        return
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise CmpnasError(
+            f"'{out}' exists and is not a gallery index; refusing to replace it.",
+            "pass a new --out folder (an existing index folder is rebuilt)",
+        )
+
+
+def build_index(
+    gallery_model: str | Path,
+    source: GallerySource,
+    out: str | Path,
+    params: IndexParams | None = None,
+    *,
+    append: bool = False,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Embed ``source`` with the gallery model into the index folder ``out``; returns the manifest.
+
+    With ``append`` the existing index keeps its type and training; items whose id is already present
+    are skipped (so re-running an append is harmless). Nothing at ``out`` changes unless the build completes.
+    """
+    out = Path(out)
+    _check_out_dir(out, append)
+    encoder = load_encoder(gallery_model)
+    if encoder.kind != "torch":
+        raise CmpnasError(
+            "The gallery model must be a cmpnas .safetensors checkpoint.",
+            "pass --gallery-model GALLERY.safetensors (ONNX files are for query models)",
+        )
+    t0 = time.time()
+    existing: GalleryIndex | None = GalleryIndex.load(out) if append else None
+    if existing is not None and existing.gallery_fingerprint != encoder.fingerprint:
+        raise CmpnasError(
+            f"Index '{out}' was built with gallery model {existing.gallery_fingerprint}, "
+            f"not {encoder.fingerprint}.",
+            "append with the same gallery model, or build a new index",
+        )
+    known = set(existing.row_of) if existing else set()
+    rows, seen, duplicates = [], set(known), 0
+    for i, it in enumerate(source.items):
+        if it.id in seen:
+            duplicates += 1
+            continue
+        seen.add(it.id)
+        rows.append(i)
+    vectors, kept, skipped = embed_source(encoder, source, rows, batch_size, progress)
+    new_items = [source.items[r] for r in kept]
+    if existing is None and not new_items:
+        raise CmpnasError(
+            "None of the gallery images could be read.",
+            "check the files (skipped: " + ", ".join(skipped[:5]) + ")",
+        )
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        if existing is not None:
+            index, items = existing.index, existing.items + new_items
+            manifest = dict(existing.manifest)
+            effective = IndexParams(**manifest["index"]["params"])
+        else:
+            effective = (params or IndexParams()).resolved(len(new_items), encoder.dim)
+            index, items = _new_faiss_index(effective, encoder.dim, vectors), new_items
+            manifest = {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
+        if len(vectors):
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        _write_items(tmp / "items.csv", items)
+        manifest.update(
+            {
+                "gallery_model": str(Path(gallery_model).resolve()),
+                "gallery_fingerprint": encoder.fingerprint,
+                "gallery_spec": {
+                    k: getattr(encoder.spec, k)
+                    for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
+                },
+                "dim": encoder.dim,
+                "normalisation": "l2",
+                "metric": "inner_product",
+                "count": len(items),
+                "index": {
+                    "type": effective.kind,
+                    "params": asdict(effective),
+                    "faiss_class": type(index).__name__,
+                },
+                "updated_at": _now(),
+                "build_seconds": round(time.time() - t0, 3),
+                "cmpnas_version": __version__,
+                "faiss_version": faiss.__version__,
+            }
+        )
+        manifest["sources"] = [
+            *manifest.get("sources", []),
+            {
+                **source.description,
+                "added": len(new_items),
+                "skipped_unreadable": len(skipped),
+                "skipped_duplicate_ids": duplicates,
+                "skipped_examples": skipped[:20],
+            },
+        ]
+        write_json_atomic(tmp / "manifest.json", manifest)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# --------------------------------------------------------------------------------------------- compatibility
+def check_compatible(index: GalleryIndex, encoder: Encoder, allow_incompatible: bool = False) -> str:
+    """'homogeneous' (query model = gallery model), 'heterogeneous' (trained compatible with it), or refuse.
+
+    With ``allow_incompatible`` a mismatch returns 'incompatible-override' instead of raising; a different
+    embedding dim is always refused (the vectors cannot be compared at all).
+    """
+    gallery = index.gallery_fingerprint
+    if encoder.dim != index.dim:
+        raise CmpnasError(
+            f"Query model {encoder.fingerprint} embeds into {encoder.dim} dims, index '{index.path}' "
+            f"holds {index.dim}-dim gallery vectors.",
+            "use a query model trained against this gallery",
+        )
+    if encoder.fingerprint == gallery:
+        return "homogeneous"
+    if encoder.compatible_with == gallery:
+        return "heterogeneous"
+    if allow_incompatible:
+        return "incompatible-override"
+    raise CmpnasError(
+        f"Query model {encoder.fingerprint} was trained compatible with gallery model "
+        f"{encoder.compatible_with or '(none recorded)'}, but index '{index.path}' was built with gallery "
+        f"model {gallery}; their embeddings are not comparable.",
+        f"query with a model trained against gallery {gallery} (or the gallery model itself), rebuild the "
+        "index with the matching gallery model, or pass --allow-incompatible if you know better",
+    )
+
+
+__all__ = [
+    "GalleryIndex",
+    "GallerySource",
+    "IndexParams",
+    "Item",
+    "build_index",
+    "check_compatible",
+    "csv_source",
+    "dataset_source",
+    "folder_source",
+    "load_dataset_split",
+    "parse_dataset_item_id",
+]
+
+
+# --------------------------------------------------------------------------------------------- query
+def open_query_image(path: str | Path) -> Image.Image:
+    img = _open_image(path)
+    if img is None:
+        raise CmpnasError(f"Cannot read query image '{path}'.", "pass PNG/JPEG/... image files")
+    return img
+
+
+def query_images(
+    index_dir: str | Path,
+    query_model: str | Path,
+    images: Sequence[str | Path],
+    k: int = 10,
+    *,
+    allow_incompatible: bool = False,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> dict[str, Any]:
+    """Embed ``images`` with the query model and search the index (refusing incompatible models)."""
+    index = GalleryIndex.load(index_dir)
+    apply_search_params(index.index, nprobe, ef_search)
+    encoder = load_encoder(query_model)
+    mode = check_compatible(index, encoder, allow_incompatible)
+    pil = [open_query_image(p) for p in images]
+    hits = index.search(encoder.embed_images(pil), k) if pil else []
+    return {
+        "mode": mode,
+        "index": str(index_dir),
+        "gallery_fingerprint": index.gallery_fingerprint,
+        "query_model": encoder.describe(),
+        "queries": [{"image": str(p), "results": h} for p, h in zip(images, hits, strict=True)],
+    }

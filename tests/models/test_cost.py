@@ -1,0 +1,135 @@
+"""MAC counter (hand-counted nets), latency measurement and the latency table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cmpnas.errors import CmpnasError
+from cmpnas.models.cost import LatencyTable, count_macs, measure_latency_ms
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on the shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _hand_net() -> nn.Module:
+    # conv 1->4 3x3 s1 p1 on 8x8: 4*8*8 outputs x 1*9            = 2304
+    # BN, ReLU: free
+    # depthwise 4->4 3x3 s2 p1 (groups 4): 4*4*4 outputs x 1*9    =  576
+    # pw 4->6 1x1 on 4x4: 6*4*4 outputs x 4                        =  384
+    # flatten 96 -> Linear(96, 10): 96*10                          =  960
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, 2, 1, groups=4),
+        nn.Conv2d(4, 6, 1),
+        nn.Flatten(),
+        nn.Linear(96, 10),
+    )
+
+
+HAND_MACS = 2304 + 576 + 384 + 960
+
+
+def test_count_macs_matches_hand_count() -> None:
+    assert count_macs(_hand_net(), (1, 1, 8, 8)) == HAND_MACS
+
+
+def test_count_macs_scales_with_batch() -> None:
+    assert count_macs(_hand_net(), (3, 1, 8, 8)) == 3 * HAND_MACS
+
+
+def test_count_macs_linear_on_sequence_counts_every_position() -> None:
+    # 5 positions x 7 inputs x 3 outputs
+    assert count_macs(nn.Linear(7, 3), (1, 5, 7)) == 105
+
+
+def test_count_macs_grouped_conv() -> None:
+    # 8 -> 8, groups 2: each output sees 4 inputs; 8 x 3 x 3 outputs (5x5, k3, no pad) x 4 x 9
+    assert count_macs(nn.Conv2d(8, 8, 3, groups=2), (1, 8, 5, 5)) == 8 * 9 * 4 * 9
+
+
+class _KwargNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.b(self.a(x)) if use_b else self.a(x)
+
+
+def test_count_macs_forward_kwargs_and_mode_restored() -> None:
+    net = _KwargNet().train()
+    assert count_macs(net, (1, 4), {"use_b": False}) == 16
+    assert count_macs(net, (1, 4), {"use_b": True}) == 16 + 8
+    assert net.training
+    net.eval()
+    count_macs(net, (1, 4), {"use_b": True})
+    assert not net.training
+
+
+def test_count_macs_does_not_touch_bn_statistics() -> None:
+    net = _hand_net().train()
+    before = net[1].running_mean.clone()
+    count_macs(net, (1, 1, 8, 8))
+    assert torch.equal(net[1].running_mean, before)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (0, 1, 8, 8), ()])
+def test_count_macs_bad_shape_is_user_error(shape: tuple[int, ...]) -> None:
+    with pytest.raises(CmpnasError):
+        count_macs(_hand_net(), shape)
+
+
+def test_measure_latency_positive_and_threads_restored() -> None:
+    torch.set_num_threads(2)
+    out = measure_latency_ms(_hand_net(), (1, 1, 8, 8), warmup=1, repeats=5, threads=1)
+    assert set(out) == {"p50", "p90", "mean"}
+    assert all(v > 0 for v in out.values())
+    assert out["p50"] <= out["p90"]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"warmup": -1}, {"threads": 0}])
+def test_measure_latency_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(CmpnasError):
+        measure_latency_ms(_hand_net(), (1, 1, 8, 8), **kwargs)
+
+
+def _table() -> LatencyTable:
+    return LatencyTable(
+        entries=[
+            {"shuffle3": {"0.5": 1.0, "1.0": 2.0}, "xception": {"0.5": 3.0, "1.0": 4.0}},
+            {"shuffle3": {"0.5": 10.0, "1.0": 20.0}, "xception": {"0.5": 30.0, "1.0": 40.0}},
+        ],
+        fixed_ms=0.5,
+        choices=["shuffle3", "xception"],
+    )
+
+
+def test_latency_table_sums_fixed_and_chosen_blocks() -> None:
+    table = _table()
+    assert table.latency_ms({"blocks": [1, 0], "scales": [0.5, 1.0]}) == pytest.approx(0.5 + 3.0 + 20.0)
+    assert table.latency_ms({"blocks": [0, 1], "scales": [1.0, 0.5]}) == pytest.approx(0.5 + 2.0 + 30.0)
+
+
+def test_latency_table_roundtrip_and_errors() -> None:
+    table = _table()
+    again = LatencyTable.from_dict(table.to_dict())
+    arch = {"blocks": [1, 1], "scales": [1.0, 1.0]}
+    assert again.latency_ms(arch) == table.latency_ms(arch)
+    with pytest.raises(CmpnasError, match="layers"):
+        table.latency_ms({"blocks": [0], "scales": [1.0]})
+    with pytest.raises(CmpnasError, match="not in the latency table"):
+        table.latency_ms({"blocks": [0, 0], "scales": [0.7, 1.0]})
+    with pytest.raises(CmpnasError):
+        LatencyTable.from_dict({"entries": []})

@@ -1,0 +1,374 @@
+"""SPOS search space: MAC lookup table vs the hook counter, supernet weight sharing, operators, encoding."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cmpnas.config import SpaceConfig
+from cmpnas.errors import CmpnasError
+from cmpnas.models.cost import count_macs
+from cmpnas.models.spos import SposSpace, Supernet, build, extract_subnet, mid_channels
+
+SPOS_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+
+
+def tiny_cfg(**kw) -> SpaceConfig:
+    """Two stages (the second keeps the resolution: stride-1 first block with projection), 3 layers."""
+    base = dict(
+        stem_channels=8,
+        stage_repeats=[1, 2],
+        stage_widths=[16, 32],
+        stage_strides=[2, 1],
+        last_channels=24,
+        channel_scales=[0.2, 1.0, 1.6],
+    )
+    base.update(kw)
+    return SpaceConfig(**base)
+
+
+def spos_like_cfg(width: float = 1.0, scales: list[float] | None = None) -> SpaceConfig:
+    """SPOS's ShuffleNetV2 space (paper_spec §3.2), stage widths (and stem) scaled by ``width``."""
+    widths = [int(w * width) // 2 * 2 for w in (64, 160, 320, 640)]
+    return SpaceConfig(
+        stem_channels=max(4, int(16 * width)),
+        stem_stride=2,
+        stage_repeats=[4, 4, 8, 4],
+        stage_widths=widths,
+        stage_strides=[2, 2, 2, 2],
+        last_channels=1024 if width == 1 else 256,
+        channel_scales=scales or [1.0],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on the shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SposSpace:
+    return SposSpace(tiny_cfg(), in_chans=1, input_size=16)
+
+
+# ----------------------------------------------------------------------------------------- MACs
+
+
+def test_mid_channels_hand_values() -> None:
+    assert mid_channels(64, 1.0) == 32
+    assert mid_channels(64, 0.2) == 6  # 6.4 -> 6
+    assert mid_channels(64, 1.6) == 52  # 51.2 -> nearest even 52
+    assert mid_channels(16, 0.2) == 2  # 1.6 -> 2
+    assert mid_channels(4, 0.2) == 2  # floor of 2 channels
+
+
+def test_macs_hand_counted_one_block_space() -> None:
+    # 1x4x4 input. stem 1->4 3x3 s1: 16 px * 4 * 9 = 576.
+    # layer (4->8, s2, projection, mid 4, main 4->4): pw 16*4*4=256, dw 4*4*9=144, pw 4*4*4=64,
+    #   proj dw 4*4*9=144, proj pw 4*4*4=64 -> 672.  last conv 8->8 on 2x2: 4*8*8 = 256.
+    cfg = SpaceConfig(
+        stem_channels=4,
+        stage_repeats=[1],
+        stage_widths=[8],
+        stage_strides=[2],
+        last_channels=8,
+        choices=["shuffle3"],
+    )
+    space = SposSpace(cfg, in_chans=1, input_size=4)
+    arch = {"blocks": [0], "scales": [1.0]}
+    assert space.macs(arch) == 576 + 672 + 256
+    assert count_macs(build(space, arch), (1, 1, 4, 4)) == 576 + 672 + 256
+
+
+def _check_lut_against_hook_counter(space: SposSpace, seeds: range) -> None:
+    shape = (1, space.in_chans, space.input_size, space.input_size)
+    rng = random.Random(seeds.start)
+    archs = [space.sample(rng) for _ in seeds]
+    # the per-layer extremes too: they define min_macs / max_macs
+    for pick in (min, max):
+        blocks, scales = [], []
+        for layer in range(space.num_layers):
+            options = itertools.product(range(len(space.choices)), space.scales)
+            best = pick(options, key=lambda cs, layer=layer: space.lut_macs(layer, *cs))
+            blocks.append(best[0])
+            scales.append(best[1])
+        archs.append({"blocks": blocks, "scales": scales})
+    for arch in archs:
+        assert space.macs(arch) == count_macs(build(space, arch), shape), arch
+    assert space.macs(archs[-2]) == space.min_macs()
+    assert space.macs(archs[-1]) == space.max_macs()
+
+
+def test_lut_matches_hook_count_default_space_with_channel_scales() -> None:
+    space = SposSpace(SpaceConfig(channel_scales=SPOS_SCALES), in_chans=1, input_size=28)
+    _check_lut_against_hook_counter(space, range(0, 4))
+
+
+def test_lut_matches_hook_count_spos_like_3x112() -> None:
+    space = SposSpace(spos_like_cfg(0.25, [0.2, 1.0, 1.6]), in_chans=3, input_size=112)
+    assert space.num_layers == 20
+    _check_lut_against_hook_counter(space, range(10, 13))
+
+
+def test_lut_matches_hook_count_tiny_stride1_projection(tiny: SposSpace) -> None:
+    assert tiny.layers[1].project and tiny.layers[1].stride == 1
+    _check_lut_against_hook_counter(tiny, range(20, 26))
+
+
+def test_spos_reference_macs_from_paper_spec() -> None:
+    # paper_spec §3.2: SPOS's searched arch is 323M MACs with its 1024->1000 FC; all-3x3 is 294.8M at 224.
+    space = SposSpace(spos_like_cfg(1.0), in_chans=3, input_size=224)
+    searched = [2, 1, 0, 1, 2, 0, 2, 0, 2, 0, 2, 3, 0, 0, 0, 0, 3, 2, 3, 3]
+    assert abs(space.macs({"blocks": searched}) + 1024 * 1000 - 323e6) < 0.5e6
+    assert abs(space.macs({"blocks": [0] * 20}) - 294.8e6) < 0.1e6
+    assert abs(space.macs({"blocks": [3] * 20}) - 357.8e6) < 0.1e6
+
+
+def test_min_max_exact_by_enumeration() -> None:
+    space = SposSpace(
+        tiny_cfg(choices=["shuffle3", "xception"], channel_scales=[0.2, 1.6]), in_chans=1, input_size=16
+    )
+    all_macs = [
+        space.macs({"blocks": list(b), "scales": list(s)})
+        for b in itertools.product(range(2), repeat=space.num_layers)
+        for s in itertools.product(space.scales, repeat=space.num_layers)
+    ]
+    assert space.min_macs() == min(all_macs)
+    assert space.max_macs() == max(all_macs)
+    assert space.min_macs() < space.max_macs()
+
+
+def test_lut_is_json_and_consistent(tiny: SposSpace) -> None:
+    lut = json.loads(json.dumps(tiny.lut()))
+    arch = tiny.sample(random.Random(3))
+    total = lut["stem"] + lut["last"]
+    for layer, (b, s) in enumerate(zip(arch["blocks"], arch["scales"], strict=True)):
+        total += lut["layers"][layer]["macs"][lut["choices"][b]][repr(s)]
+    assert total == tiny.macs(arch)
+    assert lut["unit"] == "MACs"
+
+
+# ----------------------------------------------------------------------------------------- networks
+
+
+def test_build_output_shape(tiny: SposSpace) -> None:
+    net = build(tiny, tiny.sample(random.Random(0)))
+    assert net.num_features == 24
+    out = net(torch.randn(2, 1, 16, 16))
+    assert out.shape == (2, 24)
+
+
+def test_supernet_grads_only_on_the_sampled_path(tiny: SposSpace) -> None:
+    torch.manual_seed(0)
+    net = Supernet(tiny)
+    for p in net.parameters():  # BN is affine=False everywhere: only conv weights are parameters
+        assert p.dim() == 4
+    arch = {"blocks": [1, 3, 0], "scales": [1.6, 0.2, 1.0]}
+    net.zero_grad(set_to_none=True)
+    out = net(torch.randn(4, 1, 16, 16), arch)
+    assert out.shape == (4, net.num_features)
+    out.square().mean().backward()
+    for layer, blocks in enumerate(net.layers):
+        for choice, block in enumerate(blocks):
+            on_path = choice == arch["blocks"][layer]
+            for name, p in block.named_parameters():
+                assert (p.grad is not None) == on_path, (layer, choice, name)
+    assert all(p.grad is not None for p in net.stem.parameters())
+    assert all(p.grad is not None for p in net.head.parameters())
+    # layer 1 runs at scale 0.2 (mid 4 of 26 allocated): the first pw's unused output rows get no gradient
+    first_pw = net.layers[1][3].main[1].conv.weight  # xception: dw, pw(in->mid), ...
+    mid = tiny.mid(1, 0.2)
+    assert first_pw.shape[0] == max(tiny.layers[1].mids) > mid
+    assert first_pw.grad[mid:].abs().sum() == 0
+    assert first_pw.grad[:mid].abs().sum() > 0
+
+
+def test_supernet_sliced_bn_updates_only_used_statistics(tiny: SposSpace) -> None:
+    net = Supernet(tiny).train()
+    arch = {"blocks": [0, 0, 0], "scales": [0.2, 0.2, 0.2]}
+    bn = net.layers[0][0].main[0].bn
+    mid = tiny.mid(0, 0.2)
+    net(torch.randn(4, 1, 16, 16), arch)
+    assert (bn.running_mean[:mid] != 0).all()
+    assert (bn.running_mean[mid:] == 0).all()
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_extracted_subnet_computes_the_supernet_path(tiny: SposSpace) -> None:
+    torch.manual_seed(1)
+    net = Supernet(tiny).train()
+    rng = random.Random(5)
+    for _ in range(3):  # give BN statistics non-trivial values on several paths
+        net(torch.randn(8, 1, 16, 16), tiny.sample(rng))
+    net.eval()
+    x = torch.randn(3, 1, 16, 16)
+    for arch in (tiny.sample(rng), {"blocks": [3, 1, 2], "scales": [0.2, 1.6, 1.0]}):
+        sub = extract_subnet(net, arch).eval()
+        with torch.no_grad():
+            expected, got = net(x, arch), sub(x)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+
+
+def test_build_exports_to_onnx(tiny: SposSpace) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    net = build(tiny, {"blocks": [3, 2, 0], "scales": [0.2, 1.6, 1.0]}).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net,
+        (torch.randn(1, 1, 16, 16),),
+        buf,
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+    )
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 1, 16, 16)
+    (y,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = net(x)
+    assert torch.allclose(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_latency_table(tiny: SposSpace) -> None:
+    table = tiny.latency_table(threads=1, repeats=2)
+    arch = tiny.sample(random.Random(0))
+    assert table.fixed_ms > 0
+    assert table.latency_ms(arch) > table.fixed_ms
+    assert len(table.entries) == tiny.num_layers
+    assert set(table.entries[0]) == set(tiny.choices)
+
+
+# ----------------------------------------------------------------------------------------- operators
+
+_SEEDS = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=_SEEDS, prob=st.floats(0, 1))
+def test_mutate_valid_and_deterministic(tiny: SposSpace, seed: int, prob: float) -> None:
+    parent = tiny.sample(random.Random(seed))
+    child = tiny.mutate(parent, random.Random(seed + 1), prob)
+    assert tiny.validate(child) == child
+    assert child == tiny.mutate(parent, random.Random(seed + 1), prob)
+    if prob == 0:
+        assert child == parent
+
+
+def test_mutate_with_prob_one_resamples_genes(tiny: SposSpace) -> None:
+    rng = random.Random(0)
+    parent = {"blocks": [0, 0, 0], "scales": [0.2, 0.2, 0.2]}
+    changed = sum(tiny.mutate(parent, rng, 1.0) != parent for _ in range(20))
+    assert changed >= 15  # P(unchanged) = (1/4 * 1/3)^3 per draw
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=_SEEDS)
+def test_crossover_takes_each_gene_from_a_parent(tiny: SposSpace, seed: int) -> None:
+    rng = random.Random(seed)
+    a, b = tiny.sample(rng), tiny.sample(rng)
+    child = tiny.crossover(a, b, random.Random(seed))
+    assert child == tiny.crossover(a, b, random.Random(seed))
+    assert tiny.validate(child) == child
+    for key in ("blocks", "scales"):
+        assert all(c in (x, y) for c, x, y in zip(child[key], a[key], b[key], strict=True))
+    assert tiny.crossover(a, a, rng) == a
+
+
+def test_sample_is_deterministic_and_covers_choices(tiny: SposSpace) -> None:
+    first = [tiny.sample(random.Random(7)) for _ in range(2)]
+    assert first[0] == first[1]
+    rng = random.Random(0)
+    seen = {(b, s) for _ in range(200) for b, s in zip(*tiny.sample(rng).values(), strict=True)}
+    assert seen == set(itertools.product(range(4), tiny.scales))
+
+
+def test_sample_in_band_respects_band() -> None:
+    space = SposSpace(SpaceConfig(channel_scales=SPOS_SCALES), in_chans=1, input_size=28)
+    rng = random.Random(0)
+    median = sorted(space.macs(space.sample(rng)) for _ in range(101))[50]
+    low, high = 0.95 * median, 1.05 * median
+    for seed in range(5):
+        arch = space.sample_in_band(random.Random(seed), low, high)
+        assert arch is not None and low <= space.macs(arch) <= high
+    assert space.sample_in_band(rng, 0, space.min_macs() - 1) is None
+    assert space.sample_in_band(rng, space.max_macs() + 1, space.max_macs() + 2) is None
+    # a feasible but vanishingly unlikely band exhausts max_tries
+    assert space.sample_in_band(rng, space.min_macs(), space.min_macs(), max_tries=5) is None
+    with pytest.raises(CmpnasError, match="empty"):
+        space.sample_in_band(rng, 2.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize(
+    ("arch", "match"),
+    [
+        ({"blocks": [0, 1], "scales": [1.0, 1.0]}, "'blocks' has 2 entries"),
+        ({"blocks": [0, 1, 2], "scales": [1.0]}, "'scales' has 1 entries"),
+        ({"blocks": [0, 4, 1], "scales": [1.0, 1.0, 1.0]}, r"blocks\[1\]"),
+        ({"blocks": [0, -1, 1], "scales": [1.0, 1.0, 1.0]}, r"blocks\[1\]"),
+        ({"blocks": [0, 1, True], "scales": [1.0, 1.0, 1.0]}, r"blocks\[2\]"),
+        ({"blocks": [0, 1.0, 1], "scales": [1.0, 1.0, 1.0]}, r"blocks\[1\]"),
+        ({"blocks": [0, 1, 2], "scales": [1.0, 0.5, 1.0]}, r"scales\[1\]"),
+        ({"blocks": [0, 1, 2], "scales": [1.0, 1.0, "1.0"]}, r"scales\[2\]"),
+        ({"blocks": [0, 1, 2]}, "'scales' must be a list"),
+        ({"blocks": "012", "scales": [1.0, 1.0, 1.0]}, "'blocks' must be a list"),
+        ({"blocks": [0, 1, 2], "scales": [1.0] * 3, "extra": 1}, "unknown keys"),
+        ([0, 1, 2], "mapping"),
+    ],
+)
+def test_validate_names_the_bad_gene(tiny: SposSpace, arch: object, match: str) -> None:
+    with pytest.raises(CmpnasError, match=match):
+        tiny.validate(arch)
+
+
+def test_validate_normalises_and_single_scale_may_omit_scales() -> None:
+    space = SposSpace(tiny_cfg(channel_scales=[1.0]), in_chans=1, input_size=16)
+    assert space.validate({"blocks": (0, 1, 2)}) == {"blocks": [0, 1, 2], "scales": [1.0, 1.0, 1.0]}
+    assert space.validate({"blocks": [0, 1, 2], "scales": [1, 1, 1]})["scales"] == [1.0, 1.0, 1.0]
+
+
+def test_arch_key_canonical(tiny: SposSpace) -> None:
+    a = {"blocks": [0, 1, 2], "scales": [1.0, 0.2, 1.6]}
+    assert tiny.arch_key(a) == tiny.arch_key({"blocks": (0, 1, 2), "scales": [1, 0.2, 1.6]})
+    assert tiny.arch_key(a) != tiny.arch_key({"blocks": [0, 1, 2], "scales": [1.0, 1.6, 0.2]})
+    assert tiny.arch_key(a) != tiny.arch_key({"blocks": [0, 2, 1], "scales": [1.0, 0.2, 1.6]})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"stage_widths": [16, 16]},  # not increasing: the projection branch would leave no main branch
+        {"stage_widths": [8, 32]},  # not above stem_channels
+        {"stage_widths": [17, 32]},  # odd
+        {"stage_strides": [2]},  # length mismatch
+        {"stage_strides": [2, 3]},
+        {"stage_repeats": [1, 0]},
+        {"channel_scales": [0.0]},
+        {"choices": ["shuffle3", "shuffle3"]},
+    ],
+)
+def test_bad_space_config_is_user_error(kw: dict) -> None:
+    with pytest.raises(CmpnasError, match="nas.space"):
+        SposSpace(tiny_cfg(**kw), in_chans=1, input_size=16)
+
+
+def test_space_accepts_a_dict_and_reports_bad_keys() -> None:
+    assert SposSpace(tiny_cfg().model_dump(), input_size=16).num_layers == 3
+    with pytest.raises(CmpnasError, match="stage_widthz"):
+        SposSpace({"stage_widthz": [1]})

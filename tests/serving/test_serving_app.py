@@ -1,0 +1,199 @@
+"""HTTP API through the test client: good and bad uploads, limits, k range, stats, thumbnails, the page."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cmpnas.errors import CmpnasError
+from cmpnas.serving.app import create_app
+from cmpnas.serving.index import GalleryIndex
+
+MAX_UPLOAD = 50_000
+MAX_K = 20
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries one tiny (wrong) IDAT: a decompression-bomb stand-in."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def client(flat_index: Path, models: Any) -> TestClient:
+    app = create_app(flat_index, models.query, max_upload_bytes=MAX_UPLOAD, max_k=MAX_K, max_pixels=1_000_000)
+    return TestClient(app)
+
+
+def post(
+    client: TestClient,
+    data: bytes,
+    content_type: str = "image/png",
+    params: dict | None = None,
+    form: dict | None = None,
+) -> Any:
+    return client.post(
+        "/search", files={"file": ("q", data, content_type)}, params=params or {}, data=form or {}
+    )
+
+
+def test_good_png_returns_topk_with_thumbnails(client: TestClient, flat_index: Path, pattern: Any) -> None:
+    r = post(client, encode(pattern("stripes", 7)), params={"k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["k"] == 5 and body["mode"] == "heterogeneous" and body["latency_ms"] > 0
+    items = {it.id: it for it in GalleryIndex.load(flat_index).items}
+    assert len(body["results"]) == 5
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in scores)
+    for hit in body["results"]:
+        assert hit["label"] == items[hit["id"]].label
+        thumb = client.get(hit["thumb"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(thumb.content)).size == (80, 80)  # 40 px gallery, x(112 // 40)
+
+
+def test_jpeg_default_k_and_form_k(client: TestClient, pattern: Any) -> None:
+    jpeg = encode(pattern("blobs", 3).convert("RGB"), "JPEG")
+    assert len(post(client, jpeg, "image/jpeg").json()["results"]) == 10  # default k
+    assert len(post(client, jpeg, "image/jpeg", form={"k": "3"}).json()["results"]) == 3
+    assert len(post(client, jpeg, "image/jpeg", params={"k": 2}, form={"k": "3"}).json()["results"]) == 2
+
+
+@pytest.mark.parametrize("k", [0, -1, MAX_K + 1, 10**9])
+def test_k_out_of_range_is_422(client: TestClient, pattern: Any, k: int) -> None:
+    r = post(client, encode(pattern("blobs", 3)), params={"k": k})
+    assert r.status_code == 422 and str(MAX_K) in r.json()["detail"]
+
+
+def test_k_not_a_number_and_missing_file_are_422(client: TestClient) -> None:
+    assert post(client, b"x", params={"k": "ten"}).status_code == 422
+    assert client.post("/search").status_code == 422
+
+
+def test_wrong_type_is_415(client: TestClient) -> None:
+    r = post(client, b"hello, I am a text file\n" * 10, "text/plain")
+    assert r.status_code == 415 and "image" in r.json()["detail"]
+    eps = (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # PIL could read it via Ghostscript
+    )
+    assert post(client, eps, "application/postscript").status_code == 415
+
+
+def test_corrupt_image_is_400(client: TestClient, pattern: Any) -> None:
+    good = encode(pattern("checks", 1))
+    r = post(client, good[: len(good) // 2], "image/png")  # truncated
+    assert r.status_code == 400 and "corrupt" in r.json()["detail"]
+    assert post(client, b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "image/png").status_code == 400
+    assert post(client, b"", "image/png").status_code == 400
+
+
+def test_oversized_upload_is_413(client: TestClient) -> None:
+    just_over = b"\x89PNG\r\n\x1a\n" + b"\0" * MAX_UPLOAD  # within multipart slack: rejected by the handler
+    r = post(client, just_over)
+    assert r.status_code == 413 and str(MAX_UPLOAD) in r.json()["detail"]
+    huge = b"\0" * (MAX_UPLOAD * 4)  # rejected from Content-Length before the body is parsed
+    assert post(client, huge).status_code == 413
+
+
+def test_chunked_oversized_body_is_413(client: TestClient) -> None:
+    boundary = "cmpnasboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+
+    def body():  # type: ignore[no-untyped-def]  # a generator: sent chunked, without Content-Length
+        yield head
+        for _ in range(20):
+            yield b"\0" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post(
+        "/search", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert r.status_code == 413
+
+
+def test_huge_pixel_count_is_rejected_before_decoding(client: TestClient) -> None:
+    r = post(client, png_header_only(100_000, 100_000))  # 10^10 pixels declared, 100 bytes sent
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    big = encode(Image.new("L", (1200, 1000)))  # 1.2 M pixels > this app's 1 M limit, a few kB of PNG
+    assert len(big) < MAX_UPLOAD
+    r = post(client, big)
+    assert r.status_code == 413 and "1200x1000" in r.json()["detail"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(max_size=3000),
+    ctype=st.sampled_from(["image/png", "image/jpeg", "application/octet-stream", "text/plain", "image/gif"]),
+)
+def test_random_bytes_never_500(client: TestClient, data: bytes, ctype: str) -> None:
+    assert post(client, data, ctype).status_code in (400, 413, 415)
+
+
+def test_healthz_stats_and_counts(flat_index: Path, models: Any, pattern: Any) -> None:
+    client = TestClient(create_app(flat_index, models.query, max_k=MAX_K))
+    assert client.get("/healthz").json() == {"status": "ok", "count": 36, "mode": "heterogeneous"}
+    empty = client.get("/stats").json()
+    assert empty["queries"] == 0 and empty["latency_ms"]["p50"] is None
+    for i in range(3):
+        assert post(client, encode(pattern("stripes", i))).status_code == 200
+    assert post(client, b"nope", "text/plain").status_code == 415
+    stats = client.get("/stats").json()
+    assert stats["queries"] == 3 and stats["rejected"] == 1
+    assert stats["index"]["count"] == 36 and stats["index"]["gallery_fingerprint"] == models.gallery_fp
+    assert stats["query_model"]["fingerprint"] == models.query_fp
+    assert stats["query_model"]["compatible_with"] == models.gallery_fp
+    assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"] and stats["latency_ms"]["window"] == 3
+    assert stats["limits"]["max_k"] == MAX_K
+
+
+def test_page_thumbs_and_openapi(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and 'type="file"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: everything inline
+    assert client.get("/thumb/no/such/item.png").status_code == 404
+    assert client.get("/thumb/checks/003.png").status_code == 200  # ids with slashes
+    assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_incompatible_model_refused_unless_allowed(
+    flat_index: Path, models: Any, onnx_query: Path, pattern: Any
+) -> None:
+    with pytest.raises(CmpnasError, match="allow-incompatible"):
+        create_app(flat_index, models.stranger)
+    app = create_app(flat_index, models.stranger, allow_incompatible=True)
+    assert TestClient(app).get("/healthz").json()["mode"] == "incompatible-override"
+    onnx_client = TestClient(
+        create_app(flat_index, onnx_query)
+    )  # ONNX query model, checked from its metadata
+    r = post(onnx_client, encode(pattern("blobs", 1)), params={"k": 3})
+    assert r.status_code == 200 and r.json()["mode"] == "heterogeneous"

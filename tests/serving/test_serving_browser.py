@@ -1,0 +1,111 @@
+"""End to end in headless Chromium: the web page uploads an image and shows loaded result thumbnails.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (apt) and ``selenium`` (pip).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium chromium-driver"
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server_url(flat_index: Path, onnx_query: Path) -> Iterator[str]:
+    """uvicorn in a thread on 127.0.0.1 (ONNX query model, as on a device), stopped after the test."""
+    import uvicorn
+
+    from cmpnas.serving.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(flat_index, onnx_query), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1200,900",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_upload_shows_result_thumbnails(server_url: str, browser: Any, tmp_path: Path, pattern: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pattern("stripes", 4).save(tmp_path / "query.png")  # = gallery item stripes/004.png
+    browser.get(server_url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "gallery items" in d.find_element(By.ID, "info").text)  # /stats loaded
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "query.png"))
+
+    def loaded_thumbnails(d: Any) -> list[Any] | bool:
+        imgs = d.find_elements(By.CSS_SELECTOR, "#results img")
+        ok = len(imgs) == 10 and all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) for i in imgs
+        )
+        return imgs if ok else False
+
+    imgs = wait.until(loaded_thumbnails)
+    assert all(int(i.get_property("naturalWidth")) > 0 for i in imgs)
+    captions = browser.find_elements(By.CSS_SELECTOR, "#results .label")
+    assert {c.text for c in captions} <= {"stripes", "checks", "blobs"}
+    assert "10 results" in browser.find_element(By.ID, "status").text
+    browser.save_screenshot(str(tmp_path / "search.png"))
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+    wait.until(lambda d: "Error 415" in d.find_element(By.ID, "status").text)

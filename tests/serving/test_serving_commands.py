@@ -1,0 +1,174 @@
+"""The index/query/export/serve commands on a local Typer app (the lead's cli.py registers the same)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cmpnas.errors import CmpnasError
+from cmpnas.serving import commands
+
+
+@pytest.fixture(scope="module")
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    commands.register(app)
+    return app
+
+
+def run(cli: typer.Typer, *args: Any) -> Any:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_registers_four_commands_with_help(cli: typer.Typer) -> None:
+    for name in ("index", "query", "export", "serve"):
+        r = run(cli, name, "--help")
+        assert r.exit_code == 0, r.output
+    assert "--allow-incompatible" in run(cli, "query", "--help").output
+    assert "--ef-search" in run(cli, "index", "--help").output
+
+
+def test_index_then_query_json_and_table(
+    cli: typer.Typer, tmp_path: Path, gallery_dir: Path, models: Any, pattern: Any
+) -> None:
+    out = tmp_path / "idx"
+    r = run(
+        cli,
+        "index",
+        "--gallery-model",
+        models.gallery,
+        "--images",
+        gallery_dir,
+        "--out",
+        out,
+        "--index",
+        "hnsw",
+    )
+    assert r.exit_code == 0, r.output
+    assert "36 items (hnsw" in r.output and "skipped 1 unreadable" in r.output
+    pattern("checks", 104).save(tmp_path / "q.png")  # = gallery item checks/004.png
+    r = run(
+        cli, "query", "--index", out, "--query-model", models.gallery, "-k", "3", "--json", tmp_path / "q.png"
+    )
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.output)
+    assert body["mode"] == "homogeneous"
+    assert body["queries"][0]["results"][0]["id"] == "checks/004.png"
+    r = run(
+        cli, "query", "--index", out, "--query-model", models.query, tmp_path / "q.png", tmp_path / "q.png"
+    )
+    assert (
+        r.exit_code == 0 and r.output.count("mode heterogeneous") == 2 and r.output.count("\n") == 2 + 2 * 10
+    )
+
+
+def test_incompatible_query_refused_then_overridden(
+    cli: typer.Typer, flat_index: Path, models: Any, tmp_path: Path, pattern: Any
+) -> None:
+    pattern("blobs", 1).save(tmp_path / "q.png")
+    r = run(cli, "query", "--index", flat_index, "--query-model", models.stranger, tmp_path / "q.png")
+    assert r.exit_code != 0 and isinstance(r.exception, CmpnasError)  # the main CLI turns it into exit 2
+    assert models.gallery_fp in str(r.exception) and models.stranger_fp in str(r.exception)
+    r = run(
+        cli,
+        "query",
+        "--index",
+        flat_index,
+        "--query-model",
+        models.stranger,
+        "--allow-incompatible",
+        "--json",
+        tmp_path / "q.png",
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["mode"] == "incompatible-override"
+
+
+def test_index_needs_exactly_one_source(
+    cli: typer.Typer, tmp_path: Path, gallery_dir: Path, models: Any
+) -> None:
+    r = run(cli, "index", "--gallery-model", models.gallery, "--out", tmp_path / "i")
+    assert isinstance(r.exception, CmpnasError) and "exactly one" in str(r.exception)
+    r = run(
+        cli,
+        "index",
+        "--gallery-model",
+        models.gallery,
+        "--out",
+        tmp_path / "i",
+        "--images",
+        gallery_dir,
+        "--dataset",
+        "fashion_mnist",
+    )
+    assert isinstance(r.exception, CmpnasError)
+    assert not (tmp_path / "i").exists()
+
+
+def test_index_dataset_append(cli: typer.Typer, tmp_path: Path, tiny_idx_dir: Path, models: Any) -> None:
+    out = tmp_path / "idx"
+    base = [
+        "--gallery-model",
+        models.gallery,
+        "--dataset",
+        "fashion_mnist",
+        "--dataset-root",
+        tiny_idx_dir,
+        "--out",
+        out,
+    ]
+    assert run(cli, "index", *base, "--limit", "10").exit_code == 0
+    r = run(cli, "index", *base, "--append")
+    assert r.exit_code == 0, r.output
+    assert "30 items" in r.output and "added 20" in r.output and "10 duplicate ids" in r.output
+    r = run(cli, "index", *base, "--append", "--index", "ivf")
+    assert isinstance(r.exception, CmpnasError) and "--append" in str(r.exception)
+
+
+def test_export_command(cli: typer.Typer, tmp_path: Path, models: Any) -> None:
+    r = run(
+        cli,
+        "export",
+        "--model",
+        models.query,
+        "--out",
+        tmp_path / "q.onnx",
+        "--exporter",
+        "legacy",
+        "--latency-runs",
+        "2",
+    )
+    assert r.exit_code == 0, r.output
+    assert "parity max abs diff" in r.output and "batch_32 (ms)" in r.output
+    assert (tmp_path / "q.onnx").is_file() and (tmp_path / "export.json").is_file()
+
+
+def test_serve_passes_limits_to_the_server(
+    cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any
+) -> None:
+    import cmpnas.serving.app as app_mod
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(app_mod, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
+    r = run(
+        cli,
+        "serve",
+        "--index",
+        flat_index,
+        "--query-model",
+        models.query,
+        "--port",
+        "8123",
+        "--max-k",
+        "7",
+        "--max-upload-mb",
+        "0.5",
+    )
+    assert r.exit_code == 0, r.output
+    assert seen["args"] == (flat_index, models.query) and seen["port"] == 8123 and seen["max_k"] == 7
+    assert seen["max_upload_bytes"] == 512 * 1024 and seen["host"] == "127.0.0.1"
+    assert seen["threads"] == 1  # the serving default: one query at a time
