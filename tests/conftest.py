@@ -62,3 +62,115 @@ def tiny_idx_dir(tmp_path: Path, tiny_idx_arrays: dict[str, np.ndarray]) -> Path
     for key, name in FASHION_FILES.items():
         write_idx_gz(folder / name, tiny_idx_arrays[key])
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny end-to-end fixtures (config, data, a trained gallery): synthetic data and resnet_small nets, so a whole
+# train-gallery / train-query / supernet / search stage runs in about a second on one thread.
+
+TINY_GALLERY_MODEL = {
+    "backbone": "resnet_small",
+    "backbone_kwargs": {"widths": [8, 16], "depths": [1, 1], "strides": [1, 2]},
+    "embed_dim": 16,
+}
+TINY_QUERY_MODEL = {
+    "backbone": "resnet_small",
+    "backbone_kwargs": {"widths": [4, 8], "depths": [1, 1], "strides": [2, 2]},
+    "embed_dim": 16,
+}
+TINY_SPACE = {
+    "stem_channels": 8,
+    "stage_repeats": [1, 1],
+    "stage_widths": [16, 32],
+    "stage_strides": [2, 2],
+    "last_channels": 32,
+    "channel_scales": [0.5, 1.0],
+}
+
+
+def tiny_train_section(**overrides: object) -> dict:
+    """A TrainConfig section for ~6 steps per epoch on the tiny data (one thread, frequent logs)."""
+    return {"epochs": 1, "batch_size": 50, "warmup_epochs": 0.1, "log_every": 2, "threads": 1, **overrides}
+
+
+def tiny_config_raw() -> dict:
+    """Raw (YAML-like) config: synthetic data (300 pool / 100 test / 50 val), tiny models, tiny SPOS space."""
+    import copy
+
+    return copy.deepcopy(
+        {
+            "data": {"name": "synthetic", "subset_train": 300, "subset_test": 100, "val_size": 50},
+            "gallery": TINY_GALLERY_MODEL,
+            "gallery_train": tiny_train_section(epochs=2),
+            "query": TINY_QUERY_MODEL,
+            "query_train": tiny_train_section(),
+            "compat": {"mode": "bct"},
+            "nas": {
+                "space": TINY_SPACE,
+                "budget_cost_reduction": 5,
+                "supernet_train": tiny_train_section(),
+                "retrain": tiny_train_section(),
+                "study_train": tiny_train_section(epochs=0.5),
+                "study_archs": 1,
+                "search": {
+                    "population": 4,
+                    "generations": 2,
+                    "parents": 2,
+                    "mutations": 2,
+                    "crossovers": 2,
+                    "recal_images": 64,
+                    "recal_batch": 32,
+                    "val_images": 50,
+                },
+            },
+            "run": {"baselines": [], "latency_repeats": 3},
+            "eval_batch_size": 256,
+        }
+    )
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (2 shared cores; bitwise-reproducible CPU kernels)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_raw() -> dict:
+    return tiny_config_raw()
+
+
+@pytest.fixture
+def tiny_config(tiny_raw: dict):
+    from cmpnas.config import build_config
+
+    return build_config(tiny_raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """The DataBundle of :func:`tiny_config_raw` (built once; datasets are read-only)."""
+    from cmpnas.config import build_config
+    from cmpnas.data.factory import build_data
+
+    return build_data(build_config(tiny_config_raw()).data)
+
+
+@pytest.fixture(scope="session")
+def tiny_gallery(tmp_path_factory: pytest.TempPathFactory, tiny_data) -> Path:
+    """A gallery trained 2 epochs on the tiny data; returns its model.safetensors (read-only)."""
+    import torch
+
+    from cmpnas.config import build_config
+    from cmpnas.stages import train_gallery
+
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("tiny-gallery")
+    train_gallery(build_config(tiny_config_raw()), out, data=tiny_data)
+    torch.set_num_threads(before)
+    return out / "model.safetensors"

@@ -87,21 +87,44 @@ def train_query_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery model (model.safetensors).")],
-    query: Annotated[Path, typer.Option("--query", help="Query model (model.safetensors).")],
     out: OutOpt,
+    gallery: Annotated[Path | None, typer.Option("--gallery", "-g", help="Gallery model (model.safetensors).")] = None,
+    query: Annotated[Path | None, typer.Option("--query", help="Query model (model.safetensors).")] = None,
     config: ConfigOpt = None,
     split: Annotated[str, typer.Option("--split", help="test (final numbers) or val (model selection).")] = "test",
+    protocol: Annotated[
+        str, typer.Option("--protocol", help="classes (leave-one-out on the config's data), deepfashion2 or ijbc.")
+    ] = "classes",
+    root: Annotated[Path | None, typer.Option("--root", help="Dataset root for deepfashion2 / ijbc.")] = None,
+    embeddings: Annotated[
+        Path | None, typer.Option("--embeddings", help="Score precomputed embeddings (.npz with ids, embeddings).")
+    ] = None,
+    gallery_embeddings: Annotated[
+        Path | None, typer.Option("--gallery-embeddings", help="Gallery-side .npz for a cross-model score.")
+    ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     json_logs: JsonOpt = False,
 ) -> None:
-    """Paragon M(g,g), homogeneous M(q,q), heterogeneous M(q,g) + MACs and cost reduction -> OUT/results.json."""
+    """Paragon M(g,g), homogeneous M(q,q), heterogeneous M(q,g) + MACs and cost reduction -> OUT/results.json.
+
+    With --protocol deepfashion2|ijbc it runs the paper's benchmark protocols, from models or from
+    precomputed embeddings (--embeddings).
+    """
     _setup(quiet, json_logs)
+    if protocol != "classes":
+        from cmpnas.evaluation.protocols import run_protocol_evaluation
+
+        run_protocol_evaluation(protocol=protocol, root=root, out=out, embeddings=embeddings,
+                                gallery_embeddings=gallery_embeddings, gallery_model=gallery, query_model=query,
+                                config=_config(config, set_), split=split)
+        return
     from cmpnas.stages import evaluate_models, markdown_table
 
     if split not in ("test", "val"):
         raise CmpnasError(f"Unknown split '{split}'.", "use --split test or --split val")
+    if gallery is None or query is None:
+        raise CmpnasError("evaluate needs --gallery and --query model files.", "pass both model.safetensors paths")
     cfg = _config(config, set_)
     res = evaluate_models(cfg, gallery, query, out, split=split)
     if not quiet and not json_logs:
@@ -112,8 +135,7 @@ def _register_optional() -> None:
     """Commands owned by other modules register themselves here (NAS, run, serving, protocols)."""
     import importlib
 
-    for mod in ("cmpnas.nas.commands", "cmpnas.pipeline_commands", "cmpnas.serving.commands",
-                "cmpnas.evaluation.protocol_commands"):
+    for mod in ("cmpnas.nas.commands", "cmpnas.pipeline_commands", "cmpnas.serving.commands"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

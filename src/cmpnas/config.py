@@ -23,7 +23,9 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where images come from and how they are split."""
 
-    name: Literal["fashion_mnist", "folder", "csv", "synthetic"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "folder", "csv", "synthetic", "deepfashion2", "ijbc_train"] = (
+        "fashion_mnist"
+    )
     root: str | None = Field(None, description="dataset folder / CSV file; None = look up defaults")
     download: bool = Field(True, description="allow torchvision's download when no local copy is found")
     val_size: int = Field(5000, ge=0, description="images held out of train for model selection / search reward")
@@ -34,6 +36,13 @@ class DataConfig(_Strict):
     open_set: bool = Field(False, description="folder/csv: test classes disjoint from training classes")
     open_set_test_fraction: float = Field(0.3, gt=0, lt=1)
     on_bad_image: Literal["skip", "error"] = "skip"
+    margin: float = Field(0.0, ge=0, description="deepfashion2: widen item boxes by this fraction per side")
+    label: Literal["identity", "category"] = Field(
+        "identity", description="deepfashion2: class = (pair_id, style) identity, or the clothing category"
+    )
+    max_images: int | None = Field(
+        None, ge=1, description="deepfashion2 / ijbc_train: read only the first N images (smoke runs)"
+    )
     seed: int = 0
 
     @field_validator("in_chans")
@@ -51,8 +60,9 @@ class ModelConfig(_Strict):
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     arch: dict[str, Any] | None = Field(None, description="SPOS architecture encoding (backbone 'spos')")
     embed_dim: int = Field(128, ge=2)
-    classifier: Literal["linear", "cosine"] = "linear"
-    cosine_scale: float = Field(16.0, gt=0)
+    classifier: Literal["linear", "cosine", "arcface", "cosface"] = "linear"
+    cosine_scale: float = Field(16.0, gt=0, description="scale s of the cosine / arcface / cosface logits")
+    margin: float = Field(0.5, ge=0, description="angular margin m of arcface (radians) / cosface (cosine)")
     pretrained: bool = False
 
 

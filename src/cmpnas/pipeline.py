@@ -193,8 +193,9 @@ def build_stages(cfg: Config) -> list[StageDef]:
                                lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
                                _baseline(i)))
     nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction]  # noqa: E731
-    stages.append(StageDef("supernet", ["gallery"], lambda c: [nas_common(c), c.nas.sample_band,
-                           _dump(c.nas.supernet_train), _dump(c.compat), _dump(c.query)], _supernet))
+    if cfg.run.rewards or (cfg.run.study and cfg.nas.study_archs > 0):
+        stages.append(StageDef("supernet", ["gallery"], lambda c: [nas_common(c), c.nas.sample_band,
+                               _dump(c.nas.supernet_train), _dump(c.compat), _dump(c.query)], _supernet))
     for r in cfg.run.rewards:
         stages.append(StageDef(f"search-{r}", ["supernet"], lambda c, r=r: [_dump(c.nas.search), r,
                                c.nas.budget_latency_ms], _search(r)))
@@ -207,7 +208,7 @@ def build_stages(cfg: Config) -> list[StageDef]:
     evaluate_deps = [s.name for s in stages if s.name.startswith(("baseline-", "retrain-"))]
     stages.append(StageDef("evaluate", ["gallery", *evaluate_deps], lambda c: [c.eval_batch_size,
                            c.run.latency_repeats], _evaluate))
-    if cfg.run.export_onnx and _available("cmpnas.serving.export", "export_onnx"):
+    if cfg.run.export_onnx and cfg.run.rewards and _available("cmpnas.serving.export", "export_onnx"):
         stages.append(StageDef("export", [f"retrain-{cfg.run.headline_reward}"], lambda c: [], _export))
     if cfg.run.build_index and _available("cmpnas.serving.index", "build_index_from_dataset"):
         stages.append(StageDef("index", ["gallery"], lambda c: [], _index))

@@ -140,10 +140,11 @@ def test_metric_ties_go_to_lower_index(dtype):
     n_gallery=st.integers(2, 25),
     exclude_self=st.booleans(),
     wide=st.booleans(),
+    numpy_sort=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_tied_scores_match_naive_definitions(n_query, n_gallery, exclude_self, wide, seed):
-    """Integer similarities (many exact ties; float32 and float64 paths) against the definitions."""
+def test_tied_scores_match_naive_definitions(n_query, n_gallery, exclude_self, wide, numpy_sort, seed):
+    """Integer similarities (many exact ties; every ranking branch) against the definitions."""
     gen = torch.Generator().manual_seed(seed)
     if exclude_self:
         n_gallery = n_query = max(n_query, 2)
@@ -155,9 +156,11 @@ def test_tied_scores_match_naive_definitions(n_query, n_gallery, exclude_self, w
     expected = naive_metrics(
         sim.numpy(), q_labels.tolist(), g_labels.tolist(), exclude_self=exclude_self, lone="fail"
     )
-    got = metrics_from_similarity(
-        sim, q_labels, g_labels, exclude_self=exclude_self, lone_queries="fail", chunk_size=3
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval, "_NUMPY_SORT_ON_CPU", numpy_sort)  # False: the torch (GPU) branch on CPU
+        got = metrics_from_similarity(
+            sim, q_labels, g_labels, exclude_self=exclude_self, lone_queries="fail", chunk_size=3
+        )
     assert_metrics_close(got, expected)
 
 
@@ -262,6 +265,28 @@ def test_knn_backends_agree_with_many_ties(n, dim, k_frac, exclude_self, chunk, 
     for backend in ("faiss", "torch"):
         _, idx = knn(query, gallery, k, exclude_self=exclude_self, backend=backend, chunk_size=chunk)
         assert torch.equal(idx, expected), backend
+
+
+def test_exact_rescoring_is_a_fixed_order_sum():
+    """The CPU (cumsum) and GPU (loop) rescoring paths must add in the same order: bit-identical scores."""
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(7, 33, generator=gen).double()
+    gallery = torch.randn(50, 33, generator=gen).double()
+    candidates = torch.randint(0, 50, (7, 9), generator=gen)
+    fast = retrieval._exact_scores(query, gallery, candidates)
+    assert torch.equal(fast, retrieval._exact_scores_loop(query, gallery, candidates))
+    assert torch.allclose(fast, (query.unsqueeze(1) * gallery[candidates]).sum(-1))
+
+
+def test_rank_keys_order_scores_then_lower_index():
+    """Packed sort keys: the numpy and torch recipes agree and sort by (score, -index)."""
+    scores = torch.tensor([[0.5, -0.0, 0.0, -1e-45, float("-inf"), 0.5, -2.0, float("inf"), 1e-45, -0.5]])
+    relevant = torch.tensor([[True, False, True, False, True, True, False, False, True, False]])
+    keys = retrieval._rank_keys(scores, relevant)
+    assert torch.equal(keys, torch.from_numpy(retrieval._rank_keys_numpy(scores, relevant)))
+    assert torch.equal(keys & 1, relevant.long())
+    order = torch.sort(keys, dim=1, descending=True).indices[0].tolist()
+    assert order == [7, 0, 5, 8, 1, 2, 3, 9, 6, 4]  # -0.0 == 0.0 tie: index 1 before 2
 
 
 # ------------------------------------------------------------------------------------------------ properties

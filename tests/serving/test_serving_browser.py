@@ -56,8 +56,12 @@ def server_url(flat_index: Path, onnx_query: Path) -> Iterator[str]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import (
+        webdriver,
+    )  # pip install selenium (in the test extras); missing = a failure, not a skip
     from selenium.webdriver.chrome.service import Service
+
+    assert CHROMEDRIVER.exists(), "needs Debian's chromium-driver: apt-get install chromium-driver"
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)

@@ -254,6 +254,18 @@ def test_resolved_params_hand_examples() -> None:
         IndexParams(kind="ivfpq", pq_m=5).resolved(1000, 16)
 
 
+@pytest.fixture
+def one_faiss_thread():  # type: ignore[no-untyped-def]
+    """FAISS' OpenMP threads stall when the 2 cores are shared; 1 thread keeps the test fast and steady."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_faiss_thread")
 def test_approximate_indexes_agree_with_flat_on_clustered_vectors() -> None:
     rng = np.random.default_rng(0)
     centres = _unit(rng, 20, 32)
@@ -320,3 +332,45 @@ def test_fashion_mnist_ids_labels_and_thumbnails(tmp_path: Path, models: Any, ti
     thumb = index.thumbnail_image("fashion_mnist/test/000013")
     assert thumb is not None and np.array_equal(np.asarray(thumb), images[13])
     assert index.thumbnail_image("fashion_mnist/test/000999") is None  # not in this index
+
+
+# --------------------------------------------------------------------------------------------- pipeline entry
+@pytest.mark.filterwarnings("ignore:skipped 1 unreadable image")  # the gallery's deliberately broken file
+def test_build_index_from_data_configs(
+    tmp_path: Path, models: Any, tiny_idx_dir: Path, gallery_dir: Path
+) -> None:
+    from cmpnas.config import DataConfig
+    from cmpnas.serving.index import build_index_from_dataset
+
+    fm = build_index_from_dataset(
+        models.gallery, DataConfig(root=str(tiny_idx_dir), subset_test=12), "test", tmp_path / "fm"
+    )
+    assert fm["count"] == 12 and fm["dataset"] == "fashion_mnist/test" and fm["index_type"] == "flat"
+    assert GalleryIndex.load(tmp_path / "fm").items[11].id == "fashion_mnist/test/000011"
+
+    syn = build_index_from_dataset(
+        models.gallery,
+        DataConfig(name="synthetic", subset_train=50, subset_test=20),
+        "test",
+        tmp_path / "syn",
+    )
+    assert syn["count"] == 20
+    index = GalleryIndex.load(tmp_path / "syn")
+    assert (
+        index.items[3].id == "synthetic/test/000003"
+        and index.thumbnail_image("synthetic/test/000003") is None
+    )
+
+    folder = build_index_from_dataset(
+        models.gallery, DataConfig(name="folder", root=str(gallery_dir)), "test", tmp_path / "folder"
+    )
+    index = GalleryIndex.load(tmp_path / "folder")
+    assert folder["count"] == len(index) >= 3 and folder["skipped_unreadable"] == 0
+    # small folders are held in memory by the data package (no paths): ids name rows, labels classes
+    assert index.items[0].id == "folder/test/000000" and {it.label for it in index.items} == set(CLASSES)
+
+
+def test_interrupted_swap_points_at_the_previous_index(tmp_path: Path) -> None:
+    (tmp_path / ".idx.old-1234abcd").mkdir()  # the state a crash between the two renames leaves
+    with pytest.raises(CmpnasError, match=r"rename '.*\.idx\.old-1234abcd' back"):
+        GalleryIndex.load(tmp_path / "idx")

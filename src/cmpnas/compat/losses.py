@@ -43,7 +43,9 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, gallery_embeddings: torch.Tensor, kind: str = "cosine") -> None:
         super().__init__()
-        self.register_buffer("gallery_embeddings", gallery_embeddings.detach().float(), persistent=False)
+        # A plain attribute, not a buffer: it is constant, must not be broadcast by DDP every step,
+        # and does not belong in checkpoints (it is recomputed/cached from the gallery model).
+        self.gallery_embeddings = gallery_embeddings.detach().float()
         self.kind = kind
         self.name = f"align_{kind}"
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cmpnas.config import DataConfig
-from cmpnas.data import fashion_mnist, folder, synthetic
+from cmpnas.data import deepfashion2, fashion_mnist, folder, synthetic
 from cmpnas.data.base import (
     DataBundle,
     ImageDataset,
@@ -90,14 +90,85 @@ def _synthetic_source(cfg: DataConfig) -> SourceSplits:
     )
 
 
+def _deepfashion2_source(cfg: DataConfig) -> SourceSplits:
+    """Ground-truth-box item crops: the train split for train/val, the validation split for test.
+
+    With identity labels the validation split's products are new ones, so its labels are numbered after
+    the training classes (an open-set test, like data.open_set for folders).
+    """
+    if cfg.root is None:
+        raise CmpnasError(
+            "data.name=deepfashion2 needs data.root.",
+            "set data.root to the folder holding train/{image,annos} and validation/{image,annos}",
+        )
+    crops = {
+        split: deepfashion2.DeepFashion2Crops(
+            deepfashion2.read_deepfashion2(cfg.root, split, max_images=cfg.max_images),
+            cfg.image_size,
+            in_chans=cfg.in_chans,
+            margin=cfg.margin,
+            label=cfg.label,
+        )
+        for split in ("train", "validation")
+    }
+    train, test = crops["train"], crops["validation"]
+    class_names = [_deepfashion2_class_name(c, cfg.label) for c in train.classes]
+    open_set = cfg.label == "identity"
+    if open_set:
+        # the crop dataset reads its labels from this tensor, so shifting it renumbers the test classes
+        test.labels = test.labels + train.num_classes
+        class_names += [_deepfashion2_class_name(c, cfg.label) for c in test.classes]
+    notes = [
+        f"DeepFashion2 {cfg.label} labels: {len(train)} train crops ({train.num_classes} classes), "
+        f"{len(test)} validation crops as the test set"
+    ]
+    if cfg.max_images is not None:
+        notes.append(f"only the first {cfg.max_images} annotation files of each split were read")
+    return SourceSplits(
+        train=train,
+        test=test,
+        class_names=class_names,
+        num_classes=train.num_classes,
+        in_chans=cfg.in_chans,
+        image_size=cfg.image_size,
+        open_set=open_set,
+        notes=notes,
+    )
+
+
+def _deepfashion2_class_name(cls: object, label: str) -> str:
+    if label == "identity":
+        pair_id, style = cls  # type: ignore[misc]
+        return f"pair{pair_id}_style{style}"
+    return f"category{cls}"
+
+
+def _ijbc_train_source(cfg: DataConfig) -> SourceSplits:
+    """Face training data: an ImageFolder of aligned identities (MS1M style, one folder per person)."""
+    records = folder.scan_image_folder(cfg.root)
+    if cfg.max_images is not None:
+        records = records[: cfg.max_images]
+    source = folder.build_source(records, **_folder_options(cfg))
+    if (cfg.image_size, cfg.in_chans) != (112, 3):
+        source.notes.append(
+            f"faces used at {cfg.in_chans}x{cfg.image_size}px; IJB-C evaluation aligns faces to 3x112px "
+            "(set data.image_size=112, data.in_chans=3)"
+        )
+    if cfg.max_images is not None:
+        source.notes.append(f"only the first {cfg.max_images} images (in folder order) were read")
+    return source
+
+
 DATA_SOURCES: dict[str, Callable[[DataConfig], SourceSplits]] = {
     "fashion_mnist": _fashion_mnist_source,
     "folder": _folder_source,
     "csv": _csv_source,
     "synthetic": _synthetic_source,
+    "deepfashion2": _deepfashion2_source,
+    "ijbc_train": _ijbc_train_source,
 }
 
-OPEN_SET_SOURCES = frozenset({"folder", "csv"})
+OPEN_SET_SOURCES = frozenset({"folder", "csv", "ijbc_train"})
 
 
 def build_data(cfg: DataConfig) -> DataBundle:

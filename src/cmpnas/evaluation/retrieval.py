@@ -4,7 +4,9 @@ Conventions (see docs/datasets.md §3):
 
 * Similarity is the inner product; :func:`retrieval_metrics` L2-normalises first, so it is cosine.
 * **Ties are broken by the lower gallery index**, everywhere (``knn`` with either backend and the metric
-  ranking), so results never depend on the backend, on ``chunk_size`` or on sort stability.
+  ranking), so results never depend on the backend, on ``chunk_size`` or on sort stability. ``knn`` ranks by
+  float64-rescored inner products, the metrics by the float32 cosine block; the two orders can only differ
+  for scores within float32 rounding (~1e-6) of each other.
 * ``exclude_self=True`` is leave-one-out on one image set (query i and gallery i are the same image, possibly
   embedded by *different* models): gallery item i is removed from the ranking of query i, and the relevant
   count R of a query does not include itself. The self-match is masked by index, never assumed to be the top
@@ -34,7 +36,12 @@ __all__ = ["knn", "l2_normalize", "metrics_from_similarity", "retrieval_metrics"
 _BLOCK_ELEMENTS = 1 << 23
 # knn asks its candidate generator for this many extra neighbours so that ties at rank k can be resolved.
 _EXTRA_CANDIDATES = 16
-_LOW32 = 0xFFFFFFFF
+# float64 products materialised at once while rescoring knn candidates (32 MB).
+_EXACT_ELEMENTS = 1 << 22
+_LOW31 = 0x7FFFFFFF
+_INT64_MIN = torch.iinfo(torch.int64).min
+# Rank CPU blocks with numpy's fast sort; the torch branch serves GPUs (tests switch this off to cover it).
+_NUMPY_SORT_ON_CPU = True
 _BACKENDS = ("auto", "faiss", "torch")
 _LONE_MODES = ("exclude", "fail")
 
@@ -144,24 +151,46 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), p=2.0, dim=1, eps=1e-12)
 
 
-def _exact_scores(query64: torch.Tensor, gallery_t64: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Inner products in float64, accumulated in a fixed order over the dimensions.
+def _exact_scores(query64: torch.Tensor, gallery64: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Inner products of float32 data in float64, accumulated strictly in dimension order 0, 1, ..., D-1.
 
-    Every entry is computed by the same sequence of IEEE operations whatever the block shape, so two candidate
-    lists that share an item give it bit-identical scores: that makes faiss and torch results identical.
+    The products are exact in float64 and each sum is a sequential scan, so an entry's value depends only on
+    its query and gallery rows, never on the block shape: two candidate lists that share an item give it
+    bit-identical scores, which is what makes the faiss and torch backends agree exactly.
     """
+    dim = query64.shape[1]
+    if candidates.device.type != "cpu":  # GPU scans may reorder additions: use the explicit loop
+        return _exact_scores_loop(query64, gallery64, candidates)
+    out = torch.empty(candidates.shape, dtype=torch.float64)
+    rows_per_step = max(1, _EXACT_ELEMENTS // max(1, candidates.shape[1] * dim))
+    for start in range(0, candidates.shape[0], rows_per_step):
+        stop = start + rows_per_step
+        products = query64[start:stop].unsqueeze(1) * gallery64[candidates[start:stop]]
+        out[start:stop] = products.cumsum_(dim=2)[:, :, -1]  # CPU cumsum: one sequential pass per row
+    return out
+
+
+def _exact_scores_loop(
+    query64: torch.Tensor, gallery64: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """The same sum as :func:`_exact_scores`, one dimension per step (no [B, n, D] buffer; slow on CPU)."""
     acc = torch.zeros(candidates.shape, dtype=torch.float64, device=candidates.device)
+    gallery_t64 = gallery64.T
     for d in range(query64.shape[1]):
         acc += query64[:, d : d + 1] * gallery_t64[d][candidates]
     return acc
 
 
-def _exact_scores_all(query64: torch.Tensor, gallery_t64: torch.Tensor) -> torch.Tensor:
-    """Same arithmetic as :func:`_exact_scores`, against the whole gallery (fallback for tie-heavy rows)."""
-    acc = torch.zeros((query64.shape[0], gallery_t64.shape[1]), dtype=torch.float64, device=query64.device)
-    for d in range(query64.shape[1]):
-        acc += query64[:, d : d + 1] * gallery_t64[d].unsqueeze(0)
-    return acc
+def _exact_scores_all(query64: torch.Tensor, gallery64: torch.Tensor) -> torch.Tensor:
+    """:func:`_exact_scores` against the whole gallery (the fallback for rows with ties at rank k)."""
+    n_gallery = gallery64.shape[0]
+    out = torch.empty((query64.shape[0], n_gallery), dtype=torch.float64, device=query64.device)
+    step = max(1, _EXACT_ELEMENTS // max(1, query64.shape[0] * query64.shape[1]))
+    for start in range(0, n_gallery, step):
+        stop = min(start + step, n_gallery)
+        columns = torch.arange(start, stop, device=query64.device).expand(query64.shape[0], -1)
+        out[:, start:stop] = _exact_scores(query64, gallery64, columns)
+    return out
 
 
 def _sort_by_score_then_index(
@@ -216,7 +245,7 @@ def knn(
     device = query.device
     n_candidates = min(n_gallery, k + _EXTRA_CANDIDATES + (1 if exclude_self else 0))
     complete = n_candidates == n_gallery  # every item is a candidate: nothing can have been missed
-    gallery_t64 = gallery.double().T.contiguous()
+    gallery64 = gallery.double()
     # twice one score's error bound: a missed item may be under-, a candidate over-estimated.
     tolerance = (
         2.0 * _dot_error_bound(dim) * query.double().norm(dim=1) * float(gallery.double().norm(dim=1).max())
@@ -247,7 +276,7 @@ def knn(
             candidates = approx.topk(n_candidates, dim=1).indices
             del approx
         q64 = q_block.double()
-        scores = _exact_scores(q64, gallery_t64, candidates)
+        scores = _exact_scores(q64, gallery64, candidates)
         is_self = (
             candidates == self_idx.unsqueeze(1)
             if exclude_self
@@ -264,7 +293,7 @@ def knn(
         out_indices[start:stop] = sorted_indices[:, :k]
         unresolved = (~resolved).nonzero().flatten()
         for rows in unresolved.split(_rows_per_block(chunk_size, n_gallery)):
-            full = _exact_scores_all(q64[rows], gallery_t64)
+            full = _exact_scores_all(q64[rows], gallery64)
             if exclude_self:
                 full[torch.arange(rows.numel(), device=device), rows + start] = -math.inf
             full_scores, full_order = full.sort(dim=1, descending=True, stable=True)
@@ -276,28 +305,63 @@ def knn(
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def _order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose ascending order is (score asc, index desc): unique, so any sort is deterministic."""
-    bits = (scores + 0.0).contiguous().view(torch.int32).to(torch.int64)  # +0.0 turns -0.0 into +0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE-754 bits -> order-preserving integers
-    index = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)
-    return bits * (1 << 32) + (_LOW32 - index)
+def _rank_keys(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys that sort like (score, -gallery index) and carry the relevance flag in bit 0.
 
-
-def _descending_order(scores: torch.Tensor) -> torch.Tensor:
-    """Gallery indices of each row by descending score, ties by ascending index ([B, G] int64).
-
-    float32 rows are sorted as unique int64 keys (numpy's vectorised sort on CPU is several times faster than
-    a stable argsort); other dtypes use torch's stable sort. Both give the same order.
+    Layout: [order-preserving float32 bits | 31-bit (2^31 - 1 - index) | relevant]. Keys are unique, so even
+    an unstable sort gives the tie-break "lower index first", and the relevance of each rank is read from the
+    sorted keys without gathering labels. :func:`_rank_keys_numpy` is the same recipe, twice as fast on CPU.
     """
-    if scores.dtype != torch.float32 and scores.dtype not in (torch.float16, torch.bfloat16):
-        return torch.sort(scores, dim=1, descending=True, stable=True).indices
-    keys = _order_keys(scores.float())
-    if keys.device.type == "cpu":
-        sorted_keys = torch.from_numpy(np.sort(keys.numpy(), axis=1)).flip(1)
-    else:
-        sorted_keys = torch.sort(keys, dim=1, descending=True).values
-    return _LOW32 - (sorted_keys & _LOW32)
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # +0.0: -0.0 becomes +0.0
+    bits ^= (bits >> 63) & _LOW31  # negative floats: flip the magnitude bits -> order-preserving integers
+    bits *= 1 << 32
+    index = torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64)
+    bits += (_LOW31 - index) * 2
+    bits += relevant
+    return bits
+
+
+def _rank_keys_numpy(scores: torch.Tensor, relevant: torch.Tensor) -> np.ndarray:
+    """:func:`_rank_keys` in numpy (CPU tensors only)."""
+    bits = (scores.detach().float().numpy() + np.float32(0.0)).view(np.int32).astype(np.int64)
+    bits ^= (bits >> 63) & _LOW31
+    bits <<= 32
+    bits += (_LOW31 - np.arange(scores.shape[1], dtype=np.int64)) * 2
+    bits += relevant.numpy()
+    return bits
+
+
+def _relevance_in_rank_order(
+    scores: torch.Tensor, relevant: torch.Tensor, self_columns: torch.Tensor | None
+) -> torch.Tensor:
+    """Relevance of each rank ([B, G] bool, or [B, G-1] without self): descending score, ties lower index.
+
+    float32 rows are sorted as packed int64 keys (numpy's vectorised sort on CPU is several times faster than
+    a stable argsort); float64 rows use torch's stable argsort. Both give the same order. The query's own
+    column gets the smallest key, sorts last and is cut off.
+    """
+    n_rows = scores.shape[0]
+    if scores.shape[1] > _LOW31:
+        raise CmpnasError(f"gallery of {scores.shape[1]} items is too large to rank.", "split the gallery.")
+    if scores.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if scores.device.type == "cpu" and _NUMPY_SORT_ON_CPU:
+            keys = _rank_keys_numpy(scores, relevant)
+            if self_columns is not None:
+                keys[np.arange(n_rows), self_columns.numpy()] = _INT64_MIN
+            keys.sort(axis=1)
+            ascending = keys[:, 1:] if self_columns is not None else keys
+            return torch.from_numpy((ascending[:, ::-1] & 1).astype(bool))
+        keys = _rank_keys(scores, relevant)
+        if self_columns is not None:
+            keys[torch.arange(n_rows, device=keys.device), self_columns] = _INT64_MIN
+        ranked = torch.sort(keys, dim=1, descending=True).values
+        if self_columns is not None:
+            ranked = ranked[:, :-1]
+        return (ranked & 1).bool()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    if self_columns is not None:
+        order = order[order != self_columns.unsqueeze(1)].view(n_rows, scores.shape[1] - 1)
+    return relevant.gather(1, order)
 
 
 class _PerQuery:
@@ -305,9 +369,8 @@ class _PerQuery:
 
     def __init__(self, n_query: int, device: torch.device) -> None:
         self.n_relevant = torch.zeros(n_query, dtype=torch.int64, device=device)
-        self.first_rank = torch.zeros(
-            n_query, dtype=torch.int64, device=device
-        )  # 1-based; 0 = no relevant item
+        # 1-based rank of the first relevant item; 0 = none
+        self.first_rank = torch.zeros(n_query, dtype=torch.int64, device=device)
         self.ap = torch.zeros(n_query, dtype=torch.float64, device=device)
         self.map_at_r = torch.zeros(n_query, dtype=torch.float64, device=device)
         self.r_precision = torch.zeros(n_query, dtype=torch.float64, device=device)
@@ -321,16 +384,13 @@ class _PerQuery:
         exclude_self: bool,
     ) -> None:
         """Rank one block of similarity rows (queries ``start ..``) and record each query's metrics."""
-        n_rows, n_gallery = scores.shape
-        order = _descending_order(scores)
-        if exclude_self:  # drop the query's own column wherever it landed
-            self_idx = torch.arange(start, start + n_rows, device=order.device).unsqueeze(1)
-            order = order[order != self_idx].view(n_rows, n_gallery - 1)
-        relevant = gallery_labels[order] == query_labels.unsqueeze(1)
-        del order
-        n_relevant = relevant.sum(dim=1)
+        n_rows = scores.shape[0]
+        self_columns = torch.arange(start, start + n_rows, device=scores.device) if exclude_self else None
+        relevant = gallery_labels.unsqueeze(0) == query_labels.unsqueeze(1)
+        relevant = _relevance_in_rank_order(scores, relevant, self_columns)
         rows, positions = relevant.nonzero(as_tuple=True)  # row-major: each row's hits in rank order
         del relevant
+        n_relevant = torch.bincount(rows, minlength=n_rows)
         row_start = torch.cumsum(n_relevant, 0) - n_relevant
         hit_number = torch.arange(rows.numel(), device=rows.device) - row_start[rows] + 1
         rank = positions + 1

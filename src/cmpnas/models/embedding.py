@@ -35,6 +35,7 @@ class ModelSpec:
     num_classes: int = 10
     classifier: str = "linear"
     cosine_scale: float = 16.0
+    margin: float = 0.5  # arcface / cosface margin
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     arch: dict[str, Any] | None = None
     in_chans: int = 1

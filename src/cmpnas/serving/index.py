@@ -235,6 +235,52 @@ def dataset_source(
     return GallerySource(desc, items, lambda i: Image.fromarray(images[i], mode="L"))
 
 
+def _tensor_to_pil(img: torch.Tensor) -> Image.Image:
+    arr = img.numpy()
+    return (
+        Image.fromarray(arr[0], mode="L")
+        if arr.shape[0] == 1
+        else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    )
+
+
+def config_source(data_cfg: Any, split: str = "test") -> GallerySource:
+    """The gallery for a run's :class:`~cmpnas.config.DataConfig` (what ``cmpnas run`` indexes).
+
+    Fashion-MNIST train/test are read as raw rows (the whole split, or its first ``subset_test`` /
+    ``subset_train`` rows) so ids name file rows and thumbnails re-render. Other sets come from
+    ``build_data``: with their file paths when the dataset reads files lazily, else (in-memory sets,
+    e.g. small folders) with ids ``name/split/NNNNNN`` and no thumbnails. To serve a folder with
+    thumbnails, index it with ``cmpnas index --images DIR``.
+    """
+    if data_cfg.name == "fashion_mnist" and split in ("train", "test"):
+        limit = data_cfg.subset_test if split == "test" else data_cfg.subset_train
+        return dataset_source("fashion_mnist", split, data_cfg.root, limit)
+    from cmpnas.data.factory import build_data
+
+    bundle = build_data(data_cfg)
+    if split not in ("train", "val", "test"):
+        raise CmpnasError(f"Unknown split '{split}'.", "use train, val or test")
+    ds = getattr(bundle, split)
+    names = list(bundle.class_names)
+    labels = [names[int(v)] if int(v) < len(names) else str(int(v)) for v in ds.labels.tolist()]
+    desc = {"kind": "data_config", "name": data_cfg.name, "split": split, "root": data_cfg.root}
+    paths = getattr(ds, "paths", None)
+    if paths is not None:
+        base = Path(data_cfg.root or ".").resolve()
+        base = base if base.is_dir() else base.parent
+        ids = [
+            Path(p).resolve().relative_to(base).as_posix()
+            if Path(p).resolve().is_relative_to(base)
+            else str(p)
+            for p in paths
+        ]
+        items = [Item(i, str(Path(p).resolve()), lab) for i, p, lab in zip(ids, paths, labels, strict=True)]
+        return GallerySource(desc, items, lambda i: _open_image(items[i].path))
+    items = [Item(f"{data_cfg.name}/{split}/{i:06d}", "", lab) for i, lab in enumerate(labels)]
+    return GallerySource(desc, items, lambda i: _tensor_to_pil(ds[i][0]))
+
+
 # --------------------------------------------------------------------------------------------- embedding
 def embed_source(
     encoder: Encoder,
@@ -291,6 +337,12 @@ class GalleryIndex:
         p = Path(path)
         manifest_path = p / "manifest.json"
         if not manifest_path.is_file():
+            previous = sorted(p.parent.glob(f".{p.name}.old-*"))
+            if not p.exists() and previous:
+                raise CmpnasError(
+                    f"Index '{p}' is missing: a rebuild was interrupted while swapping folders.",
+                    f"rename '{previous[-1]}' back to '{p}', or rebuild the index",
+                )
             raise CmpnasError(
                 f"'{p}' is not a gallery index (no manifest.json).",
                 "build one with cmpnas index --gallery-model G --out INDEX",
@@ -512,6 +564,31 @@ def build_index(
     return manifest
 
 
+def build_index_from_dataset(
+    gallery_model: str | Path,
+    data_cfg: Any,
+    split: str,
+    out: str | Path,
+    params: IndexParams | None = None,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Index a run's dataset split with its gallery model (the pipeline's ``index`` stage); a summary."""
+    manifest = build_index(
+        gallery_model, config_source(data_cfg, split), out, params, batch_size=batch_size, progress=progress
+    )
+    src = manifest["sources"][-1]
+    return {
+        "count": manifest["count"],
+        "dim": manifest["dim"],
+        "gallery_fingerprint": manifest["gallery_fingerprint"],
+        "index_type": manifest["index"]["type"],
+        "build_seconds": manifest["build_seconds"],
+        "skipped_unreadable": src["skipped_unreadable"],
+        "dataset": f"{data_cfg.name}/{split}",
+    }
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -551,6 +628,8 @@ __all__ = [
     "IndexParams",
     "Item",
     "build_index",
+    "build_index_from_dataset",
+    "config_source",
     "check_compatible",
     "csv_source",
     "dataset_source",

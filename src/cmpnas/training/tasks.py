@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmpnas.compat.losses import CompatLosses
+from cmpnas.models.classifiers import classifier_logits
 
 
 class ClassificationTask(nn.Module):
@@ -21,7 +22,8 @@ class ClassificationTask(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        logits = self.model.classifier(self.model(x)).float()
+        # margin classifiers (ArcFace / CosFace) need the labels; their accuracy is then a lower bound
+        logits = classifier_logits(self.model.classifier, self.model(x), y).float()
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
 

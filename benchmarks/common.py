@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmark scripts (JSON output, matmul peak)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense matmul throughput (GFLOP/s) on this machine, now, with torch's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def write_result(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
+    from cmpnas.io import write_json_atomic
+    from cmpnas.manifest import environment
+
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    write_json_atomic(path, {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "environment": environment(), **payload})
+    print(json.dumps(payload, indent=2, default=str)[:4000])
+    print(f"wrote {path}")
+    return path

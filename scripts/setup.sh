@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Set up everything cmpnas needs on a fresh machine: a virtualenv with torch (from the local wheel
+# cache when present), the package with its test extras, and Debian's Fashion-MNIST package.
+# Usage: scripts/setup.sh [--browser]   (--browser also installs Debian's chromium for the web test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+want_browser=0
+[[ "${1:-}" == "--browser" ]] && want_browser=1
+
+log() { echo "[setup] $*" >&2; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+  log "installing torch==2.14.1 torchvision==0.29.1 (first, so nothing else pulls another build)"
+  "${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
+fi
+if ! "$VENV/bin/python" -c "import cmpnas, pytest, faiss, onnxruntime, timm" 2>/dev/null \
+   || [[ pyproject.toml -nt "$VENV/.cmpnas-installed" ]]; then
+  log "installing cmpnas with test extras"
+  "${PIP[@]}" install -e '.[test]'
+  touch "$VENV/.cmpnas-installed"
+fi
+
+apt_install() {
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    log "apt-get install $*"
+    (apt-get update -qq || true) >/dev/null 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    return 0
+  fi
+  return 1
+}
+
+if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz && -z "${CMPNAS_DATA:-}" ]]; then
+  if ! apt_install dataset-fashion-mnist; then
+    log "WARNING: cannot install Debian's dataset-fashion-mnist (not root or no apt-get)."
+    log "  Fix: 'sudo apt-get install dataset-fashion-mnist', or put the four Fashion-MNIST .gz files in a"
+    log "  folder and 'export CMPNAS_DATA=/that/folder'. With internet access cmpnas downloads them itself."
+  fi
+fi
+if [[ $want_browser -eq 1 && ! -x /usr/bin/chromium ]]; then
+  apt_install chromium chromium-driver || log "WARNING: chromium not installed; the browser test will be skipped"
+fi
+log "ready: $VENV/bin/cmpnas"
