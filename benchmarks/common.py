@@ -28,8 +28,15 @@ def write_result(name: str, payload: dict[str, Any], out: str | None = None) -> 
     from cmpnas.manifest import environment
 
     path = Path(out) if out else RESULTS / f"{name}.json"
-    write_json_atomic(path, {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                             "environment": environment(), **payload})
+    write_json_atomic(
+        path,
+        {
+            "benchmark": name,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "environment": environment(),
+            **payload,
+        },
+    )
     print(json.dumps(payload, indent=2, default=str)[:4000])
     print(f"wrote {path}")
     return path

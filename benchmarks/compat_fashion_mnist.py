@@ -21,7 +21,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--out-dir", default="runs/bench-compat")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compat_fashion_mnist.json)")
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/compat_fashion_mnist.json)"
+    )
     args = ap.parse_args()
 
     from cmpnas.config import BaselineConfig, load_config
@@ -29,10 +31,19 @@ def main() -> None:
 
     cfg = load_config(args.config)
     q = cfg.query
-    baselines = [BaselineConfig(name=f"{q.backbone.split(':')[-1]}-independent", model=q, compat="independent"),
-                 BaselineConfig(name=f"{q.backbone.split(':')[-1]}-bct", model=q, compat="bct")]
-    run = cfg.run.model_copy(update={"baselines": baselines, "rewards": [], "study": False, "export_onnx": False,
-                                     "build_index": False})
+    baselines = [
+        BaselineConfig(name=f"{q.backbone.split(':')[-1]}-independent", model=q, compat="independent"),
+        BaselineConfig(name=f"{q.backbone.split(':')[-1]}-bct", model=q, compat="bct"),
+    ]
+    run = cfg.run.model_copy(
+        update={
+            "baselines": baselines,
+            "rewards": [],
+            "study": False,
+            "export_onnx": False,
+            "build_index": False,
+        }
+    )
     cfg = cfg.model_copy(update={"run": run})
     peak_before = matmul_peak_gflops()
     state = run_pipeline(cfg, args.out_dir)
@@ -44,16 +55,32 @@ def main() -> None:
         if t:
             gf = t.get("gflops_per_second")
             train[stage] = {**t, "fraction_of_fp32_matmul_peak": round(gf / peak_before, 3) if gf else None}
-    write_result("compat_fashion_mnist", {
-        "config": args.config,
-        "fp32_matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1)},
-        "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
-        "training": train,
-        "tables": {r["query"]["name"]: {k: r[k] for k in ("paragon", "homogeneous", "heterogeneous", "cost_reduction",
-                                                          "gap_to_paragon", "compatible")} | {"macs": r["query"]["macs"]}
-                   for r in rows},
-        "gallery": rows[0]["gallery"] if rows else None,
-    }, args.out)
+    write_result(
+        "compat_fashion_mnist",
+        {
+            "config": args.config,
+            "fp32_matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1)},
+            "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
+            "training": train,
+            "tables": {
+                r["query"]["name"]: {
+                    k: r[k]
+                    for k in (
+                        "paragon",
+                        "homogeneous",
+                        "heterogeneous",
+                        "cost_reduction",
+                        "gap_to_paragon",
+                        "compatible",
+                    )
+                }
+                | {"macs": r["query"]["macs"]}
+                for r in rows
+            },
+            "gallery": rows[0]["gallery"] if rows else None,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def main() -> None:
     gallery = load_model(run / "gallery" / "model.safetensors")
     space = make_space(cfg, data)
     budget, _ = _budget(cfg, space, gallery)
-    supernet, _ = load_supernet(run / "supernet" / "supernet.safetensors", _supernet_identity(cfg, data, gallery))
+    supernet, _ = load_supernet(
+        run / "supernet" / "supernet.safetensors", _supernet_identity(cfg, data, gallery)
+    )
     s = cfg.nas.search
     rng = random.Random(0)
     archs = []
@@ -57,8 +59,9 @@ def main() -> None:
         cached(a)
     cached_s = time.perf_counter() - t
 
-    uncached = build_evaluator(supernet, gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed,
-                               cache_gallery=False)
+    uncached = build_evaluator(
+        supernet, gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed, cache_gallery=False
+    )
     t = time.perf_counter()
     for a in archs[: args.uncached_candidates]:
         uncached(a)
@@ -66,17 +69,30 @@ def main() -> None:
 
     per_min_cached = len(archs) / cached_s * 60
     per_min_uncached = args.uncached_candidates / uncached_s * 60
-    write_result("search_speed", {
-        "run": str(run), "val_images": len(cached.val_images), "recal_images": s.recal_images,
-        "cached": {"candidates": len(archs), "seconds": round(cached_s, 2), "candidates_per_min": round(per_min_cached, 1),
-                   "setup_seconds_gallery_pass_once": round(setup_cached, 2),
-                   "time_split_seconds": {k: round(v, 3) for k, v in cached.timings.items()}},
-        "reembed_gallery_per_candidate": {"candidates": args.uncached_candidates, "seconds": round(uncached_s, 2),
-                                          "candidates_per_min": round(per_min_uncached, 1),
-                                          "time_split_seconds": {k: round(v, 3) for k, v in uncached.timings.items()}},
-        "speedup": round(per_min_cached / per_min_uncached, 2),
-        "targets": {"candidates_per_min": 60, "speedup": 5},
-    }, args.out)
+    write_result(
+        "search_speed",
+        {
+            "run": str(run),
+            "val_images": len(cached.val_images),
+            "recal_images": s.recal_images,
+            "cached": {
+                "candidates": len(archs),
+                "seconds": round(cached_s, 2),
+                "candidates_per_min": round(per_min_cached, 1),
+                "setup_seconds_gallery_pass_once": round(setup_cached, 2),
+                "time_split_seconds": {k: round(v, 3) for k, v in cached.timings.items()},
+            },
+            "reembed_gallery_per_candidate": {
+                "candidates": args.uncached_candidates,
+                "seconds": round(uncached_s, 2),
+                "candidates_per_min": round(per_min_uncached, 1),
+                "time_split_seconds": {k: round(v, 3) for k, v in uncached.timings.items()},
+            },
+            "speedup": round(per_min_cached / per_min_uncached, 2),
+            "targets": {"candidates_per_min": 60, "speedup": 5},
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

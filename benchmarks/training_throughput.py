@@ -55,7 +55,9 @@ def main() -> None:
     peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16)
     rows = {}
     for name, (backbone, kw) in models.items():
-        m = EmbeddingModel(ModelSpec(backbone=backbone, backbone_kwargs=dict(kw))).to(memory_format=torch.channels_last)
+        m = EmbeddingModel(ModelSpec(backbone=backbone, backbone_kwargs=dict(kw))).to(
+            memory_format=torch.channels_last
+        )
         macs = count_macs(m, (1, 1, 28, 28))
         x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (128,))
@@ -63,12 +65,23 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             ips = step_rate(m, x, y, precision)
             gf = 6 * macs * ips / 1e9
-            rows[f"{name}/{precision}"] = {"macs": macs, "img_per_s": round(ips, 1), "gflops": round(gf, 1),
-                                           "fraction_of_fp32_matmul_peak": round(gf / peak, 3)}
-    write_result("training_throughput", {"fp32_matmul_peak_gflops": round(peak, 1),
-                                         "bf16_matmul_peak_gflops": round(peak_bf16, 1),
-                                         "threads": torch.get_num_threads(), "models": rows,
-                                         "target_fraction": 0.6}, args.out)
+            rows[f"{name}/{precision}"] = {
+                "macs": macs,
+                "img_per_s": round(ips, 1),
+                "gflops": round(gf, 1),
+                "fraction_of_fp32_matmul_peak": round(gf / peak, 3),
+            }
+    write_result(
+        "training_throughput",
+        {
+            "fp32_matmul_peak_gflops": round(peak, 1),
+            "bf16_matmul_peak_gflops": round(peak_bf16, 1),
+            "threads": torch.get_num_threads(),
+            "models": rows,
+            "target_fraction": 0.6,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -174,3 +174,15 @@ def tiny_gallery(tmp_path_factory: pytest.TempPathFactory, tiny_data) -> Path:
     train_gallery(build_config(tiny_config_raw()), out, data=tiny_data)
     torch.set_num_threads(before)
     return out / "model.safetensors"
+
+
+@pytest.fixture
+def tiny_train():
+    """:func:`tiny_train_section` for tests (test modules must not ``import conftest``: several exist)."""
+    return tiny_train_section
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_factory():
+    """:func:`tiny_config_raw` for module/session-scoped fixtures (each call returns a fresh copy)."""
+    return tiny_config_raw

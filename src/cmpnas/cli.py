@@ -49,19 +49,27 @@ def train_gallery_cmd(
 
     cfg = _config(config, set_)
     res = train_gallery(cfg, out, resume=resume)
-    progress.event("done", message=f"gallery model: {out / 'model.safetensors'} ({res.get('macs', 0) / 1e6:.2f} MMACs)")
+    progress.event(
+        "done", message=f"gallery model: {out / 'model.safetensors'} ({res.get('macs', 0) / 1e6:.2f} MMACs)"
+    )
 
 
 @app.command("train-query")
 def train_query_cmd(
-    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Frozen gallery model (model.safetensors).")],
+    gallery: Annotated[
+        Path, typer.Option("--gallery", "-g", help="Frozen gallery model (model.safetensors).")
+    ],
     out: OutOpt,
     config: ConfigOpt = None,
     compat: Annotated[
         str | None, typer.Option("--compat", help="'bct' (compatible; default) or 'independent' (baseline).")
     ] = None,
-    backbone: Annotated[str | None, typer.Option("--backbone", help="Query backbone, e.g. tv:mobilenet_v2.")] = None,
-    arch: Annotated[Path | None, typer.Option("--arch", help="SPOS architecture JSON (search.json or arch.json).")] = None,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", help="Query backbone, e.g. tv:mobilenet_v2.")
+    ] = None,
+    arch: Annotated[
+        Path | None, typer.Option("--arch", help="SPOS architecture JSON (search.json or arch.json).")
+    ] = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
@@ -82,22 +90,32 @@ def train_query_cmd(
 
         cfg = cfg.model_copy(update={"query": query_config_for_arch(cfg, arch)})
     res = train_query(cfg, gallery, out, resume=resume)
-    progress.event("done", message=f"query model: {out / 'model.safetensors'} ({res.get('macs', 0) / 1e6:.2f} MMACs)")
+    progress.event(
+        "done", message=f"query model: {out / 'model.safetensors'} ({res.get('macs', 0) / 1e6:.2f} MMACs)"
+    )
 
 
 @app.command("evaluate")
 def evaluate_cmd(
     out: OutOpt,
-    gallery: Annotated[Path | None, typer.Option("--gallery", "-g", help="Gallery model (model.safetensors).")] = None,
+    gallery: Annotated[
+        Path | None, typer.Option("--gallery", "-g", help="Gallery model (model.safetensors).")
+    ] = None,
     query: Annotated[Path | None, typer.Option("--query", help="Query model (model.safetensors).")] = None,
     config: ConfigOpt = None,
-    split: Annotated[str, typer.Option("--split", help="test (final numbers) or val (model selection).")] = "test",
+    split: Annotated[
+        str, typer.Option("--split", help="test (final numbers) or val (model selection).")
+    ] = "test",
     protocol: Annotated[
-        str, typer.Option("--protocol", help="classes (leave-one-out on the config's data), deepfashion2 or ijbc.")
+        str,
+        typer.Option(
+            "--protocol", help="classes (leave-one-out on the config's data), deepfashion2 or ijbc."
+        ),
     ] = "classes",
     root: Annotated[Path | None, typer.Option("--root", help="Dataset root for deepfashion2 / ijbc.")] = None,
     embeddings: Annotated[
-        Path | None, typer.Option("--embeddings", help="Score precomputed embeddings (.npz with ids, embeddings).")
+        Path | None,
+        typer.Option("--embeddings", help="Score precomputed embeddings (.npz with ids, embeddings)."),
     ] = None,
     gallery_embeddings: Annotated[
         Path | None, typer.Option("--gallery-embeddings", help="Gallery-side .npz for a cross-model score.")
@@ -115,16 +133,26 @@ def evaluate_cmd(
     if protocol != "classes":
         from cmpnas.evaluation.protocols import run_protocol_evaluation
 
-        run_protocol_evaluation(protocol=protocol, root=root, out=out, embeddings=embeddings,
-                                gallery_embeddings=gallery_embeddings, gallery_model=gallery, query_model=query,
-                                config=_config(config, set_), split=split)
+        run_protocol_evaluation(
+            protocol=protocol,
+            root=root,
+            out=out,
+            embeddings=embeddings,
+            gallery_embeddings=gallery_embeddings,
+            gallery_model=gallery,
+            query_model=query,
+            config=_config(config, set_),
+            split=split,
+        )
         return
     from cmpnas.stages import evaluate_models, markdown_table
 
     if split not in ("test", "val"):
         raise CmpnasError(f"Unknown split '{split}'.", "use --split test or --split val")
     if gallery is None or query is None:
-        raise CmpnasError("evaluate needs --gallery and --query model files.", "pass both model.safetensors paths")
+        raise CmpnasError(
+            "evaluate needs --gallery and --query model files.", "pass both model.safetensors paths"
+        )
     cfg = _config(config, set_)
     res = evaluate_models(cfg, gallery, query, out, split=split)
     if not quiet and not json_logs:
@@ -156,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"cmpnas: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("cmpnas: interrupted (completed stages and checkpoints are kept; rerun with --resume)", err=True)
+        typer.echo(
+            "cmpnas: interrupted (completed stages and checkpoints are kept; rerun with --resume)", err=True
+        )
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -165,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click usage errors
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.2x raises the exceptions of its own vendored click copy: typer.BadParameter's base.
+        typer_click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+        if isinstance(exc, (click.ClickException, typer_click_error)):
             exc.show()
             sys.exit(2)
         raise

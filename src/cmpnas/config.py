@@ -28,8 +28,12 @@ class DataConfig(_Strict):
     )
     root: str | None = Field(None, description="dataset folder / CSV file; None = look up defaults")
     download: bool = Field(True, description="allow torchvision's download when no local copy is found")
-    val_size: int = Field(5000, ge=0, description="images held out of train for model selection / search reward")
-    subset_train: int | None = Field(None, ge=1, description="use only this many training images (smoke runs)")
+    val_size: int = Field(
+        5000, ge=0, description="images held out of train for model selection / search reward"
+    )
+    subset_train: int | None = Field(
+        None, ge=1, description="use only this many training images (smoke runs)"
+    )
     subset_test: int | None = Field(None, ge=1, description="use only this many test images (smoke runs)")
     image_size: int = Field(28, ge=8, description="side length images are resized to (folder/csv)")
     in_chans: int = Field(1, description="1 = grayscale, 3 = RGB")
@@ -56,7 +60,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """An embedding model: backbone + embedding head (dim D) + classifier."""
 
-    backbone: str = Field("cifar_resnet20", description="factory name, e.g. 'cifar_resnet20', 'timm:resnet18', 'tv:mobilenet_v2'")
+    backbone: str = Field(
+        "cifar_resnet20",
+        description="factory name, e.g. 'cifar_resnet20', 'timm:resnet18', 'tv:mobilenet_v2'",
+    )
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     arch: dict[str, Any] | None = Field(None, description="SPOS architecture encoding (backbone 'spos')")
     embed_dim: int = Field(128, ge=2)
@@ -118,7 +125,8 @@ class SpaceConfig(_Strict):
         default_factory=lambda: ["shuffle3", "shuffle5", "shuffle7", "xception"]
     )
     channel_scales: list[float] = Field(
-        default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6], description="mid-channel scales (SPOS)"
+        default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6],
+        description="mid-channel scales (SPOS)",
     )
 
 
@@ -147,7 +155,9 @@ class NasConfig(_Strict):
     budget_cost_reduction: float | None = Field(
         80.0, gt=0, description="cap = gallery MACs / this (used when budget_macs is None)"
     )
-    budget_latency_ms: float | None = Field(None, gt=0, description="optional cap on measured batch-1 latency")
+    budget_latency_ms: float | None = Field(
+        None, gt=0, description="optional cap on measured batch-1 latency"
+    )
     sample_band: float | None = Field(
         0.5, gt=0, le=1, description="supernet paths sampled with MACs in [band*cap, cap] (None = uniform)"
     )
@@ -175,6 +185,10 @@ class RunConfig(_Strict):
     headline_reward: Literal["R1", "R2", "R3"] = "R3"
     study: bool = True
     export_onnx: bool = True
+    onnx_exporter: Literal["auto", "dynamo", "legacy"] = Field(
+        "auto",
+        description="auto = torch's dynamo exporter (needs onnxscript), falling back to the legacy one",
+    )
     build_index: bool = True
     latency_repeats: int = Field(50, ge=1)
 
@@ -199,14 +213,18 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for p in parts[:-1]:
         cur = cur.setdefault(p, {})
         if not isinstance(cur, dict):
-            raise CmpnasError(f"Override '{key}': '{p}' is not a section.", "use a dotted path to a leaf option")
+            raise CmpnasError(
+                f"Override '{key}': '{p}' is not a section.", "use a dotted path to a leaf option"
+            )
     cur[parts[-1]] = value
 
 
 def parse_override(item: str) -> tuple[str, Any]:
     """Parse ``key=value``; the value is read as YAML so numbers, bools and lists work."""
     if "=" not in item:
-        raise CmpnasError(f"Override '{item}' has no '='.", "write overrides as key=value, e.g. train.epochs=3")
+        raise CmpnasError(
+            f"Override '{item}' has no '='.", "write overrides as key=value, e.g. train.epochs=3"
+        )
     key, raw = item.split("=", 1)
     return key.strip(), yaml.safe_load(raw)
 
@@ -216,7 +234,9 @@ def load_config_dict(path: str | Path | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise CmpnasError(f"Config file '{p}' does not exist.", "pass an existing YAML file, e.g. configs/smoke.yaml")
+        raise CmpnasError(
+            f"Config file '{p}' does not exist.", "pass an existing YAML file, e.g. configs/smoke.yaml"
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -226,7 +246,9 @@ def load_config_dict(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] | None = None, model: type[BaseModel] = Config) -> Any:
+def build_config(
+    raw: dict[str, Any], overrides: list[str] | None = None, model: type[BaseModel] = Config
+) -> Any:
     """Validate ``raw`` + overrides against ``model``; errors name the key and the expected value."""
     data = copy.deepcopy(raw)
     for item in overrides or []:
@@ -243,7 +265,9 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None, model:
         ) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = Config) -> Any:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = Config
+) -> Any:
     return build_config(load_config_dict(path), overrides, model)
 
 

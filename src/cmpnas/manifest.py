@@ -45,8 +45,14 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def write_manifest(out_dir: str | Path, stage: str, config: dict[str, Any], inputs: dict[str, Any],
-                   outputs: dict[str, Any], started: float) -> dict[str, Any]:
+def write_manifest(
+    out_dir: str | Path,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
     manifest = {
         "stage": stage,
         "config": config,

@@ -73,8 +73,16 @@ def _baseline(index: int) -> Callable[[RunContext], dict[str, Any]]:
 
         b = ctx.cfg.run.baselines[index]
         compat = CompatConfig(**{**ctx.cfg.compat.model_dump(), "mode": b.compat})
-        return train_query(ctx.cfg, ctx.gallery_path, ctx.path("baselines", b.name), resume=True, data=ctx.data,
-                           model_cfg=b.model, compat=compat, name=b.name)
+        return train_query(
+            ctx.cfg,
+            ctx.gallery_path,
+            ctx.path("baselines", b.name),
+            resume=True,
+            data=ctx.data,
+            model_cfg=b.model,
+            compat=compat,
+            name=b.name,
+        )
 
     return run
 
@@ -90,10 +98,22 @@ def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
         from cmpnas.nas.stages import search
 
         scfg = ctx.cfg.nas.search.model_copy(update={"reward": reward})
-        res = search(ctx.cfg, ctx.gallery_path, ctx.supernet_path, ctx.path("search", reward), resume=True,
-                     data=ctx.data, search_cfg=scfg, cache_path=ctx.path("search", "candidates.json"))
-        return {"best": res["best"], "seconds": res["seconds"], "n_candidates": res["n_candidates"],
-                "evaluator_calls": res["evaluator_calls"]}
+        res = search(
+            ctx.cfg,
+            ctx.gallery_path,
+            ctx.supernet_path,
+            ctx.path("search", reward),
+            resume=True,
+            data=ctx.data,
+            search_cfg=scfg,
+            cache_path=ctx.path("search", "candidates.json"),
+        )
+        return {
+            "best": res["best"],
+            "seconds": res["seconds"],
+            "n_candidates": res["n_candidates"],
+            "evaluator_calls": res["evaluator_calls"],
+        }
 
     return run
 
@@ -103,13 +123,21 @@ def _retrain(reward: str) -> Callable[[RunContext], dict[str, Any]]:
         from cmpnas.nas.stages import retrain
 
         arch = ctx.state[f"search-{reward}"]["outputs"]["best"]["arch"]
-        # Two rewards may find the same arch: train it once and point the other entry at it.
-        for other in ctx.cfg.run.rewards:
+        # Two rewards may find the same arch: train it once and point the other entry at it. Only the rewards
+        # retrained before this one (this stage's deps) have records of this run; the first match was trained.
+        for other in ctx.cfg.run.rewards[: ctx.cfg.run.rewards.index(reward)]:
             rec = ctx.state.get(f"retrain-{other}")
-            if other != reward and rec and rec.get("outputs", {}).get("arch") == arch:
+            if rec and rec.get("outputs", {}).get("arch") == arch:
                 return {**rec["outputs"], "same_as": other}
-        res = retrain(ctx.cfg, ctx.gallery_path, arch, ctx.path("retrain", reward), resume=True, data=ctx.data,
-                      name=f"cmpnas-{reward}")
+        res = retrain(
+            ctx.cfg,
+            ctx.gallery_path,
+            arch,
+            ctx.path("retrain", reward),
+            resume=True,
+            data=ctx.data,
+            name=f"cmpnas-{reward}",
+        )
         return {**res, "arch": arch, "dir": str(ctx.path("retrain", reward))}
 
     return run
@@ -142,18 +170,26 @@ def _evaluate(ctx: RunContext) -> dict[str, Any]:
     protocol = LeaveOneOut(ctx.data.test)
     cache: dict = {}
     rows = []
-    g_lat = measure_latency_ms(gallery, gallery.input_shape(1), repeats=ctx.cfg.run.latency_repeats, threads=1)
+    g_lat = measure_latency_ms(
+        gallery, gallery.input_shape(1), repeats=ctx.cfg.run.latency_repeats, threads=1
+    )
     for name, folder, kind in query_model_dirs(ctx):
         query = load_model(folder / "model.safetensors")
         res = compare(gallery, query, protocol, batch_size=ctx.cfg.eval_batch_size, gallery_cache=cache)
         res["query"]["name"] = name
         res["query"]["kind"] = kind
-        res["query"]["latency_ms_b1"] = measure_latency_ms(query, query.input_shape(1),
-                                                           repeats=ctx.cfg.run.latency_repeats, threads=1)["p50"]
+        res["query"]["latency_ms_b1"] = measure_latency_ms(
+            query, query.input_shape(1), repeats=ctx.cfg.run.latency_repeats, threads=1
+        )["p50"]
         res["gallery"]["latency_ms_b1"] = g_lat["p50"]
         rows.append(res)
-        progress.event("evaluate", message=(f"{name}: hom {res['homogeneous']['top1']:.2f} het "
-                                            f"{res['heterogeneous']['top1']:.2f} paragon {res['paragon']['top1']:.2f}"))
+        progress.event(
+            "evaluate",
+            message=(
+                f"{name}: hom {res['homogeneous']['top1']:.2f} het "
+                f"{res['heterogeneous']['top1']:.2f} paragon {res['paragon']['top1']:.2f}"
+            ),
+        )
     write_json_atomic(ctx.path("evaluation", "rows.json"), rows)
     return {"rows": "evaluation/rows.json", "n_models": len(rows)}
 
@@ -167,8 +203,15 @@ def _headline_dir(ctx: RunContext) -> Path:
 def _export(ctx: RunContext) -> dict[str, Any]:
     from cmpnas.serving.export import export_onnx
 
-    res = export_onnx(_headline_dir(ctx) / "model.safetensors", ctx.path("export", "query.onnx"))
-    return {"onnx": "export/query.onnx", **{k: v for k, v in res.items() if isinstance(v, (int, float, str, dict))}}
+    res = export_onnx(
+        _headline_dir(ctx) / "model.safetensors",
+        ctx.path("export", "query.onnx"),
+        exporter=ctx.cfg.run.onnx_exporter,
+    )
+    return {
+        "onnx": "export/query.onnx",
+        **{k: v for k, v in res.items() if isinstance(v, (int, float, str, dict))},
+    }
 
 
 def _index(ctx: RunContext) -> dict[str, Any]:
@@ -187,29 +230,77 @@ def _report(ctx: RunContext) -> dict[str, Any]:
 def build_stages(cfg: Config) -> list[StageDef]:
     """The stage graph for this config (optional stages only when enabled and available)."""
     data_part = lambda c: _dump(c.data)  # noqa: E731
-    stages = [StageDef("gallery", [], lambda c: [data_part(c), _dump(c.gallery), _dump(c.gallery_train)], _gallery)]
+    stages = [
+        StageDef("gallery", [], lambda c: [data_part(c), _dump(c.gallery), _dump(c.gallery_train)], _gallery)
+    ]
     for i, b in enumerate(cfg.run.baselines):
-        stages.append(StageDef(f"baseline-{b.name}", ["gallery"],
-                               lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
-                               _baseline(i)))
+        stages.append(
+            StageDef(
+                f"baseline-{b.name}",
+                ["gallery"],
+                lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
+                _baseline(i),
+            )
+        )
     nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction]  # noqa: E731
     if cfg.run.rewards or (cfg.run.study and cfg.nas.study_archs > 0):
-        stages.append(StageDef("supernet", ["gallery"], lambda c: [nas_common(c), c.nas.sample_band,
-                               _dump(c.nas.supernet_train), _dump(c.compat), _dump(c.query)], _supernet))
+        stages.append(
+            StageDef(
+                "supernet",
+                ["gallery"],
+                lambda c: [
+                    nas_common(c),
+                    c.nas.sample_band,
+                    _dump(c.nas.supernet_train),
+                    _dump(c.compat),
+                    _dump(c.query),
+                ],
+                _supernet,
+            )
+        )
     for r in cfg.run.rewards:
-        stages.append(StageDef(f"search-{r}", ["supernet"], lambda c, r=r: [_dump(c.nas.search), r,
-                               c.nas.budget_latency_ms], _search(r)))
+        stages.append(
+            StageDef(
+                f"search-{r}",
+                ["supernet"],
+                lambda c, r=r: [_dump(c.nas.search), r, c.nas.budget_latency_ms],
+                _search(r),
+            )
+        )
     for r in cfg.run.rewards:
         deps = [f"search-{r}"] + [f"retrain-{o}" for o in cfg.run.rewards[: cfg.run.rewards.index(r)]]
-        stages.append(StageDef(f"retrain-{r}", deps, lambda c: [_dump(c.nas.retrain), _dump(c.compat)], _retrain(r)))
+        stages.append(
+            StageDef(f"retrain-{r}", deps, lambda c: [_dump(c.nas.retrain), _dump(c.compat)], _retrain(r))
+        )
     if cfg.run.study and cfg.nas.study_archs > 0:
-        stages.append(StageDef("study", ["supernet"], lambda c: [c.nas.study_archs, c.nas.study_band,
-                               _dump(c.nas.study_train), _dump(c.nas.search)], _study))
+        stages.append(
+            StageDef(
+                "study",
+                ["supernet"],
+                lambda c: [
+                    c.nas.study_archs,
+                    c.nas.study_band,
+                    _dump(c.nas.study_train),
+                    _dump(c.nas.search),
+                ],
+                _study,
+            )
+        )
     evaluate_deps = [s.name for s in stages if s.name.startswith(("baseline-", "retrain-"))]
-    stages.append(StageDef("evaluate", ["gallery", *evaluate_deps], lambda c: [c.eval_batch_size,
-                           c.run.latency_repeats], _evaluate))
+    stages.append(
+        StageDef(
+            "evaluate",
+            ["gallery", *evaluate_deps],
+            lambda c: [c.eval_batch_size, c.run.latency_repeats],
+            _evaluate,
+        )
+    )
     if cfg.run.export_onnx and cfg.run.rewards and _available("cmpnas.serving.export", "export_onnx"):
-        stages.append(StageDef("export", [f"retrain-{cfg.run.headline_reward}"], lambda c: [], _export))
+        stages.append(
+            StageDef(
+                "export", [f"retrain-{cfg.run.headline_reward}"], lambda c: [c.run.onnx_exporter], _export
+            )
+        )
     if cfg.run.build_index and _available("cmpnas.serving.index", "build_index_from_dataset"):
         stages.append(StageDef("index", ["gallery"], lambda c: [], _index))
     stages.append(StageDef("report", [s.name for s in stages], lambda c: [], _report))
@@ -229,6 +320,19 @@ def stage_key(stage: StageDef, cfg: Config, state: dict[str, Any]) -> str:
     return _hash([stage.name, stage.config_parts(cfg), [state.get(d, {}).get("key") for d in stage.deps]])
 
 
+def _clear_stage(out: Path, name: str) -> None:
+    """Delete what a stage left behind (outputs, checkpoints, search state) so that it runs from scratch."""
+    kind, _, arg = name.partition("-")
+    if name in ("gallery", "supernet", "study"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    elif kind in ("search", "retrain"):
+        shutil.rmtree(out / kind / arg, ignore_errors=True)
+        if kind == "search":  # candidate metrics shared by the searches were measured on the old supernet
+            (out / "search" / "candidates.json").unlink(missing_ok=True)
+    elif kind == "baseline":
+        shutil.rmtree(out / "baselines" / arg, ignore_errors=True)
+
+
 def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = None) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the run state."""
     from cmpnas.stages import load_data
@@ -244,15 +348,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = Non
         if f not in names:
             raise CmpnasError(f"Unknown stage '{f}' for --force.", f"use one of: {', '.join(names)}")
         state.pop(f, None)
-        folder = {"gallery": "gallery", "supernet": "supernet", "study": "study"}.get(f)
-        if folder and out.joinpath(folder).exists():
-            shutil.rmtree(out / folder)
-        if f.startswith("search-"):
-            shutil.rmtree(out / "search" / f.split("-", 1)[1], ignore_errors=True)
-        if f.startswith("retrain-"):
-            shutil.rmtree(out / "retrain" / f.split("-", 1)[1], ignore_errors=True)
-        if f.startswith("baseline-"):
-            shutil.rmtree(out / "baselines" / f.split("-", 1)[1], ignore_errors=True)
+        _clear_stage(out, f)
     ctx = RunContext(cfg, out, state=state)
     t_run = time.perf_counter()
     done_seconds = 0.0
@@ -260,18 +356,38 @@ def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = Non
         key = stage_key(stage, cfg, state)
         rec = state.get(stage.name)
         if rec and rec.get("key") == key and rec.get("status") == "done":
-            progress.event("stage", stage=stage.name, status="skipped",
-                           message=f"{stage.name} ({i}/{len(stages)}) already done, skipped")
+            progress.event(
+                "stage",
+                stage=stage.name,
+                status="skipped",
+                message=f"{stage.name} ({i}/{len(stages)}) already done, skipped",
+            )
             continue
+        if rec and rec.get("key") != key:
+            _clear_stage(
+                out, stage.name
+            )  # made with another config or inputs: its checkpoints are foreign now
+        state[stage.name] = {"key": key, "status": "running"}  # a killed stage resumes only for this key
+        write_json_atomic(state_path, state)
         if ctx.data is None:
             ctx.data = load_data(cfg)
         with progress.Stage(stage.name, i, len(stages)) as st:
             outputs = stage.fn(ctx)
         done_seconds += st.elapsed
-        state[stage.name] = {"key": key, "status": "done", "seconds": round(st.elapsed, 2), "outputs": outputs}
+        state[stage.name] = {
+            "key": key,
+            "status": "done",
+            "seconds": round(st.elapsed, 2),
+            "outputs": outputs,
+        }
         write_json_atomic(state_path, state)
         remaining = len(stages) - i
-        progress.event("progress", message=(f"{i}/{len(stages)} stages done, elapsed "
-                                            f"{progress.format_seconds(time.perf_counter() - t_run)}, "
-                                            f"{remaining} to go"))
+        progress.event(
+            "progress",
+            message=(
+                f"{i}/{len(stages)} stages done, elapsed "
+                f"{progress.format_seconds(time.perf_counter() - t_run)}, "
+                f"{remaining} to go"
+            ),
+        )
     return state

@@ -26,10 +26,18 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
         config: ConfigOpt = None,
-        profile: Annotated[str | None, typer.Option("--profile", "-p", help="Packaged profile: smoke, default, "
-                                                    "paper-deepfashion2, paper-ijbc.")] = None,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (a stage per subfolder).")] = Path("runs/default"),
-        force: Annotated[list[str] | None, typer.Option("--force", help="Rerun this stage (repeatable).")] = None,
+        profile: Annotated[
+            str | None,
+            typer.Option(
+                "--profile", "-p", help="Packaged profile: smoke, default, paper-deepfashion2, paper-ijbc."
+            ),
+        ] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (a stage per subfolder).")] = Path(
+            "runs/default"
+        ),
+        force: Annotated[
+            list[str] | None, typer.Option("--force", help="Rerun this stage (repeatable).")
+        ] = None,
         set_: SetOpt = None,
         quiet: QuietOpt = False,
         json_logs: JsonOpt = False,

@@ -65,8 +65,11 @@ class Bar:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(), transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                transient=True,
             )
             self._progress.start()
             self._task = self._progress.add_task(desc, total=total, rate="")
@@ -98,5 +101,10 @@ class Stage:
     def __exit__(self, *exc: object) -> None:
         self.elapsed = time.perf_counter() - self.t0
         status = "failed" if exc[0] else "done"
-        event("stage", stage=self.name, status=status, seconds=round(self.elapsed, 2),
-              message=f"{self.name} {status} in {format_seconds(self.elapsed)}")
+        event(
+            "stage",
+            stage=self.name,
+            status=status,
+            seconds=round(self.elapsed, 2),
+            message=f"{self.name} {status} in {format_seconds(self.elapsed)}",
+        )

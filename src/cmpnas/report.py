@@ -21,7 +21,9 @@ def _load(path: Path) -> Any:
 
 def headline(rows: list[dict[str, Any]], reward: str) -> tuple[str, dict[str, Any] | None]:
     """One sentence from the measurements for the headline model (the R-searched query model)."""
-    pick = next((r for r in rows if r["query"].get("kind") == f"searched-{reward}"), None) or (rows[-1] if rows else None)
+    pick = next((r for r in rows if r["query"].get("kind") == f"searched-{reward}"), None) or (
+        rows[-1] if rows else None
+    )
     if pick is None:
         return "No query model was evaluated.", None
     gap = pick["gap_to_paragon"]["top1"]
@@ -44,7 +46,9 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(rows: list[dict[str, Any]], searches: dict[str, Any], study: dict[str, Any] | None) -> dict[str, str]:
+def _plots(
+    rows: list[dict[str, Any]], searches: dict[str, Any], study: dict[str, Any] | None
+) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,21 +57,35 @@ def _plots(rows: list[dict[str, Any]], searches: dict[str, Any], study: dict[str
     plots: dict[str, str] = {}
     if rows:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.axhline(rows[0]["paragon"]["top1"], color="tab:orange", ls="--",
-                   label=f"paragon M(g,g) ({rows[0]['gallery']['macs'] / 1e6:.0f} MMACs)")
+        ax.axhline(
+            rows[0]["paragon"]["top1"],
+            color="tab:orange",
+            ls="--",
+            label=f"paragon M(g,g) ({rows[0]['gallery']['macs'] / 1e6:.0f} MMACs)",
+        )
         for r in rows:
             m = r["query"]["macs"] / 1e6
             ax.scatter(m, r["homogeneous"]["top1"], marker="o", color="tab:blue")
             ax.scatter(m, r["heterogeneous"]["top1"], marker="^", color="tab:green")
-            ax.annotate(r["query"]["name"], (m, r["heterogeneous"]["top1"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                r["query"]["name"],
+                (m, r["heterogeneous"]["top1"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.scatter([], [], marker="o", color="tab:blue", label="homogeneous M(q,q)")
         ax.scatter([], [], marker="^", color="tab:green", label="heterogeneous M(q,g)")
         for reward, s in searches.items():
             front = s.get("pareto_front") or []
             if front:
-                ax.plot([p["macs"] / 1e6 for p in front], [p["het_top1"] for p in front], lw=0.8, alpha=0.6,
-                        label=f"search {reward} Pareto front (val, supernet)")
+                ax.plot(
+                    [p["macs"] / 1e6 for p in front],
+                    [p["het_top1"] for p in front],
+                    lw=0.8,
+                    alpha=0.6,
+                    label=f"search {reward} Pareto front (val, supernet)",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("query model MMACs (log)")
         ax.set_ylabel("top-1 (%)")
@@ -78,8 +96,15 @@ def _plots(rows: list[dict[str, Any]], searches: dict[str, Any], study: dict[str
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for reward, s in searches.items():
             h = s.get("history") or []
-            ax.plot([e["generation"] for e in h], [e["best_fitness"] for e in h], marker=".", label=f"{reward} best")
-            ax.plot([e["generation"] for e in h], [e["mean_fitness"] for e in h], ls=":", label=f"{reward} mean")
+            ax.plot(
+                [e["generation"] for e in h],
+                [e["best_fitness"] for e in h],
+                marker=".",
+                label=f"{reward} best",
+            )
+            ax.plot(
+                [e["generation"] for e in h], [e["mean_fitness"] for e in h], ls=":", label=f"{reward} mean"
+            )
         ax.set_xlabel("generation")
         ax.set_ylabel("reward (val, %)")
         ax.legend(fontsize=7)
@@ -89,8 +114,12 @@ def _plots(rows: list[dict[str, Any]], searches: dict[str, Any], study: dict[str
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         for mode, color in (("bct", "tab:green"), ("independent", "tab:red")):
             rs = [r for r in study["rows"] if r["mode"] == mode]
-            axes[0].scatter([r["hom_top1"] for r in rs], [r["het_top1"] for r in rs], color=color, label=mode, s=14)
-            axes[1].scatter([r["macs"] / 1e6 for r in rs], [r["het_top1"] for r in rs], color=color, label=mode, s=14)
+            axes[0].scatter(
+                [r["hom_top1"] for r in rs], [r["het_top1"] for r in rs], color=color, label=mode, s=14
+            )
+            axes[1].scatter(
+                [r["macs"] / 1e6 for r in rs], [r["het_top1"] for r in rs], color=color, label=mode, s=14
+            )
         axes[0].set_xlabel("homogeneous top-1")
         axes[0].set_ylabel("heterogeneous top-1")
         axes[1].set_xlabel("MMACs")
@@ -108,21 +137,33 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     searches = {k: v for k, v in searches.items() if v}
     study = _load(out / "study" / "study.json")
     head, pick = headline(rows, cfg.run.headline_reward)
-    timings = {k: v.get("seconds") for k, v in state.items()}
+    timings = {k: v.get("seconds") for k, v in state.items() if v.get("status") == "done"}
     results = {
         "headline": head,
         "cost_reduction": pick["cost_reduction"] if pick else None,
         "gap_to_paragon": pick["gap_to_paragon"] if pick else None,
         "paragon": pick["paragon"] if pick else None,
-        "query_models": [{
-            "name": r["query"]["name"], "kind": r["query"].get("kind"), "macs": r["query"]["macs"],
-            "latency_ms_b1": r["query"].get("latency_ms_b1"), "cost_reduction": r["cost_reduction"],
-            "paragon": r["paragon"], "homogeneous": r["homogeneous"], "heterogeneous": r["heterogeneous"],
-            "gap_to_paragon": r["gap_to_paragon"], "compatible": r["compatible"],
-            "fingerprint": r["query"]["fingerprint"]} for r in rows],
+        "query_models": [
+            {
+                "name": r["query"]["name"],
+                "kind": r["query"].get("kind"),
+                "macs": r["query"]["macs"],
+                "latency_ms_b1": r["query"].get("latency_ms_b1"),
+                "cost_reduction": r["cost_reduction"],
+                "paragon": r["paragon"],
+                "homogeneous": r["homogeneous"],
+                "heterogeneous": r["heterogeneous"],
+                "gap_to_paragon": r["gap_to_paragon"],
+                "compatible": r["compatible"],
+                "fingerprint": r["query"]["fingerprint"],
+            }
+            for r in rows
+        ],
         "gallery": rows[0]["gallery"] if rows else None,
-        "searches": {k: {"best": v["best"], "n_candidates": v["n_candidates"], "seconds": v["seconds"]}
-                     for k, v in searches.items()},
+        "searches": {
+            k: {"best": v["best"], "n_candidates": v["n_candidates"], "seconds": v["seconds"]}
+            for k, v in searches.items()
+        },
         "study": {k: v for k, v in (study or {}).items() if k != "rows"} or None,
         "stage_seconds": timings,
         "total_seconds": round(sum(t for t in timings.values() if t), 1),
@@ -130,31 +171,47 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     }
     write_json_atomic(out / "results.json", results)
     table = markdown_table(rows) if rows else "(no models evaluated)\n"
-    md = [f"# cmpnas report\n\n**{head}**\n",
-          f"Data: {cfg.data.name}; protocol: leave-one-out retrieval on the test split "
-          "(every image queries all other images; top-1 = nearest neighbour has the same class).\n",
-          "## Paragon / homogeneous / heterogeneous\n", table]
+    md = [
+        f"# cmpnas report\n\n**{head}**\n",
+        f"Data: {cfg.data.name}; protocol: leave-one-out retrieval on the test split "
+        "(every image queries all other images; top-1 = nearest neighbour has the same class).\n",
+        "## Paragon / homogeneous / heterogeneous\n",
+        table,
+    ]
     if rows:
-        md.append("Latency (batch 1, torch eager, 1 thread, p50): " + ", ".join(
-            f"{r['query']['name']} {r['query'].get('latency_ms_b1', float('nan')):.2f} ms" for r in rows)
-            + f"; gallery {rows[0]['gallery'].get('latency_ms_b1', float('nan')):.2f} ms.\n")
+        md.append(
+            "Latency (batch 1, torch eager, 1 thread, p50): "
+            + ", ".join(
+                f"{r['query']['name']} {r['query'].get('latency_ms_b1', float('nan')):.2f} ms" for r in rows
+            )
+            + f"; gallery {rows[0]['gallery'].get('latency_ms_b1', float('nan')):.2f} ms.\n"
+        )
     if searches:
         md.append("## Searches (val split, supernet weights after BN recalibration)\n")
-        md.append("| reward | best MMACs | hom top-1 | het top-1 | candidates | seconds |\n|---|---:|---:|---:|---:|---:|")
+        md.append(
+            "| reward | best MMACs | hom top-1 | het top-1 | candidates | seconds |\n|---|---:|---:|---:|---:|---:|"
+        )
         for k, v in searches.items():
             b = v["best"]
-            md.append(f"| {k} | {b['macs'] / 1e6:.3f} | {b['metrics']['hom_top1']:.2f} | {b['metrics']['het_top1']:.2f} "
-                      f"| {v['n_candidates']} | {v['seconds']:.0f} |")
+            md.append(
+                f"| {k} | {b['macs'] / 1e6:.3f} | {b['metrics']['hom_top1']:.2f} | {b['metrics']['het_top1']:.2f} "
+                f"| {v['n_candidates']} | {v['seconds']:.0f} |"
+            )
         md.append("")
     if study:
         md.append("## Random-architecture study (val)\n")
         for mode in ("bct", "independent"):
             s = study.get(mode) or {}
-            md.append(f"- {mode}: n={s.get('n')}, het top-1 mean {s.get('het_mean')}, spread {s.get('het_spread')}, "
-                      f"Pearson(hom, het) {s.get('pearson_hom_het')}, Kendall {s.get('kendall_hom_het')}, "
-                      f"fraction with M(q,g) > M(q,q) {s.get('fraction_compatible')}"
-                      + (f", supernet-vs-standalone Kendall {s.get('kendall_supernet_vs_standalone_het')}"
-                         if mode == "bct" else ""))
+            md.append(
+                f"- {mode}: n={s.get('n')}, het top-1 mean {s.get('het_mean')}, spread {s.get('het_spread')}, "
+                f"Pearson(hom, het) {s.get('pearson_hom_het')}, Kendall {s.get('kendall_hom_het')}, "
+                f"fraction with M(q,g) > M(q,q) {s.get('fraction_compatible')}"
+                + (
+                    f", supernet-vs-standalone Kendall {s.get('kendall_supernet_vs_standalone_het')}"
+                    if mode == "bct"
+                    else ""
+                )
+            )
         md.append("")
     md.append("## Stage timings (s)\n")
     md.append("| stage | seconds |\n|---|---:|")
@@ -164,8 +221,13 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     write_text_atomic(out / "report.md", markdown)
     plots = _plots(rows, searches, study)
     write_text_atomic(out / "report.html", _html(markdown, plots))
-    return {"results": "results.json", "report_md": "report.md", "report_html": "report.html",
-            "headline": head, "plots": sorted(plots)}
+    return {
+        "results": "results.json",
+        "report_md": "report.md",
+        "report_html": "report.html",
+        "headline": head,
+        "plots": sorted(plots),
+    }
 
 
 def _html(markdown: str, plots: dict[str, str]) -> str:
@@ -194,10 +256,16 @@ def _html(markdown: str, plots: dict[str, str]) -> str:
             out.append(f"<p>{text}</p>")
     if in_table:
         out.append("</table>")
-    imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
-                   for k, v in plots.items())
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "img{max-width:100%}figure{display:inline-block;margin:8px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>cmpnas report</title><style>{style}</style>"
-            f"</head><body>{''.join(out)}<h2>Plots</h2>{imgs}</body></html>")
+    imgs = "".join(
+        f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
+        for k, v in plots.items()
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "img{max-width:100%}figure{display:inline-block;margin:8px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>cmpnas report</title><style>{style}</style>"
+        f"</head><body>{''.join(out)}<h2>Plots</h2>{imgs}</body></html>"
+    )

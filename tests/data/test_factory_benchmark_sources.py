@@ -26,9 +26,8 @@ def df2(tmp_path_factory: pytest.TempPathFactory) -> DeepFashion2Fixture:
 
 
 def _df2(df2: DeepFashion2Fixture, **options) -> DataConfig:
-    return DataConfig(
-        name="deepfashion2", root=str(df2.root), image_size=16, in_chans=3, val_size=2, **options
-    )
+    options = {"val_size": 2, **options}
+    return DataConfig(name="deepfashion2", root=str(df2.root), image_size=16, in_chans=3, **options)
 
 
 def test_deepfashion2_category_labels_share_classes_across_splits(df2) -> None:
@@ -47,9 +46,10 @@ def test_deepfashion2_identity_labels_make_an_open_set_test(df2) -> None:
     # train identities: (p, 1) for p = 1..5 and (p, 2) for p = 2, 4
     assert bundle.num_classes == 7 and bundle.open_set
     assert bundle.class_names[:2] == ["pair1_style1", "pair2_style1"] and "pair2_style2" in bundle.class_names
-    # validation (3 pairs): (p, 1) for p = 1..4 and (2, 2), numbered after the training classes
-    assert sorted(set(bundle.test.labels.tolist())) == list(range(7, 12))
-    assert len(bundle.class_names) == 12
+    # validation (3 pairs + a consumer-only pair 4): (p, 1) for p = 1..4 and (p, 2) for p = 2, 4,
+    # numbered after the training classes
+    assert sorted(set(bundle.test.labels.tolist())) == list(range(7, 13))
+    assert len(bundle.class_names) == 13 and bundle.class_names[7] == "pair1_style1"
     image, _ = bundle.test[0]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
 

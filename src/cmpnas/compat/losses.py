@@ -50,10 +50,13 @@ class AlignmentLoss(nn.Module):
         self.name = f"align_{kind}"
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        target = self.gallery_embeddings[index]
+        target = self.gallery_embeddings[index.cpu()].to(emb.device)
         if self.kind == "cosine":
             return (1.0 - F.cosine_similarity(emb.float(), target, dim=1)).mean()
-        return F.mse_loss(F.normalize(emb.float(), dim=1), F.normalize(target, dim=1), reduction="sum") / emb.shape[0]
+        return (
+            F.mse_loss(F.normalize(emb.float(), dim=1), F.normalize(target, dim=1), reduction="sum")
+            / emb.shape[0]
+        )
 
 
 @dataclass
@@ -70,7 +73,9 @@ class CompatLosses(nn.Module):
         self.terms = nn.ModuleList([t.term for t in terms])
         self.weights = [t.weight for t in terms]
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         total = emb.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {}
         for w, term in zip(self.weights, self.terms, strict=True):
@@ -90,10 +95,14 @@ def build_compat_losses(
     terms: list[WeightedTerm] = []
     if cfg.mode == "bct" and cfg.bct_weight > 0:
         if gallery_classifier is None:
-            raise CmpnasError("BCT needs the gallery classifier.", "pass a gallery checkpoint with a classifier")
+            raise CmpnasError(
+                "BCT needs the gallery classifier.", "pass a gallery checkpoint with a classifier"
+            )
         terms.append(WeightedTerm(cfg.bct_weight, InfluenceLoss(gallery_classifier, label_smoothing)))
     if cfg.mode == "bct" and cfg.align_weight > 0:
         if gallery_embeddings is None:
-            raise CmpnasError("The alignment term needs cached gallery embeddings.", "compute them before training")
+            raise CmpnasError(
+                "The alignment term needs cached gallery embeddings.", "compute them before training"
+            )
         terms.append(WeightedTerm(cfg.align_weight, AlignmentLoss(gallery_embeddings, cfg.align)))
     return CompatLosses(terms)

@@ -16,14 +16,17 @@ def class_mean_weights(embeddings: torch.Tensor, labels: torch.Tensor, num_class
     counts = torch.bincount(labels, minlength=num_classes).float()
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
-        raise CmpnasError(f"Classes {missing[:5]} have no training images; cannot synthesise their classifier rows.",
-                          "make sure every training class has images")
+        raise CmpnasError(
+            f"Classes {missing[:5]} have no training images; cannot synthesise their classifier rows.",
+            "make sure every training class has images",
+        )
     sums = torch.zeros(num_classes, emb.shape[1]).index_add_(0, labels, emb)
     return sums / counts[:, None]
 
 
-def synthesize_classifier(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          scale: float = 16.0) -> CosineClassifier:
+def synthesize_classifier(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: float = 16.0
+) -> CosineClassifier:
     """A cosine classifier whose class weights are gallery class means (it is frozen by the caller)."""
     w = class_mean_weights(embeddings, labels, num_classes)
     clf = CosineClassifier(w.shape[1], num_classes, scale)

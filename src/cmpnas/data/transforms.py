@@ -21,25 +21,28 @@ def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     x = x.float()
     if x.max() > 1.5 or x.dtype == torch.uint8:
         x = x / 255.0
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True
+) -> torch.Tensor:
     """Random translation (pad + crop, per image) and horizontal flip, vectorised over the batch."""
     b, _, h, w = x.shape
     if pad > 0:
         c = x.shape[1]
         padded = F.pad(x, (pad, pad, pad, pad))
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-        rows = (dy.view(b, 1, 1, 1) + torch.arange(h).view(1, 1, h, 1)).expand(b, c, h, padded.shape[3])
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        rows = (dy.view(b, 1, 1, 1) + ar_h.view(1, 1, h, 1)).expand(b, c, h, padded.shape[3])
         x = torch.gather(padded, 2, rows)
-        cols = (dx.view(b, 1, 1, 1) + torch.arange(w).view(1, 1, 1, w)).expand(b, c, h, w)
+        cols = (dx.view(b, 1, 1, 1) + ar_w.view(1, 1, 1, w)).expand(b, c, h, w)
         x = torch.gather(x, 3, cols)
     if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
+        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask.view(b, 1, 1, 1), x.flip(3), x)
     return x
 

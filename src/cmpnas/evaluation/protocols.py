@@ -72,6 +72,21 @@ class Setting:
     gallery_side: str
 
 
+@dataclass
+class _Request:
+    """Validated inputs of one evaluation (the protocol functions read only this)."""
+
+    root: Path
+    split: str
+    embeddings: str | os.PathLike[str] | None
+    gallery_embeddings: str | os.PathLike[str] | None
+    models: dict[str, EmbeddingModel]
+    batch_size: int
+    margin: float  # DeepFashion2 crop margin
+    out: Path
+    write: bool  # rank 0 only
+
+
 def far_key(far: float) -> str:
     """JSON key of a FAR: '1e-04' (fixed format, so keys sort and compare as text)."""
     return f"{far:.0e}"
@@ -97,22 +112,23 @@ def run_protocol_evaluation(
     if protocol not in PROTOCOLS:
         raise CmpnasError(f"Unknown protocol '{protocol}'.", f"use --protocol {' or '.join(PROTOCOLS)}")
     root_dir = _check_root(root, protocol)
+    _check_split(protocol, split)
     _check_sources(embeddings, gallery_embeddings, gallery_model, query_model)
-    batch_size = config.eval_batch_size if config is not None else DEFAULT_BATCH_SIZE
-    margin = config.data.margin if config is not None else 0.0
-    out_dir = Path(out)
-    write = init_distributed().is_main
-    models = _load_models(gallery_model, query_model)
-    if protocol == "deepfashion2":
-        results = _evaluate_deepfashion2(
-            root_dir, split, embeddings, gallery_embeddings, models, batch_size, margin, out_dir, write
-        )
-    else:
-        results = _evaluate_ijbc(
-            root_dir, split, embeddings, gallery_embeddings, models, batch_size, out_dir, write
-        )
-    if write:
-        write_json_atomic(out_dir / RESULTS_FILE, results)
+    request = _Request(
+        root=root_dir,
+        split=split,
+        embeddings=embeddings,
+        gallery_embeddings=gallery_embeddings,
+        models=_load_models(gallery_model, query_model),
+        batch_size=config.eval_batch_size if config is not None else DEFAULT_BATCH_SIZE,
+        margin=config.data.margin if config is not None else 0.0,
+        out=Path(out),
+        write=init_distributed().is_main,
+    )
+    evaluate_protocol = _evaluate_deepfashion2 if protocol == "deepfashion2" else _evaluate_ijbc
+    results = evaluate_protocol(request)
+    if request.write:
+        write_json_atomic(request.out / RESULTS_FILE, results)
     progress.event("evaluate", message=_summary_line(results))
     return results
 
@@ -133,6 +149,17 @@ def _check_root(root: str | os.PathLike[str] | None, protocol: str) -> Path:
             f"Dataset root '{path}' is not a folder.", f"pass --root DIR (the folder holding {holds})"
         )
     return path
+
+
+def _check_split(protocol: str, split: str) -> None:
+    if protocol == "deepfashion2" and split not in _DEEPFASHION2_SPLITS:
+        raise CmpnasError(
+            f"Unknown split '{split}' for DeepFashion2.", "use --split test (= validation) or train"
+        )
+    if protocol == "ijbc" and split != "test":
+        raise CmpnasError(
+            f"IJB-C 1:1 has no '{split}' split.", "drop --split (IJB-C is a test-only benchmark)"
+        )
 
 
 def _check_sources(embeddings: Any, gallery_embeddings: Any, gallery_model: Any, query_model: Any) -> None:
@@ -213,23 +240,9 @@ def _summary_line(results: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------ DeepFashion2
-def _evaluate_deepfashion2(
-    root: Path,
-    split: str,
-    embeddings: Any,
-    gallery_embeddings: Any,
-    models: dict[str, EmbeddingModel],
-    batch_size: int,
-    margin: float,
-    out: Path,
-    write: bool,
-) -> dict[str, Any]:
-    if split not in _DEEPFASHION2_SPLITS:
-        raise CmpnasError(
-            f"Unknown split '{split}' for DeepFashion2.", "use --split test (= validation) or train"
-        )
-    df2_split = _DEEPFASHION2_SPLITS[split]
-    items = read_deepfashion2(root, df2_split)
+def _evaluate_deepfashion2(req: _Request) -> dict[str, Any]:
+    df2_split = _DEEPFASHION2_SPLITS[req.split]
+    items = read_deepfashion2(req.root, df2_split)
     queries, gallery = retrieval_queries(items), retrieval_gallery(items)
     if not queries or not gallery:
         raise CmpnasError(
@@ -241,19 +254,19 @@ def _evaluate_deepfashion2(
     gallery_ids = [item.item_id for item in gallery]
     # side -> (query rows, gallery rows); a gallery-only .npz has no query rows and vice versa
     features: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
-    if embeddings is not None:
+    if req.embeddings is not None:
         known = {item.item_id for item in items}
         what = f"DeepFashion2 {df2_split} items"
-        query_source = load_embeddings_npz(embeddings)
-        if gallery_embeddings is None:
+        query_source = load_embeddings_npz(req.embeddings)
+        if req.gallery_embeddings is None:
             rows = _rows_for(query_ids + gallery_ids, query_source, known, what, True)
             features["embeddings"] = (rows[: len(query_ids)], rows[len(query_ids) :])
         else:
             features["embeddings"] = (_rows_for(query_ids, query_source, known, what, True), None)
-            gallery_source = load_embeddings_npz(gallery_embeddings)
+            gallery_source = load_embeddings_npz(req.gallery_embeddings)
             features["gallery_embeddings"] = (None, _rows_for(gallery_ids, gallery_source, known, what, True))
-    for role, model in models.items():
-        rows = _embed_items(model, list(queries) + list(gallery), margin, batch_size)
+    for role, model in req.models.items():
+        rows = _embed_items(model, list(queries) + list(gallery), req.margin, req.batch_size)
         features[role] = (rows[: len(queries)], rows[len(queries) :])
     settings: dict[str, dict[str, Any]] = {}
     rankings: dict[str, dict[str, list[str]]] = {}
@@ -265,26 +278,26 @@ def _evaluate_deepfashion2(
     results: dict[str, Any] = {
         "protocol": "deepfashion2",
         "split": df2_split,
-        "source": "embeddings" if embeddings is not None else "models",
+        "source": "embeddings" if req.embeddings is not None else "models",
         "setting": headline,
         "units": "percent",
         **settings[headline],
         "settings": settings,
     }
-    if split == "test":
+    if req.split in ("test", "val"):
         results["split_note"] = (
             "DeepFashion2 test annotations are not public; the validation split was scored"
         )
-    if models:
-        results.update(_model_block(models, lambda m: m["top1"], settings))
-        if len(models) == 2:
+    if req.models:
+        results.update(_model_block(req.models, lambda m: m["top1"], settings))
+        if len(req.models) == 2:
             results["gap_to_paragon"] = {
                 f"top{k}": settings["paragon"][f"top{k}"] - settings["heterogeneous"][f"top{k}"]
                 for k in TOP_KS
             }
     if len(gallery) >= OFFICIAL_RESULT_LENGTH:
-        if write:
-            export_official_results(out / OFFICIAL_FILE, queries, gallery, rankings[headline])
+        if req.write:
+            export_official_results(req.out / OFFICIAL_FILE, queries, gallery, rankings[headline])
         results["official_results"] = OFFICIAL_FILE
     return results
 
@@ -309,33 +322,22 @@ def score_deepfashion2(
 
 
 # -------------------------------------------------------------------------------------------- IJB-C
-def _evaluate_ijbc(
-    root: Path,
-    split: str,
-    embeddings: Any,
-    gallery_embeddings: Any,
-    models: dict[str, EmbeddingModel],
-    batch_size: int,
-    out: Path,
-    write: bool,
-) -> dict[str, Any]:
-    if split != "test":
-        raise CmpnasError(
-            f"IJB-C 1:1 has no '{split}' split.", "drop --split (IJB-C is a test-only benchmark)"
-        )
-    meta = read_ijbc_meta(root)
+def _evaluate_ijbc(req: _Request) -> dict[str, Any]:
+    for model in req.models.values():  # before any (long) embedding pass
+        _check_face_model(model)
+    meta = read_ijbc_meta(req.root)
     features: dict[str, np.ndarray] = {}  # side -> image features in meta row order (flip already added)
-    if embeddings is not None:
+    if req.embeddings is not None:
         known = set(meta.image_names)
         what = "IJB-C images of meta/ijbc_face_tid_mid.txt"
         features["embeddings"] = _rows_for(
-            meta.image_names, load_embeddings_npz(embeddings), known, what, True
+            meta.image_names, load_embeddings_npz(req.embeddings), known, what, True
         )
-        if gallery_embeddings is not None:
-            gallery_source = load_embeddings_npz(gallery_embeddings)
+        if req.gallery_embeddings is not None:
+            gallery_source = load_embeddings_npz(req.gallery_embeddings)
             features["gallery_embeddings"] = _rows_for(meta.image_names, gallery_source, known, what, True)
-    for role, model in models.items():
-        features[role] = _embed_faces(model, meta, batch_size)
+    for role, model in req.models.items():
+        features[role] = _embed_faces(model, meta, req.batch_size)
     settings: dict[str, dict[str, Any]] = {}
     scores: dict[str, np.ndarray] = {}
     for setting in _settings_for(list(features)):
@@ -344,7 +346,7 @@ def _evaluate_ijbc(
     headline = "heterogeneous" if "heterogeneous" in settings else next(iter(settings))
     results: dict[str, Any] = {
         "protocol": "ijbc",
-        "source": "embeddings" if embeddings is not None else "models",
+        "source": "embeddings" if req.embeddings is not None else "models",
         "setting": headline,
         "units": "percent",
         "headline_far": far_key(HEADLINE_FAR),
@@ -357,25 +359,28 @@ def _evaluate_ijbc(
         "n_images": meta.n_images,
         "roc": ROC_FILE,
     }
-    if models:
+    if req.models:
         key = far_key(HEADLINE_FAR)
-        results.update(_model_block(models, lambda m: m["tar_at_far"]["insightface"][key], settings))
-        if len(models) == 2:
+        results.update(_model_block(req.models, lambda m: m["tar_at_far"]["insightface"][key], settings))
+        if len(req.models) == 2:
             paragon, hetero = (settings[s]["tar_at_far"]["insightface"] for s in ("paragon", "heterogeneous"))
             results["gap_to_paragon"] = {far: paragon[far] - hetero[far] for far in paragon}
-    if write:
-        plot_roc(meta.labels, scores, out / ROC_FILE)
+    if req.write:
+        plot_roc(meta.labels, scores, req.out / ROC_FILE)
     return results
 
 
-def _embed_faces(model: EmbeddingModel, meta: IJBCMeta, batch_size: int) -> np.ndarray:
-    """f(x) + f(flip x) of every aligned face, in meta row order (one decode per image)."""
+def _check_face_model(model: EmbeddingModel) -> None:
     if model.spec.input_size != ALIGNED_SIZE:
         raise CmpnasError(
             f"IJB-C faces are aligned to {ALIGNED_SIZE}x{ALIGNED_SIZE} but model "
             f"'{model.spec.name or model.spec.backbone}' expects {model.spec.input_size}px input.",
             f"evaluate a face model trained with data.image_size={ALIGNED_SIZE}",
         )
+
+
+def _embed_faces(model: EmbeddingModel, meta: IJBCMeta, batch_size: int) -> np.ndarray:
+    """f(x) + f(flip x) of every aligned face, in meta row order (one decode per image)."""
     faces = IJBCAlignedFaces(meta, in_chans=model.spec.in_chans)
     return embed(model, faces, batch_size=batch_size, forward=lambda x: model(x) + model(x.flip(3))).numpy()
 

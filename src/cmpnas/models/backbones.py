@@ -67,11 +67,15 @@ class SmallResNet(nn.Module):
     ) -> None:
         super().__init__()
         if not (len(widths) == len(depths) == len(strides)):
-            raise CmpnasError("resnet_small: widths, depths and strides must have the same length.",
-                              "give one value per stage in backbone_kwargs")
+            raise CmpnasError(
+                "resnet_small: widths, depths and strides must have the same length.",
+                "give one value per stage in backbone_kwargs",
+            )
         stem_width = stem_width or widths[0]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem_width, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(True)
+            nn.Conv2d(in_chans, stem_width, 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(True),
         )
         layers: list[nn.Module] = []
         cin = stem_width
@@ -100,7 +104,9 @@ def _resnet_small(in_chans: int, **kw: Any) -> tuple[nn.Module, int]:
 def _cifar(depth: int) -> BackboneFactory:
     def make(in_chans: int, width: int = 16, **kw: Any) -> tuple[nn.Module, int]:
         n = (depth - 2) // 6
-        net = SmallResNet(in_chans, (width, 2 * width, 4 * width), (n, n, n), (1, 2, 2), stem_width=width, **kw)
+        net = SmallResNet(
+            in_chans, (width, 2 * width, 4 * width), (n, n, n), (1, 2, 2), stem_width=width, **kw
+        )
         return net, net.num_features
 
     return make
@@ -118,15 +124,21 @@ def _pretrained_error(name: str, exc: Exception) -> CmpnasError:
     )
 
 
-def _timm(name: str, in_chans: int, pretrained: bool, small_input: bool = False, **kw: Any) -> tuple[nn.Module, int]:
+def _timm(
+    name: str, in_chans: int, pretrained: bool, small_input: bool = False, **kw: Any
+) -> tuple[nn.Module, int]:
     import timm
 
     if not timm.is_model(name):
-        raise CmpnasError(f"Unknown timm model '{name}'.", "pick a name from timm.list_models(), e.g. timm:resnet18")
+        raise CmpnasError(
+            f"Unknown timm model '{name}'.", "pick a name from timm.list_models(), e.g. timm:resnet18"
+        )
     try:
         net = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kw)
     except TypeError as exc:
-        raise CmpnasError(f"timm model '{name}' rejected backbone_kwargs: {exc}.", "remove the unknown kwargs") from None
+        raise CmpnasError(
+            f"timm model '{name}' rejected backbone_kwargs: {exc}.", "remove the unknown kwargs"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - hub/network failures have many types
         if pretrained:
             raise _pretrained_error(f"timm:{name}", exc) from None
@@ -140,21 +152,29 @@ def _small_input_stem(net: nn.Module, in_chans: int) -> None:
     """Replace a ResNet-style 7x7/s2 stem by 3x3/s1 (keeps the maxpool): the 'keep resolution' variant."""
     conv = getattr(net, "conv1", None)
     if not isinstance(conv, nn.Conv2d):
-        raise CmpnasError("small_input=True supports ResNet-style models with a 'conv1' stem only.",
-                          "drop small_input or use resnet_small")
+        raise CmpnasError(
+            "small_input=True supports ResNet-style models with a 'conv1' stem only.",
+            "drop small_input or use resnet_small",
+        )
     net.conv1 = nn.Conv2d(in_chans, conv.out_channels, 3, 1, 1, bias=False)
 
 
-def _torchvision(name: str, in_chans: int, pretrained: bool, small_input: bool = False, **kw: Any) -> tuple[nn.Module, int]:
+def _torchvision(
+    name: str, in_chans: int, pretrained: bool, small_input: bool = False, **kw: Any
+) -> tuple[nn.Module, int]:
     import torchvision.models as tvm
 
     if name not in tvm.list_models(module=tvm):
-        raise CmpnasError(f"Unknown torchvision model '{name}'.", "pick one of torchvision.models.list_models()")
+        raise CmpnasError(
+            f"Unknown torchvision model '{name}'.", "pick one of torchvision.models.list_models()"
+        )
     weights = "DEFAULT" if pretrained else None
     try:
         net = tvm.get_model(name, weights=weights, **kw)
     except TypeError as exc:
-        raise CmpnasError(f"torchvision model '{name}' rejected backbone_kwargs: {exc}.", "remove them") from None
+        raise CmpnasError(
+            f"torchvision model '{name}' rejected backbone_kwargs: {exc}.", "remove them"
+        ) from None
     except Exception as exc:  # noqa: BLE001
         if pretrained:
             raise _pretrained_error(f"tv:{name}", exc) from None
@@ -196,7 +216,11 @@ def _adapt_tv_stem(net: nn.Module, in_chans: int, small_input: bool) -> None:
     pad = 1 if small_input else conv.padding
     new = nn.Conv2d(in_chans, conv.out_channels, kernel, stride, pad, bias=conv.bias is not None)
     setattr(parent, child, new)
-    if small_input and isinstance(getattr(net, "maxpool", None), nn.Module) and "shufflenet" in type(net).__name__.lower():
+    if (
+        small_input
+        and isinstance(getattr(net, "maxpool", None), nn.Module)
+        and "shufflenet" in type(net).__name__.lower()
+    ):
         net.maxpool = nn.Identity()
 
 
@@ -211,13 +235,18 @@ def create_backbone(
     if name.startswith("tv:"):
         return _torchvision(name[3:], in_chans, pretrained, **kwargs)
     if name == "spos":
-        from cmpnas.models.spos import SposSpace, build
         from cmpnas.config import SpaceConfig
+        from cmpnas.models.spos import SposSpace, build
 
         if arch is None:
-            raise CmpnasError("Backbone 'spos' needs an architecture.", "pass --arch FILE.json (e.g. from search.json)")
-        space = SposSpace(SpaceConfig(**kwargs.get("space", {})), in_chans=in_chans,
-                          input_size=int(kwargs.get("input_size", 28)))
+            raise CmpnasError(
+                "Backbone 'spos' needs an architecture.", "pass --arch FILE.json (e.g. from search.json)"
+            )
+        space = SposSpace(
+            SpaceConfig(**kwargs.get("space", {})),
+            in_chans=in_chans,
+            input_size=int(kwargs.get("input_size", 28)),
+        )
         net = build(space, space.validate(arch))
         return net, int(net.num_features)
     if pretrained:
@@ -227,4 +256,7 @@ def create_backbone(
             f"Unknown backbone '{name}'.",
             f"use one of {', '.join(available())}",
         )
-    return _REGISTRY[name](in_chans=in_chans, **kwargs)
+    try:
+        return _REGISTRY[name](in_chans=in_chans, **kwargs)
+    except TypeError as exc:  # a misspelt backbone_kwargs key must not end in a traceback
+        raise CmpnasError(f"Backbone '{name}' rejected backbone_kwargs: {exc}.", "fix those kwargs") from None

@@ -42,7 +42,9 @@ class ModelSpec:
     input_size: int = 28
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.5])
-    compatible_with: str | None = None  # fingerprint of the gallery model this query model was trained against
+    compatible_with: str | None = (
+        None  # fingerprint of the gallery model this query model was trained against
+    )
     name: str = ""
 
     def to_json(self) -> str:
@@ -60,10 +62,16 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone, feat = create_backbone(
-            spec.backbone, in_chans=spec.in_chans, pretrained=pretrained, arch=spec.arch, **spec.backbone_kwargs
+            spec.backbone,
+            in_chans=spec.in_chans,
+            pretrained=pretrained,
+            arch=spec.arch,
+            **spec.backbone_kwargs,
         )
         self.head = nn.Sequential(nn.Linear(feat, spec.embed_dim, bias=False), nn.BatchNorm1d(spec.embed_dim))
-        self.classifier = create_classifier(spec.classifier, spec.embed_dim, spec.num_classes, spec.cosine_scale)
+        self.classifier = create_classifier(
+            spec.classifier, spec.embed_dim, spec.num_classes, spec.cosine_scale, spec.margin
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -99,15 +107,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     p = Path(path)
     if not p.is_file():
-        raise CmpnasError(f"Model file '{p}' does not exist.", "pass the model.safetensors written by a training command")
+        raise CmpnasError(
+            f"Model file '{p}' does not exist.", "pass the model.safetensors written by a training command"
+        )
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CmpnasError(f"'{p}' is not a readable safetensors model ({exc}).", "pass a model.safetensors written by cmpnas") from None
+        raise CmpnasError(
+            f"'{p}' is not a readable safetensors model ({exc}).",
+            "pass a model.safetensors written by cmpnas",
+        ) from None
     if meta.get("format") != FORMAT:
-        raise CmpnasError(f"'{p}' is not a cmpnas model (no cmpnas spec in its metadata).",
-                          "pass a model.safetensors written by cmpnas train-gallery/train-query/retrain")
+        raise CmpnasError(
+            f"'{p}' is not a cmpnas model (no cmpnas spec in its metadata).",
+            "pass a model.safetensors written by cmpnas train-gallery/train-query/retrain",
+        )
     return meta
 
 
@@ -120,8 +135,10 @@ def load_model(path: str | Path) -> EmbeddingModel:
         state = load_file(str(path))
         model.load_state_dict(state, strict=True)
     except (RuntimeError, SafetensorError) as exc:
-        raise CmpnasError(f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
-                          "the file is corrupt or was edited: retrain or restore it") from None
+        raise CmpnasError(
+            f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
+            "the file is corrupt or was edited: retrain or restore it",
+        ) from None
     return model.eval()
 
 

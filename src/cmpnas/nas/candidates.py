@@ -35,17 +35,24 @@ class CandidateEvaluator:
     calib_batches: list[torch.Tensor]
     val_images: torch.Tensor
     val_labels: torch.Tensor
-    gallery_val_emb: torch.Tensor | None  # None = re-embed with `gallery_model` per candidate (benchmark only)
+    gallery_val_emb: (
+        torch.Tensor | None
+    )  # None = re-embed with `gallery_model` per candidate (benchmark only)
     gallery_model: Any = None
     batch_size: int = 1000
-    timings: dict[str, float] = field(default_factory=lambda: {"recalibration": 0.0, "query_pass": 0.0,
-                                                                "gallery_pass": 0.0, "metric": 0.0})
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"recalibration": 0.0, "query_pass": 0.0, "gallery_pass": 0.0, "metric": 0.0}
+    )
     n_evaluated: int = 0
 
     @torch.inference_mode()
     def _embed(self, fn: Any) -> torch.Tensor:
-        return torch.cat([fn(self.val_images[i:i + self.batch_size]).float()
-                          for i in range(0, len(self.val_images), self.batch_size)])
+        return torch.cat(
+            [
+                fn(self.val_images[i : i + self.batch_size]).float()
+                for i in range(0, len(self.val_images), self.batch_size)
+            ]
+        )
 
     def __call__(self, arch: dict) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -61,20 +68,38 @@ class CandidateEvaluator:
         hom = retrieval_metrics(q, self.val_labels, q, self.val_labels, exclude_self=True, ks=(1,))
         het = retrieval_metrics(q, self.val_labels, g, self.val_labels, exclude_self=True, ks=(1,))
         t4 = time.perf_counter()
-        for k, dt in zip(("recalibration", "query_pass", "gallery_pass", "metric"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
-                         strict=True):
+        for k, dt in zip(
+            ("recalibration", "query_pass", "gallery_pass", "metric"),
+            (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+            strict=True,
+        ):
             self.timings[k] += dt
         self.n_evaluated += 1
-        return {"hom_top1": round(hom["top1"], 4), "het_top1": round(het["top1"], 4),
-                "hom_map": round(hom["map"], 4), "het_map": round(het["map"], 4)}
+        return {
+            "hom_top1": round(hom["top1"], 4),
+            "het_top1": round(het["top1"], 4),
+            "hom_map": round(hom["map"], 4),
+            "het_map": round(het["map"], 4),
+        }
 
 
-def build_evaluator(supernet: SupernetEmbedding, gallery: Any, data: Any, recal_images: int, recal_batch: int,
-                    val_images: int | None, seed: int, cache_gallery: bool = True) -> CandidateEvaluator:
-    train_x, _ = load_normalized(data.train, min(len(data.train), max(recal_images * 4, recal_images)),
-                                 data.mean, data.std)
-    calib = [b.contiguous(memory_format=torch.channels_last)
-             for b in make_calibration_batches(train_x, recal_images, recal_batch, seed)]
+def build_evaluator(
+    supernet: SupernetEmbedding,
+    gallery: Any,
+    data: Any,
+    recal_images: int,
+    recal_batch: int,
+    val_images: int | None,
+    seed: int,
+    cache_gallery: bool = True,
+) -> CandidateEvaluator:
+    train_x, _ = load_normalized(
+        data.train, min(len(data.train), max(recal_images * 4, recal_images)), data.mean, data.std
+    )
+    calib = [
+        b.contiguous(memory_format=torch.channels_last)
+        for b in make_calibration_batches(train_x, recal_images, recal_batch, seed)
+    ]
     val_x, val_y = load_normalized(data.val, val_images, data.mean, data.std)
     ev = CandidateEvaluator(supernet, calib, val_x, val_y, None, gallery_model=gallery.eval())
     if cache_gallery:

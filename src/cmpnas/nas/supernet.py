@@ -26,15 +26,29 @@ FORMAT = "cmpnas.supernet.v1"
 
 
 class SupernetEmbedding(nn.Module):
-    """forward(x, arch) -> embedding; ``classifier`` shared by all paths."""
+    """forward(x, arch) -> embedding; head and ``classifier`` are shared by all paths.
 
-    def __init__(self, space: SposSpace, embed_dim: int, num_classes: int, classifier: str = "linear",
-                 cosine_scale: float = 16.0) -> None:
+    The choice blocks use affine-free BN (SPOS), but the embedding head's BN keeps its affine
+    parameters: they are shared by every path, and without them the embedding is forced to zero
+    mean / unit variance per dimension, which cannot match the gallery's embedding distribution
+    (the heterogeneous metric compares the two directly).
+    """
+
+    def __init__(
+        self,
+        space: SposSpace,
+        embed_dim: int,
+        num_classes: int,
+        classifier: str = "linear",
+        cosine_scale: float = 16.0,
+    ) -> None:
         super().__init__()
         self.space = space
         self.supernet = Supernet(space)
-        self.head = nn.Sequential(nn.Linear(self.supernet.num_features, embed_dim, bias=False),
-                                  nn.BatchNorm1d(embed_dim, affine=False))
+        self.head = nn.Sequential(
+            nn.Linear(self.supernet.num_features, embed_dim, bias=False),
+            nn.BatchNorm1d(embed_dim),
+        )
         self.classifier = create_classifier(classifier, embed_dim, num_classes, cosine_scale)
         self.embed_dim = embed_dim
 
@@ -70,8 +84,9 @@ def check_budget(space: SposSpace, budget: float, embed_dim: int) -> None:
         )
 
 
-def path_sampler(space: SposSpace, seed: int, low: float | None, high: float | None,
-                 embed_dim: int) -> Callable[[int], dict]:
+def path_sampler(
+    space: SposSpace, seed: int, low: float | None, high: float | None, embed_dim: int
+) -> Callable[[int], dict]:
     """Path for a global step: seeded by (seed, step) so every DDP rank samples the same path.
 
     With a band, paths are rejection-sampled into [low, high] MACs (SPOS's budget-binned sampling,
@@ -105,7 +120,9 @@ def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding
     with safe_open(str(path), framework="pt") as fh:
         raw = fh.metadata() or {}
     if raw.get("format") != FORMAT:
-        raise CmpnasError(f"'{path}' is not a cmpnas supernet.", "pass the supernet.safetensors of train-supernet")
+        raise CmpnasError(
+            f"'{path}' is not a cmpnas supernet.", "pass the supernet.safetensors of train-supernet"
+        )
     meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
     for key, want in expect.items():
         if meta.get(key) != want:
@@ -114,7 +131,9 @@ def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding
                 "search with the config and gallery the supernet was trained with, or retrain the supernet",
             )
     space = SposSpace(SpaceConfig(**meta["space"]), in_chans=meta["in_chans"], input_size=meta["input_size"])
-    model = SupernetEmbedding(space, meta["embed_dim"], meta["num_classes"], meta["classifier"], meta["cosine_scale"])
+    model = SupernetEmbedding(
+        space, meta["embed_dim"], meta["num_classes"], meta["classifier"], meta["cosine_scale"]
+    )
     model.load_state_dict(load_file(str(path)))
     return model.eval(), meta
 

@@ -47,8 +47,10 @@ def load_checkpoint(path: Path, expected_identity: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise CmpnasError(f"Checkpoint '{path}' is unreadable ({type(exc).__name__}).",
-                          "delete it and start without --resume") from None
+        raise CmpnasError(
+            f"Checkpoint '{path}' is unreadable ({type(exc).__name__}).",
+            "delete it and start without --resume",
+        ) from None
     if payload.get("identity") != expected_identity:
         raise CmpnasError(
             f"Checkpoint '{path}' belongs to a different run (model or training config changed).",

@@ -25,7 +25,13 @@ from cmpnas.config import TrainConfig
 from cmpnas.data.transforms import augment_batch, normalize_batch
 from cmpnas.errors import CmpnasError
 from cmpnas.io import append_jsonl
-from cmpnas.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from cmpnas.training.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from cmpnas.training.distributed import DistInfo, init_distributed
 
 
@@ -60,7 +66,7 @@ def epoch_order(n: int, epoch: int, seed: int, info: DistInfo) -> np.ndarray:
     """Deterministic shuffled order for an epoch; every rank gets an equal-length shard."""
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     per_rank = n // info.world_size
-    return perm[info.rank * per_rank:(info.rank + 1) * per_rank]
+    return perm[info.rank * per_rank : (info.rank + 1) * per_rank]
 
 
 def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -86,8 +92,12 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(module, cfg.optim.weight_decay)
     factories = {
-        "sgd": lambda: torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                       nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0),
+        "sgd": lambda: torch.optim.SGD(
+            groups,
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+        ),
         "adamw": lambda: torch.optim.AdamW(groups, lr=cfg.optim.lr),
     }
     return factories[cfg.optim.name]()
@@ -103,6 +113,17 @@ def run_identity(stage: str, task: nn.Module, cfg: TrainConfig, extra: str = "")
     return h.hexdigest()[:16]
 
 
+def training_device(info: DistInfo) -> torch.device:
+    """CUDA (this rank's GPU under torchrun) when available, else the CPU."""
+    if torch.cuda.is_available():
+        import os
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
 def train(
     task: nn.Module,
     dataset: Any,
@@ -115,8 +136,13 @@ def train(
     resume: bool = False,
     macs_per_image: int | None = None,
     identity_extra: str = "",
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train ``task`` on ``dataset``; checkpoints go to ``out_dir/checkpoint.pt`` (rank 0 only)."""
+    """Train ``task`` on ``dataset``; checkpoints go to ``out_dir/checkpoint.pt`` (rank 0 only).
+
+    ``on_start`` (rank 0) runs once the run is known to start or resume, e.g. to write ``config.yaml``: a
+    foreign checkpoint is refused before anything in ``out_dir`` changes.
+    """
     info = init_distributed()
     out = Path(out_dir)
     if cfg.threads:
@@ -135,6 +161,8 @@ def train(
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
+    device = training_device(info)
+    task = task.to(device)
     if cfg.channels_last:
         task = task.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task, cfg)
@@ -154,19 +182,32 @@ def train(
     elif resume:
         progress.event("resume", stage=stage, message=f"{stage}: no checkpoint in {out}, starting fresh")
     resumed_from = step
+    if on_start is not None and info.is_main:
+        on_start()
 
     model: nn.Module = task
     if info.enabled:
-        model = nn.parallel.DistributedDataParallel(task, find_unused_parameters=bool(getattr(task, "dynamic_graph", False)))
+        model = nn.parallel.DistributedDataParallel(
+            task,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(task, "dynamic_graph", False)),
+        )
 
     def checkpoint() -> None:
         if info.is_main:
-            save_checkpoint(ckpt_path, {
-                "identity": identity, "step": step, "task": task.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(gen),
-            })
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "identity": identity,
+                    "step": step,
+                    "task": task.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(gen),
+                },
+            )
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     task.train()
     bar = progress.Bar(total_steps - step, f"{stage}")
     t0 = time.perf_counter()
@@ -181,20 +222,23 @@ def train(
             epoch, offset = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = epoch_order(n, epoch, cfg.seed, info), epoch
-            idx = order[offset * per_rank_batch:(offset + 1) * per_rank_batch]
+            idx = order[offset * per_rank_batch : (offset + 1) * per_rank_batch]
             imgs, labels = fetch_batch(dataset, idx.tolist())
-            x = normalize_batch(imgs, mean, std)
+            x = normalize_batch(imgs.to(device, non_blocking=True), mean, std)
             if cfg.augment:
                 x = augment_batch(x, gen)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             index = torch.as_tensor(idx, dtype=torch.int64)
+            labels = labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 loss, logs = model(x, labels, index, step)
             if not torch.isfinite(loss):
-                raise CmpnasError(f"Stage '{stage}': the loss became {float(loss)} at step {step}.",
-                                  "lower the learning rate (optim.lr) or use precision: fp32")
+                raise CmpnasError(
+                    f"Stage '{stage}': the loss became {float(loss)} at step {step}.",
+                    "lower the learning rate (optim.lr) or use precision: fp32",
+                )
             loss.backward()
             if hasattr(task, "after_backward"):
                 task.after_backward()
@@ -207,9 +251,15 @@ def train(
             bar.update(1, seen, f"loss {loss_value:.3f}")
             if step % cfg.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
                 el = time.perf_counter() - t0
-                rec = {"stage": stage, "step": step, "epoch": round(step / steps_per_epoch, 3),
-                       "loss": float(np.mean(losses[-cfg.log_every:])), "lr": scheduler.get_last_lr()[0],
-                       "img_per_s": seen / el if el > 0 else 0.0, **logs}
+                rec = {
+                    "stage": stage,
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 3),
+                    "loss": float(np.mean(losses[-cfg.log_every :])),
+                    "lr": scheduler.get_last_lr()[0],
+                    "img_per_s": seen / el if el > 0 else 0.0,
+                    **logs,
+                }
                 history.append(rec)
                 if info.is_main:
                     append_jsonl(out / "metrics.jsonl", rec)
@@ -219,9 +269,14 @@ def train(
                 if step % steps_per_epoch == 0 or step == total_steps:
                     el = time.perf_counter() - t0
                     eta = el / max(1, step - resumed_from) * (total_steps - step)
-                    progress.event("epoch", stage=stage, message=(
-                        f"{stage}: epoch {step / steps_per_epoch:.2f}/{cfg.epochs:g} loss {losses[-1]:.4f} "
-                        f"{seen / el:,.0f} img/s, ETA {progress.format_seconds(eta)}"))
+                    progress.event(
+                        "epoch",
+                        stage=stage,
+                        message=(
+                            f"{stage}: epoch {step / steps_per_epoch:.2f}/{cfg.epochs:g} loss {losses[-1]:.4f} "
+                            f"{seen / el:,.0f} img/s, ETA {progress.format_seconds(eta)}"
+                        ),
+                    )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -21,7 +21,9 @@ class ClassificationTask(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict]:
         # margin classifiers (ArcFace / CosFace) need the labels; their accuracy is then a lower bound
         logits = classifier_logits(self.model.classifier, self.model(x), y).float()
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
@@ -55,12 +57,14 @@ class CompatTask(nn.Module):
         self.compat.train(mode)  # frozen gallery parts keep themselves in eval mode
         return self
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict]:
         if self.arch_sampler is not None:
             emb = self.model(x, self.arch_sampler(step))
         else:
             emb = self.model(x)
-        logits = self.model.classifier(emb).float()
+        logits = classifier_logits(self.model.classifier, emb, y).float()
         own = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         extra, logs = self.compat(emb.float(), y, index)
         logs["loss_own"] = float(own.detach())

@@ -1,0 +1,212 @@
+"""CMP-NAS stages on a tiny space: supernet -> search (R3) -> retrain; budget, resume and mismatch errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmpnas.config import build_config
+from cmpnas.errors import CmpnasError
+from cmpnas.models.cost import count_macs
+from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint, load_model, save_model
+from cmpnas.models.spos import SposSpace
+from cmpnas.nas.stages import SUPERNET_FILE, retrain, search, train_supernet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TIMING_KEYS = {"seconds", "evaluator_timings", "evaluator_calls"}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_raw_factory, tiny_data, tiny_gallery):
+    """supernet -> search (R3) -> retrain once for the module (each takes about a second)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("nas")
+    cfg = build_config(tiny_raw_factory())
+    sup = train_supernet(cfg, tiny_gallery, root / "supernet", data=tiny_data)
+    res = search(cfg, tiny_gallery, root / "supernet" / SUPERNET_FILE, root / "search", data=tiny_data)
+    ret = retrain(cfg, tiny_gallery, root / "search" / "search.json", root / "retrain", data=tiny_data)
+    torch.set_num_threads(before)
+    return {"root": root, "cfg": cfg, "supernet": sup, "search": res, "retrain": ret}
+
+
+def tiny_space(raw: dict) -> SposSpace:
+    return SposSpace(raw["nas"]["space"], in_chans=1, input_size=28)
+
+
+def head_macs(raw: dict) -> int:
+    """The query model's embedding head: Linear(last_channels -> embed_dim), no bias."""
+    return raw["nas"]["space"]["last_channels"] * raw["gallery"]["embed_dim"]
+
+
+def without_timings(result: dict) -> dict:
+    out = {k: v for k, v in result.items() if k not in TIMING_KEYS}
+    out["history"] = [{k: v for k, v in h.items() if k != "wall_time_s"} for h in result["history"]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+def test_supernet_outputs_and_budget(chain, tiny_raw: dict, tiny_gallery: Path) -> None:
+    folder = chain["root"] / "supernet"
+    assert {SUPERNET_FILE, "config.yaml", "manifest.json", "metrics.jsonl", "checkpoint.pt"} <= {
+        p.name for p in folder.iterdir()
+    }
+    gallery = load_model(tiny_gallery)
+    g_macs = count_macs(gallery, gallery.input_shape(1))
+    sup = chain["supernet"]
+    assert sup["gallery_macs"] == g_macs
+    assert sup["budget_macs"] == pytest.approx(g_macs / tiny_raw["nas"]["budget_cost_reduction"])
+    space = tiny_space(tiny_raw)
+    # the budget binds: some archs of the space are too expensive, the cheapest one fits
+    assert (
+        space.min_macs() + head_macs(tiny_raw) < sup["budget_macs"] < space.max_macs() + head_macs(tiny_raw)
+    )
+    assert sup["train"]["steps"] > 0
+
+
+def test_search_respects_budget_and_never_evaluates_twice(chain, tiny_raw: dict) -> None:
+    res = chain["search"]
+    space = tiny_space(tiny_raw)
+    budget = res["budget_macs"]
+    assert res["reward"] == "R3"
+    assert len(res["history"]) == tiny_raw["nas"]["search"]["generations"]
+    keys = [space.arch_key(c["arch"]) for c in res["candidates"]]
+    assert len(keys) == len(set(keys)) == res["n_candidates"] == res["evaluator_calls"]
+    for c in res["candidates"]:
+        assert c["macs"] == space.macs(c["arch"]) + head_macs(tiny_raw) <= budget
+        assert c["fitness"] == pytest.approx(0.5 * c["het_top1"] + 0.5 * c["hom_top1"])
+    best = res["best"]
+    assert best["fitness"] == max(c["fitness"] for c in res["candidates"])
+    assert best["macs"] <= budget
+    json.loads((chain["root"] / "search" / "search.json").read_text())  # written, valid JSON
+
+
+def test_pareto_front_is_non_dominated(chain) -> None:
+    res = chain["search"]
+    front = res["pareto_front"]
+    assert front
+    for p in front:
+        dominating = [
+            c for c in res["candidates"]
+            if c["macs"] <= p["macs"] and c["het_top1"] >= p["het_top1"]
+            and (c["macs"] < p["macs"] or c["het_top1"] > p["het_top1"])
+        ]  # fmt: skip
+        assert not dominating, p
+
+
+def test_retrain_builds_the_found_arch_with_the_lut_cost(chain, tiny_gallery: Path) -> None:
+    model = load_model(chain["root"] / "retrain" / "model.safetensors")
+    best = chain["search"]["best"]
+    assert model.spec.backbone == "spos"
+    assert model.spec.arch == best["arch"]
+    assert model.spec.compatible_with == fingerprint(load_model(tiny_gallery))
+    assert count_macs(model, model.input_shape(1)) == best["macs"] == chain["retrain"]["macs"]
+    manifest = json.loads((chain["root"] / "retrain" / "manifest.json").read_text())
+    assert manifest["stage"] == "retrain"
+
+
+# ---------------------------------------------------------------------------------------------- budget
+def test_budget_below_the_cheapest_arch_is_refused_with_its_cost(
+    tmp_path: Path, tiny_raw: dict, tiny_data, tiny_gallery: Path, chain
+) -> None:
+    cheapest = tiny_space(tiny_raw).min_macs() + head_macs(tiny_raw)
+    tiny_raw["nas"]["budget_macs"] = cheapest * 0.9
+    cfg = build_config(tiny_raw)
+    for run in (
+        lambda out: train_supernet(cfg, tiny_gallery, out, data=tiny_data),
+        lambda out: search(
+            cfg, tiny_gallery, chain["root"] / "supernet" / SUPERNET_FILE, out, data=tiny_data
+        ),
+    ):
+        out = tmp_path / "out"
+        with pytest.raises(CmpnasError) as exc:
+            run(out)
+        assert f"{cheapest / 1e6:.3f} M MACs" in str(exc.value)
+        assert "budget" in exc.value.fix
+        assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resumed_search_ends_exactly_like_an_uninterrupted_one(
+    chain, tiny_raw: dict, tiny_data, tiny_gallery
+):
+    supernet = chain["root"] / "supernet" / SUPERNET_FILE
+    root = chain["root"]
+    tiny_raw["nas"]["search"]["generations"] = 4
+    full_cfg = build_config(tiny_raw)
+    tiny_raw["nas"]["search"]["generations"] = 2
+    short_cfg = build_config(tiny_raw)
+
+    uninterrupted = search(full_cfg, tiny_gallery, supernet, root / "full", data=tiny_data)
+    first = search(short_cfg, tiny_gallery, supernet, root / "killed", data=tiny_data)  # "killed" after gen 2
+    resumed = search(full_cfg, tiny_gallery, supernet, root / "killed", data=tiny_data)
+
+    assert len(first["history"]) == 2 and len(resumed["history"]) == 4
+    assert without_timings(resumed) == without_timings(uninterrupted)
+    # nothing evaluated twice across the interruption
+    assert first["evaluator_calls"] + resumed["evaluator_calls"] == uninterrupted["evaluator_calls"]
+    state = json.loads((root / "killed" / "search_state.json").read_text())
+    assert state["generation"] == 4
+
+
+def test_search_refuses_a_state_from_a_different_search_config(
+    chain, tiny_raw, tiny_data, tiny_gallery
+) -> None:
+    supernet = chain["root"] / "supernet" / SUPERNET_FILE
+    out = chain["root"] / "changed"
+    search(build_config(tiny_raw), tiny_gallery, supernet, out, data=tiny_data)
+    tiny_raw["nas"]["search"]["mutation_prob"] = 0.5
+    with pytest.raises(CmpnasError, match="mutation_prob"):
+        search(build_config(tiny_raw), tiny_gallery, supernet, out, data=tiny_data)
+
+
+@pytest.mark.parametrize(("reward", "field"), [("R1", "hom_top1"), ("R2", "het_top1")])
+def test_single_metric_rewards(
+    chain, tiny_raw, tiny_data, tiny_gallery, tmp_path: Path, reward, field
+) -> None:
+    tiny_raw["nas"]["search"].update({"reward": reward, "generations": 1})
+    supernet = chain["root"] / "supernet" / SUPERNET_FILE
+    res = search(build_config(tiny_raw), tiny_gallery, supernet, tmp_path / reward, data=tiny_data)
+    assert res["best"]["fitness"] == res["best"]["metrics"][field] == max(c[field] for c in res["candidates"])
+
+
+# ---------------------------------------------------------------------------------------------- mismatches
+def _mismatch_case(
+    case: str, raw: dict, tmp_path: Path, chain, tiny_gallery: Path
+) -> tuple[dict, Path, Path, str]:
+    supernet = chain["root"] / "supernet" / SUPERNET_FILE
+    if case == "space":
+        raw["nas"]["space"]["channel_scales"] = [0.5, 1.0, 1.5]
+        return raw, tiny_gallery, supernet, "'space'"
+    if case == "gallery":
+        torch.manual_seed(5)
+        other = tmp_path / "other-gallery" / "model.safetensors"
+        save_model(EmbeddingModel(ModelSpec(**raw["gallery"])), other)
+        return raw, other, supernet, "'gallery_fingerprint'"
+    if case == "not_a_supernet":
+        return raw, tiny_gallery, tiny_gallery, "not a cmpnas supernet"
+    return raw, tiny_gallery, tmp_path / "missing.safetensors", "does not exist"
+
+
+@pytest.mark.parametrize("case", ["space", "gallery", "not_a_supernet", "missing"])
+def test_supernet_that_does_not_match_is_refused(
+    case, chain, tiny_raw, tiny_data, tiny_gallery, tmp_path
+) -> None:
+    raw, gallery, supernet, needle = _mismatch_case(case, tiny_raw, tmp_path, chain, tiny_gallery)
+    out = tmp_path / "search"
+    with pytest.raises(CmpnasError, match=needle):
+        search(build_config(raw), gallery, supernet, out, data=tiny_data)
+    assert not out.exists()
+
+
+def test_resuming_a_supernet_with_another_space_is_refused(chain, tiny_raw, tiny_data, tiny_gallery) -> None:
+    folder = chain["root"] / "supernet"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tiny_raw["nas"]["space"]["channel_scales"] = [0.5, 1.0, 1.5]
+    with pytest.raises(CmpnasError, match="different run"):
+        train_supernet(build_config(tiny_raw), tiny_gallery, folder, resume=True, data=tiny_data)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -1,0 +1,216 @@
+"""`cmpnas run` end to end on the smoke profile shrunk further (synthetic data, tiny models, tiny space).
+
+One full run is shared by the structure and skip tests; a second run with another training seed is killed
+once the gallery stage is recorded as done and then continued; a copy of the first run is rerun with a
+changed retrain seed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+TRAIN = "{epochs: 1, batch_size: 50, warmup_epochs: 0.1, log_every: 5, threads: 1}"
+SMALL_QUERY = (
+    "{backbone: resnet_small, embed_dim: 16, "
+    "backbone_kwargs: {widths: [4, 8], depths: [1, 1], strides: [2, 2]}}"
+)
+SHRINK = [
+    "data.name=synthetic", "data.subset_train=300", "data.subset_test=100", "data.val_size=60",
+    "gallery.embed_dim=16", "query.embed_dim=16",
+    "gallery.backbone_kwargs={widths: [8, 16], depths: [1, 1], strides: [1, 2]}",
+    f"gallery_train={TRAIN}", f"query_train={TRAIN}",
+    f"run.baselines=[{{name: small-independent, compat: independent, model: {SMALL_QUERY}}}, "
+    f"{{name: small-bct, compat: bct, model: {SMALL_QUERY}}}]",
+    "nas.space={stem_channels: 8, stage_repeats: [1, 1], stage_widths: [16, 32], stage_strides: [2, 2], "
+    "last_channels: 32, channel_scales: [0.5, 1.0]}",
+    "nas.budget_cost_reduction=5",
+    f"nas.supernet_train={TRAIN}", f"nas.retrain={TRAIN}",
+    "nas.study_train={epochs: 0.5, batch_size: 50, warmup_epochs: 0.0, log_every: 5, threads: 1}",
+    "nas.search={population: 4, generations: 2, parents: 2, mutations: 2, crossovers: 2, recal_images: 64, "
+    "recal_batch: 32, val_images: 60}",
+    "nas.study_archs=1", "run.latency_repeats=3", "eval_batch_size=128",
+]  # fmt: skip
+OTHER_SEED = ["gallery_train.seed=1", "query_train.seed=1", "nas.supernet_train.seed=1", "nas.retrain.seed=1"]
+STAGES = [
+    "gallery", "baseline-small-independent", "baseline-small-bct", "supernet", "search-R1", "search-R2",
+    "search-R3", "retrain-R1", "retrain-R2", "retrain-R3", "study", "evaluate", "export", "index", "report",
+]  # fmt: skip
+
+
+def command(out: Path, extra: list[str] = ()) -> list[str]:
+    sets = [a for s in [*SHRINK, *extra] for a in ("--set", s)]
+    return [sys.executable, "-m", "cmpnas.cli", "run", "-c", str(SMOKE), "-o", str(out), "--json-logs", *sets]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run(out: Path, extra: list[str] = ()) -> tuple[list[dict], float]:
+    """Run `cmpnas run` to completion; returns its JSON events and the wall time."""
+    start = time.perf_counter()
+    proc = subprocess.run(command(out, extra), capture_output=True, text=True, env=env(), timeout=900)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], seconds
+
+
+def stage_events(events: list[dict]) -> dict[str, list[str]]:
+    """stage name -> the statuses it went through (start/done/skipped/failed)."""
+    out: dict[str, list[str]] = {}
+    for e in events:
+        if e["event"] == "stage":
+            out.setdefault(e["stage"], []).append(e["status"])
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """mtime (ns) of every model, checkpoint and state file of a run folder."""
+    files = [
+        *folder.rglob("*.safetensors"),
+        *folder.rglob("checkpoint.pt"),
+        *folder.rglob("search_state.json"),
+    ]
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in files}
+
+
+def state(folder: Path) -> dict:
+    return json.loads((folder / "run_state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("pipeline") / "run0"
+    events, seconds = run(out)
+    return {"out": out, "events": events, "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> dict:
+    """Another seed; SIGKILL as soon as run_state.json records the gallery stage as done, then continue."""
+    out = tmp_path_factory.mktemp("pipeline") / "run1"
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command(out, OTHER_SEED), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env()
+    )
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            path = out / "run_state.json"
+            if path.exists() and json.loads(path.read_text()).get("gallery", {}).get("status") == "done":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    at_kill = state(out)
+    before = snapshot(out)
+    events, seconds = run(out, OTHER_SEED)
+    return {"out": out, "at_kill": at_kill, "before": before, "events": events,
+            "seconds": time.perf_counter() - start, "resume_seconds": seconds}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- report
+def test_report_structure_and_numbers(first_run) -> None:
+    out = first_run["out"]
+    for name in ("report.md", "report.html", "results.json", "run_state.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert all(state(out)[s]["status"] == "done" for s in STAGES)
+    assert [s for s, st in stage_events(first_run["events"]).items() if st != ["start", "done"]] == []
+
+    results = json.loads((out / "results.json").read_text())
+    assert isinstance(results["headline"], str) and results["headline"]
+    models = results["query_models"]
+    assert [m["name"] for m in models] == [
+        "small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3"))
+    ]  # fmt: skip
+    gallery_macs = results["gallery"]["macs"]
+    for m in models:
+        assert isinstance(m["macs"], int) and 0 < m["macs"] < gallery_macs
+        assert m["cost_reduction"] == pytest.approx(gallery_macs / m["macs"], abs=0.01)
+        for row in ("paragon", "homogeneous", "heterogeneous"):
+            assert 0 <= m[row]["top1"] <= 100 and 0 <= m[row]["map"] <= 100
+        assert m["gap_to_paragon"]["top1"] == pytest.approx(m["paragon"]["top1"] - m["heterogeneous"]["top1"])
+        assert m["paragon"] == models[0]["paragon"]  # one gallery model
+    headline_model = models[-1]  # R3 is the headline reward
+    assert results["cost_reduction"] == headline_model["cost_reduction"]
+    assert results["gap_to_paragon"] == headline_model["gap_to_paragon"]
+    assert f"{headline_model['cost_reduction']:.0f}x cheaper" in results["headline"]
+    assert f"{headline_model['heterogeneous']['top1']:.2f}" in results["headline"]
+    rows = json.loads((out / "evaluation" / "rows.json").read_text())
+    assert [r["heterogeneous"] for r in rows] == [m["heterogeneous"] for m in models]
+
+    md = (out / "report.md").read_text()
+    assert md.startswith("# cmpnas report") and results["headline"] in md
+    assert "| small-bct |" in md
+
+    html = (out / "report.html").read_text()
+    pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(pngs) >= 2  # accuracy vs MACs, search progress (and the study)
+    assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html.replace("data:image/png;base64,", ""))
+    assert "<script" not in html and "<link" not in html
+
+
+def test_rerun_skips_every_completed_stage(first_run) -> None:
+    out = first_run["out"]
+    before_state = (out / "run_state.json").read_bytes()
+    before = snapshot(out)
+    events, seconds = run(out)
+    statuses = stage_events(events)
+    assert statuses == {s: ["skipped"] for s in STAGES}
+    assert (out / "run_state.json").read_bytes() == before_state
+    assert snapshot(out) == before
+    assert seconds < first_run["seconds"]
+
+
+# ---------------------------------------------------------------------------------------------- kill + seed
+def test_killed_run_continues_without_redoing_completed_stages(killed_run) -> None:
+    out = killed_run["out"]
+    done_at_kill = {s for s, rec in killed_run["at_kill"].items() if rec.get("status") == "done"}
+    assert "gallery" in done_at_kill and "report" not in done_at_kill
+    statuses = stage_events(killed_run["events"])
+    for s in STAGES:
+        assert statuses[s] == (["skipped"] if s in done_at_kill else ["start", "done"]), s
+    # outputs of the completed stages were not rewritten
+    for path, mtime in killed_run["before"].items():
+        if path.startswith("gallery/"):
+            assert snapshot(out)[path] == mtime, path
+    assert all(state(out)[s]["status"] == "done" for s in STAGES)
+    assert (out / "report.html").is_file()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_another_seed_gives_other_numbers(first_run, killed_run) -> None:
+    a = json.loads((first_run["out"] / "results.json").read_text())
+    b = json.loads((killed_run["out"] / "results.json").read_text())
+    assert a["paragon"] != b["paragon"]
+    assert [m["heterogeneous"] for m in a["query_models"]] != [m["heterogeneous"] for m in b["query_models"]]
+    assert a["headline"] != b["headline"]
+
+
+# ---------------------------------------------------------------------------------------------- config change
+def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Path) -> None:
+    """Stages whose key changed start afresh (their old checkpoints would be foreign); the rest is skipped."""
+    out = tmp_path / "run0-copy"
+    shutil.copytree(first_run["out"], out)
+    events, _ = run(out, ["nas.retrain.seed=7"])
+    statuses = stage_events(events)
+    rerun = {"retrain-R1", "retrain-R2", "retrain-R3", "evaluate", "export", "report"}
+    for s in STAGES:
+        assert statuses[s] == (["start", "done"] if s in rerun else ["skipped"]), s
+    assert all(state(out)[s]["status"] == "done" for s in STAGES)
