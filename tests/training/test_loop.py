@@ -249,6 +249,17 @@ def test_a_crash_while_writing_the_checkpoint_keeps_the_old_one(tmp_path: Path, 
     assert payload["step"] == STEPS_PER_EPOCH
 
 
+def test_a_temp_file_left_by_a_killed_writer_is_removed(tmp_path: Path, data) -> None:
+    """SIGKILL during a checkpoint write leaves the hidden temp file (no cleanup runs); the next write removes it."""
+    with pytest.raises(Boom):
+        run(ExplodeAt(make_task(), at=STEPS_PER_EPOCH + 1), data, tcfg(epochs=2), tmp_path)
+    stale = tmp_path / f".{CHECKPOINT_NAME}.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    result = run(ExplodeAt(make_task()), data, tcfg(epochs=2), tmp_path, resume=True)
+    assert result.resumed_from_step == STEPS_PER_EPOCH
+    assert not temp_files(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("crash_at", "every_step_checkpoints", "resumed_from"),
     [
