@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cmpnas import progress
-from cmpnas.compat.losses import build_compat_losses
+from cmpnas.compat.losses import CompatLosses, build_compat_losses
 from cmpnas.compat.synthesize import synthesize_classifier
 from cmpnas.config import CompatConfig, Config, ModelConfig, TrainConfig, dump_config
 from cmpnas.data.base import DataBundle
@@ -174,6 +174,31 @@ def gallery_classifier_for(
     )
 
 
+def compat_losses_for(
+    cfg: Config,
+    gallery: EmbeddingModel,
+    gallery_path: str | Path,
+    data: DataBundle,
+    compat: CompatConfig,
+    label_smoothing: float,
+) -> CompatLosses:
+    """The compatibility terms of a query or supernet stage; gallery embeddings only when a term needs them."""
+    needs_emb = compat.mode == "bct" and (
+        compat.align_weight > 0
+        or compat.gallery_classifier != "trained"
+        and gallery.spec.num_classes != data.num_classes
+    )
+    train_emb = (
+        gallery_train_embeddings(
+            gallery, data, Path(gallery_path).parent / "cache", precision=cfg.gallery_train.precision
+        )
+        if needs_emb
+        else None
+    )
+    classifier = gallery_classifier_for(gallery, data, compat, train_emb) if compat.mode == "bct" else None
+    return build_compat_losses(compat, classifier, train_emb, label_smoothing)
+
+
 def check_gallery(gallery_path: str | Path, data: DataBundle) -> EmbeddingModel:
     gallery = load_model(gallery_path)
     if (gallery.spec.in_chans, gallery.spec.input_size) != (data.in_chans, data.image_size):
@@ -216,20 +241,7 @@ def train_query(
     compatible_with = gfp if compat.mode != "independent" else None
     torch.manual_seed(tcfg.seed)  # the seed fixes the initial weights too, whatever ran before
     model = EmbeddingModel(make_spec(mcfg, data, name, compatible_with), pretrained=mcfg.pretrained)
-    needs_emb = compat.mode == "bct" and (
-        compat.align_weight > 0
-        or compat.gallery_classifier != "trained"
-        and gallery.spec.num_classes != data.num_classes
-    )
-    train_emb = (
-        gallery_train_embeddings(
-            gallery, data, Path(gallery_path).parent / "cache", precision=cfg.gallery_train.precision
-        )
-        if needs_emb
-        else None
-    )
-    classifier = gallery_classifier_for(gallery, data, compat, train_emb) if compat.mode == "bct" else None
-    losses = build_compat_losses(compat, classifier, train_emb, tcfg.label_smoothing)
+    losses = compat_losses_for(cfg, gallery, gallery_path, data, compat, tcfg.label_smoothing)
     del gallery
     task = CompatTask(model, losses, tcfg.label_smoothing)
     macs = count_macs(model, model.input_shape(1))

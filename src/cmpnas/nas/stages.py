@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from cmpnas import progress
-from cmpnas.compat.losses import build_compat_losses
 from cmpnas.config import Config, SearchConfig, dump_config
 from cmpnas.data.base import DataBundle
 from cmpnas.errors import CmpnasError
@@ -36,8 +35,7 @@ from cmpnas.nas.supernet import (
 )
 from cmpnas.stages import (
     check_gallery,
-    gallery_classifier_for,
-    gallery_train_embeddings,
+    compat_losses_for,
     load_data,
     train_query,
 )
@@ -90,17 +88,8 @@ def train_supernet(
         space, gallery.spec.embed_dim, data.num_classes, cfg.query.classifier, cfg.query.cosine_scale
     )
     compat = cfg.compat
-    needs_emb = compat.mode == "bct" and compat.align_weight > 0
-    train_emb = (
-        gallery_train_embeddings(
-            gallery, data, Path(gallery_path).parent / "cache", precision=cfg.gallery_train.precision
-        )
-        if needs_emb
-        else None
-    )
-    classifier = gallery_classifier_for(gallery, data, compat, train_emb) if compat.mode == "bct" else None
     tcfg = cfg.nas.supernet_train
-    losses = build_compat_losses(compat, classifier, train_emb, tcfg.label_smoothing)
+    losses = compat_losses_for(cfg, gallery, gallery_path, data, compat, tcfg.label_smoothing)
     low, high = band_limits(cfg.nas, budget)
     sampler = path_sampler(space, tcfg.seed, low, high, gallery.spec.embed_dim)
     task = CompatTask(model, losses, tcfg.label_smoothing, arch_sampler=sampler)
