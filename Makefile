@@ -19,5 +19,10 @@ test:
 test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m slow
 
+# Benchmarks write JSON to benchmarks/results/; run them on an otherwise idle machine.
+# search_speed needs a finished `make demo` run in $(OUT) (its gallery and supernet).
 bench: setup
-	$(VENV)/bin/python benchmarks/run_all.py
+	$(VENV)/bin/python benchmarks/training_throughput.py
+	$(VENV)/bin/python benchmarks/compat_fashion_mnist.py
+	$(VENV)/bin/python benchmarks/search_speed.py --run $(OUT)
+	$(VENV)/bin/python benchmarks/serving.py

@@ -170,6 +170,20 @@ def test_resume_from_a_foreign_checkpoint_changes_nothing(capsys, tmp_path: Path
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # config.yaml included
 
 
+def test_resume_on_other_training_data_is_refused(capsys, tmp_path: Path, cfg_file: Path) -> None:
+    """The checkpoint remembers its training split: a --resume with another subset must not continue silently."""
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "train-gallery", "-c", cfg_file, "-o", out, "--set", "gallery_train.epochs=0.2")
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = cli(
+        capsys, "train-gallery", "-c", cfg_file, "-o", out, "--resume",
+        "--set", "gallery_train.epochs=0.2", "--set", "data.subset_train=200",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "checkpoint.pt", "different run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_unknown_split_and_missing_models_in_evaluate(capsys, tmp_path: Path, cfg_file: Path) -> None:
     code, _, err = cli(capsys, "evaluate", "-c", cfg_file, "-o", tmp_path / "out", "--split", "dev")
     assert_one_line_error(code, err, "'dev'")

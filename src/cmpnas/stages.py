@@ -123,6 +123,7 @@ def train_gallery(
         stage="gallery",
         resume=resume,
         macs_per_image=macs,
+        identity_extra=data.train_identity(),
         on_start=lambda: write_config(out, cfg),
     )
     model.eval()
@@ -255,7 +256,7 @@ def train_query(
         stage=name,
         resume=resume,
         macs_per_image=macs,
-        identity_extra=gfp + compat.model_dump_json(),
+        identity_extra=gfp + compat.model_dump_json() + data.train_identity(),
         on_start=lambda: write_config(out, cfg),
     )
     model.eval()

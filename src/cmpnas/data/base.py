@@ -6,6 +6,8 @@ augments whole float batches itself, which is much faster on CPU than per-image 
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +148,19 @@ class DataBundle:
     class_names: list[str]
     open_set: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def train_identity(self) -> str:
+        """What a training checkpoint must have been trained on to be resumed: the dataset, its classes and
+        the training split's per-class counts (a different subset or split stops a silent resume)."""
+        return json.dumps(
+            {
+                "name": self.name,
+                "classes": list(self.class_names),
+                "train": class_counts(self.train.labels, len(self.class_names)),
+                "shape": [self.in_chans, self.image_size],
+            },
+            sort_keys=True,
+        )
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (counts per split and per class) for run manifests and reports."""

@@ -26,7 +26,10 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 16.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, in_features) * 0.01)
+        # Unit-norm rows: the logits only see directions, but the step size an optimizer takes on a
+        # direction is ~ lr / |w|^2, so the small init common in face code (std 0.01, |w| ~ 0.1) moves the
+        # class centres ~100x faster than the backbone and trains badly at a shared SGD learning rate.
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, in_features), dim=1))
         self.scale = scale
 
     @property

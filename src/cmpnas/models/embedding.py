@@ -81,7 +81,11 @@ class EmbeddingModel(nn.Module):
 
 
 def fingerprint(model: EmbeddingModel) -> str:
-    """sha256 over the spec (minus its own compat link/name) and all tensors, first 16 hex digits."""
+    """sha256 over the spec and all tensors, first 16 hex digits.
+
+    The display name is left out (renaming a model keeps its identity); the compat link stays in, so the
+    same weights declared compatible with another gallery are a different model to an index.
+    """
     h = hashlib.sha256()
     spec = json.loads(model.spec.to_json())
     spec.pop("name", None)

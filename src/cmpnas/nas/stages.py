@@ -65,6 +65,7 @@ def _supernet_identity(cfg: Config, data: DataBundle, gallery: EmbeddingModel) -
         "embed_dim": gallery.spec.embed_dim,
         "num_classes": data.num_classes,
         "gallery_fingerprint": fingerprint(gallery),
+        "train_data": data.train_identity(),
     }
 
 
