@@ -173,7 +173,9 @@ def test_resume_from_a_foreign_checkpoint_changes_nothing(capsys, tmp_path: Path
 def test_resume_on_other_training_data_is_refused(capsys, tmp_path: Path, cfg_file: Path) -> None:
     """The checkpoint remembers its training split: a --resume with another subset must not continue silently."""
     out = tmp_path / "out"
-    code, _, err = cli(capsys, "train-gallery", "-c", cfg_file, "-o", out, "--set", "gallery_train.epochs=0.2")
+    code, _, err = cli(
+        capsys, "train-gallery", "-c", cfg_file, "-o", out, "--set", "gallery_train.epochs=0.2"
+    )
     assert code == 0, err
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = cli(
@@ -364,6 +366,10 @@ FASHION_MNIST_ACCEPTANCE = {
         "embed_dim": 32,
     },
     "query_train": {"epochs": 4, "batch_size": 64, "warmup_epochs": 0.2, "log_every": 50},
+    # the default profile's compatibility terms (BCT + cosine alignment), read from the shipped YAML
+    "compat": yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "src/cmpnas/configs/default.yaml").read_text()
+    )["compat"],
     "eval_batch_size": 500,
 }
 

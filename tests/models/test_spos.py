@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from cmpnas.config import SpaceConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.models.cost import count_macs
-from cmpnas.models.spos import SposSpace, Supernet, build, extract_subnet, mid_channels
+from cmpnas.models.spos import SposSpace, Supernet, build, extract_subnet, mid_channels, split_shuffle
 
 SPOS_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
 
@@ -372,3 +372,15 @@ def test_space_accepts_a_dict_and_reports_bad_keys() -> None:
     assert SposSpace(tiny_cfg().model_dump(), input_size=16).num_layers == 3
     with pytest.raises(CmpnasError, match="stage_widthz"):
         SposSpace({"stage_widthz": [1]})
+
+
+@given(half=st.integers(1, 6), batch=st.integers(1, 3), size=st.integers(1, 4))
+@settings(max_examples=25, deadline=None)
+def test_split_shuffle_is_the_channel_shuffle_of_shufflenetv2(half: int, batch: int, size: int) -> None:
+    """The strided-slice form equals the textbook shuffle: (c/2, 2) -> transpose -> flatten, then halves."""
+    x = torch.randn(batch, 2 * half, size, size)
+    shuffled = x.reshape(batch, half, 2, size, size).transpose(1, 2).reshape(batch, 2 * half, size, size)
+    passthrough, main = split_shuffle(x)
+    assert torch.equal(passthrough, shuffled[:, :half])
+    assert torch.equal(main, shuffled[:, half:])
+    assert torch.equal(passthrough[:, 1], x[:, 2]) and torch.equal(main[:, 0], x[:, 1])  # by hand
