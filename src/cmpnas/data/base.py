@@ -7,7 +7,6 @@ augments whole float batches itself, which is much faster on CPU than per-image 
 from __future__ import annotations
 
 import json
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from cmpnas.models.embedding import EmbeddingModel, fingerprint
 from cmpnas.models.spos import SposSpace
 from cmpnas.nas.arch_io import query_config_for_arch
 from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
-from cmpnas.nas.evolution import EvolutionSearch
+from cmpnas.nas.evolution import EvolutionSearch, pareto_indices
 from cmpnas.nas.rewards import fitness_from_config
 from cmpnas.nas.supernet import (
     SupernetEmbedding,
@@ -278,16 +279,14 @@ def search(
 
 
 def _pareto(evo: EvolutionSearch, space: SposSpace, embed_dim: int) -> list[dict[str, Any]]:
-    """Non-dominated candidates: lower MACs and higher heterogeneous top-1."""
-    entries = sorted(
-        evo.memo.values(), key=lambda v: (query_macs(space, v["arch"], embed_dim), -v["metrics"]["het_top1"])
-    )
-    front, best_metric = [], float("-inf")
-    for v in entries:
-        if v["metrics"]["het_top1"] > best_metric:
-            front.append(v)
-            best_metric = v["metrics"]["het_top1"]
-    return front
+    """Non-dominated candidates: lower MACs and higher heterogeneous top-1.
+
+    The cost is the whole query model's (with the embedding head), not the supernet path's MACs that
+    ``EvolutionSearch.pareto_front`` would use, so the front is computed here on the same memo.
+    """
+    entries = [v for v in evo.memo.values() if math.isfinite(v["metrics"]["het_top1"])]
+    costs = [query_macs(space, v["arch"], embed_dim) for v in entries]
+    return [entries[i] for i in pareto_indices(costs, [v["metrics"]["het_top1"] for v in entries])]
 
 
 def retrain(
