@@ -7,8 +7,9 @@ Without models it makes small random ones (the numbers measure the machinery, no
 Steps, all on this machine and bounded in count and time:
 1. index the Fashion-MNIST test set (10k; synthetic images if the data is missing) with the gallery model;
 2. export the query model to ONNX and check that ONNX and torch give the same top-10 for held-out queries;
-3. start ``cmpnas serve`` on 127.0.0.1 (a subprocess) and send N requests at concurrency C (stop after N
-   requests or the time cap): throughput, client-side p50/p99, error count, plus the server's /stats;
+3. start ``cmpnas serve --workers W`` on 127.0.0.1 (a subprocess) and send N requests at concurrency C
+   (stop after N requests or the time cap): throughput, client-side p50/p99, error count, the answering
+   worker's /stats; then the same at the ``--sweep`` concurrencies (latency grows with queueing);
 4. search only: FAISS IndexFlatIP vs numpy brute force at 10k and 100k random unit vectors (dim 128);
 5. ONNX Runtime batch-1 latency of the query model.
 """
@@ -115,13 +116,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(index_dir: Path, model: Path, port: int) -> subprocess.Popen:
+def start_server(index_dir: Path, model: Path, port: int, workers: int) -> subprocess.Popen:
     code = (
         "import sys; from cmpnas.serving.app import run_server; "
-        "run_server(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), log_level='warning', threads=1)"
+        "run_server(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), log_level='warning', threads=1, "
+        "workers=int(sys.argv[4]))"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(index_dir), str(model), str(port)], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(index_dir), str(model), str(port), str(workers)], env=env
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -315,6 +319,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128, help="embedding dim of the generated models")
     ap.add_argument("--requests", type=int, default=2000, help="HTTP requests in the load test")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients")
+    ap.add_argument(
+        "--sweep", type=int, nargs="*", default=[1, 2, 4], help="also load-test at these concurrencies"
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="server processes (cmpnas serve --workers; default: up to 2, one per core here)",
+    )
     ap.add_argument("--time-cap", type=float, default=180.0, help="load test stops after this many seconds")
     ap.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto", help="ONNX exporter")
     ap.add_argument(
@@ -377,7 +390,7 @@ def main() -> None:
 
         port = free_port()
         log(f"starting the server on 127.0.0.1:{port} (ONNX query model)")
-        server = start_server(work / "index", onnx_path, port)
+        server = start_server(work / "index", onnx_path, port, args.workers)
         try:
             url = f"http://127.0.0.1:{port}"
             load_test(url, png_payloads(held_out[:20]), 40, 2, 30)  # warm-up, not reported
@@ -386,7 +399,18 @@ def main() -> None:
                 url, png_payloads(held_out), args.requests, args.concurrency, args.time_cap
             )
             stats = httpx.get(f"{url}/stats", timeout=10).json()
-            result["load_test"]["server_threads"] = 1
+            result["load_test"]["server_workers"] = args.workers
+            result["load_test"]["server_threads_per_worker"] = 1
+            result["load_test_sweep"] = {}
+            for c in args.sweep:
+                sweep = load_test(url, png_payloads(held_out), min(args.requests, 1000), c, args.time_cap)
+                result["load_test_sweep"][str(c)] = {
+                    k: sweep[k]
+                    for k in ("concurrency", "requests_sent", "throughput_rps", "latency_ms", "errors")
+                }
+                log(
+                    f"concurrency {c}: {sweep['throughput_rps']} req/s, p99 {sweep['latency_ms']['p99']:.1f} ms"
+                )
             result["load_test"]["server_stats"] = {
                 k: stats[k] for k in ("queries", "rejected", "latency_ms", "mode")
             }

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak_gflops, write_result  # noqa: E402
 
 
-def step_rate(model, x, y, precision: str, steps: int = 8, warmup: int = 3) -> float:
+def step_rate(model, x, y, precision: str, steps: int = 20, warmup: int = 5) -> float:
     import torch
     import torch.nn.functional as F
 

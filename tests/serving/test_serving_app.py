@@ -197,3 +197,26 @@ def test_incompatible_model_refused_unless_allowed(
     )  # ONNX query model, checked from its metadata
     r = post(onnx_client, encode(pattern("blobs", 1)), params={"k": 3})
     assert r.status_code == 200 and r.json()["mode"] == "heterogeneous"
+
+
+def test_big_upload_goes_through_the_thread_pool_with_the_same_answer(
+    flat_index: Path, models: Any, pattern: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads above INLINE_MAX_BYTES are answered off the event loop; the answer must not change."""
+    import cmpnas.serving.app as app_mod
+
+    client = TestClient(create_app(flat_index, models.query))
+    png = encode(pattern("blobs", 5))
+    small = post(client, png, params={"k": 5}).json()["results"]
+    calls: list[int] = []
+    real = app_mod.run_in_threadpool
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        calls.append(len(args[0]))
+        return await real(fn, *args)
+
+    monkeypatch.setattr(app_mod, "run_in_threadpool", counting)
+    monkeypatch.setattr(app_mod, "INLINE_MAX_BYTES", len(png) - 1)
+    big = post(client, png, params={"k": 5}).json()["results"]
+    assert calls == [len(png)]
+    assert [h["id"] for h in big] == [h["id"] for h in small]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -172,3 +179,44 @@ def test_serve_passes_limits_to_the_server(
     assert seen["args"] == (flat_index, models.query) and seen["port"] == 8123 and seen["max_k"] == 7
     assert seen["max_upload_bytes"] == 512 * 1024 and seen["host"] == "127.0.0.1"
     assert seen["threads"] == 1  # the serving default: one query at a time
+    assert seen["workers"] == 1
+
+
+def test_serve_with_two_worker_processes(
+    tmp_path: Path, flat_index: Path, onnx_query: Path, pattern: Any
+) -> None:
+    """The real console command with --workers 2 (uvicorn's supervisor + 2 processes) answers searches."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).parent / "cmpnas"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cmpnas.cli"]
+    cmd += ["serve", "--index", str(flat_index), "--query-model", str(onnx_query), "--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        buf = io.BytesIO()
+        pattern("stripes", 3).save(buf, format="PNG")
+        answers = set()
+        for _ in range(6):  # new connections: either worker may answer, all must agree
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/search", params={"k": 4}, files={"file": ("q.png", buf.getvalue())}
+            )
+            assert r.status_code == 200, r.text
+            answers.add(tuple(h["id"] for h in r.json()["results"]))
+        assert len(answers) == 1 and len(next(iter(answers))) == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -10,6 +10,8 @@ decoding). Every bad input gets a 4xx with a message; only a bug can produce a 5
 from __future__ import annotations
 
 import io
+import json
+import os
 import threading
 import time
 from collections import deque
@@ -24,6 +26,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from cmpnas import __version__
 from cmpnas.errors import CmpnasError
@@ -35,6 +38,10 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~6300x6300; well below PIL's own bomb thresho
 MULTIPART_OVERHEAD = 16 * 1024  # boundary lines and part headers around the file
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 THUMB_SIZE = 112
+# Uploads up to this size are decoded, embedded and searched on the event loop itself (about a millisecond
+# for a small query image): handing each one to a worker thread cost several times the work on 2 cores.
+# Bigger uploads (slow to decode) go to the thread pool so they never stall other requests.
+INLINE_MAX_BYTES = 256 * 1024
 
 
 class Hit(BaseModel):
@@ -178,6 +185,14 @@ class SearchService:
         with self.lock:
             vec = self.encoder.embed_images([img])
             return self.index.search(vec, k)[0]
+
+    def answer(self, data: bytes, content_type: str | None, k: int) -> list[dict[str, Any]]:
+        """Upload bytes -> top-k hits, or UploadRejected (a bad image, or a model/index error)."""
+        img = decode_upload(data, content_type, self.limits["max_pixels"])
+        try:
+            return self.search(img, k)
+        except CmpnasError as exc:
+            raise UploadRejected(400, str(exc)) from None
 
     def record(self, latency_ms: float | None) -> None:
         with self.stats_lock:
@@ -329,7 +344,7 @@ def create_app(
             422: {"description": "bad k or missing file"},
         },
     )
-    def search(
+    async def search(
         file: UploadFile = File(..., description="query image (PNG, JPEG, WebP, GIF, BMP or TIFF)"),
         k: int | None = Query(None, description=f"number of results, 1..{max_k} (default {default_k})"),
         k_form: int | None = Form(
@@ -341,14 +356,13 @@ def create_app(
         try:
             if not 1 <= want <= max_k:
                 raise UploadRejected(422, f"k must be between 1 and {max_k} (got {want}).")
-            data = file.file.read(max_upload_bytes + 1)
+            data = await file.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise UploadRejected(413, f"Upload is larger than {max_upload_bytes} bytes.")
-            img = decode_upload(data, file.content_type, max_pixels)
-            try:
-                hits = service.search(img, want)
-            except CmpnasError as exc:
-                raise UploadRejected(400, str(exc)) from None
+            if len(data) <= INLINE_MAX_BYTES:
+                hits = service.answer(data, file.content_type, want)
+            else:  # a big image takes long to decode: keep the event loop free for other requests
+                hits = await run_in_threadpool(service.answer, data, file.content_type, want)
         except UploadRejected as exc:
             service.record(None)
             raise HTTPException(exc.status, exc.message) from None
@@ -360,16 +374,47 @@ def create_app(
     return app
 
 
+SERVE_CONFIG_ENV = "CMPNAS_SERVE_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes: ``create_app`` with the JSON arguments in the env."""
+    kwargs = json.loads(os.environ[SERVE_CONFIG_ENV])
+    return create_app(kwargs.pop("index_dir"), kwargs.pop("query_model_path"), **kwargs)
+
+
 def run_server(
     index_dir: str | Path,
     query_model_path: str | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    workers: int = 1,
     **limits: Any,
 ) -> None:
-    """Build the app (fails fast on a bad index/model pair) and serve it with uvicorn."""
+    """Build the app (fails fast on a bad index/model pair) and serve it with uvicorn.
+
+    ``workers > 1`` runs that many server processes on one port (uvicorn's supervisor), each with its own
+    copy of the model and index: the Python HTTP stack holds the GIL for most of a request, so one process
+    uses about one core whatever its thread count. ``/stats`` then counts the answering worker only.
+    """
     import uvicorn
 
+    if workers < 1:
+        raise CmpnasError(f"workers must be >= 1, got {workers}.", "pass --workers 1 or more")
     app = create_app(index_dir, query_model_path, **limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        return
+    del app  # checked; each worker loads its own copy
+    os.environ[SERVE_CONFIG_ENV] = json.dumps(
+        {"index_dir": str(index_dir), "query_model_path": str(query_model_path), **limits}
+    )
+    uvicorn.run(
+        "cmpnas.serving.app:app_from_env",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+    )

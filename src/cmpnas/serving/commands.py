@@ -252,6 +252,12 @@ def serve_command(
         help="intra-op threads of torch, ONNX Runtime and FAISS; queries are answered one at a time, "
         "so 1 is usually fastest",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="server processes on the port (each loads the model and index); about one core each",
+    ),
 ) -> None:
     """Serve the index over HTTP: POST /search, GET /healthz, /stats, /docs and a web page at /."""
     from cmpnas.serving.app import run_server
@@ -269,6 +275,7 @@ def serve_command(
         nprobe=nprobe,
         ef_search=ef_search,
         threads=threads,
+        workers=workers,
     )
 
 
