@@ -383,4 +383,6 @@ def test_split_shuffle_is_the_channel_shuffle_of_shufflenetv2(half: int, batch: 
     passthrough, main = split_shuffle(x)
     assert torch.equal(passthrough, shuffled[:, :half])
     assert torch.equal(main, shuffled[:, half:])
-    assert torch.equal(passthrough[:, 1], x[:, 2]) and torch.equal(main[:, 0], x[:, 1])  # by hand
+    assert torch.equal(passthrough[:, 0], x[:, 0]) and torch.equal(main[:, 0], x[:, 1])  # by hand
+    if half > 1:
+        assert torch.equal(passthrough[:, 1], x[:, 2]) and torch.equal(main[:, 1], x[:, 3])

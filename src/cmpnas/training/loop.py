@@ -236,7 +236,7 @@ def train(
                 loss, logs = model(x, labels, index, step)
             if not torch.isfinite(loss):
                 raise CmpnasError(
-                    f"Stage '{stage}': the loss became {float(loss)} at step {step}.",
+                    f"Stage '{stage}': the loss became {float(loss.detach())} at step {step}.",
                     "lower the learning rate (optim.lr) or use precision: fp32",
                 )
             loss.backward()
