@@ -202,7 +202,8 @@ def test_incompatible_model_refused_unless_allowed(
 def test_big_upload_goes_through_the_thread_pool_with_the_same_answer(
     flat_index: Path, models: Any, pattern: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Uploads above INLINE_MAX_BYTES are answered off the event loop; the answer must not change."""
+    """Uploads above INLINE_MAX_BYTES, or any upload when the model is slower than INLINE_MAX_MS, are answered
+    off the event loop; the answer must not change."""
     import cmpnas.serving.app as app_mod
 
     client = TestClient(create_app(flat_index, models.query))
@@ -220,3 +221,9 @@ def test_big_upload_goes_through_the_thread_pool_with_the_same_answer(
     big = post(client, png, params={"k": 5}).json()["results"]
     assert calls == [len(png)]
     assert [h["id"] for h in big] == [h["id"] for h in small]
+    monkeypatch.setattr(app_mod, "INLINE_MAX_BYTES", len(png))
+    monkeypatch.setattr(app_mod, "INLINE_MAX_MS", 0.0)  # as if the model were slow
+    slow = post(client, png, params={"k": 5}).json()["results"]
+    assert calls == [len(png), len(png)]
+    assert [h["id"] for h in slow] == [h["id"] for h in small]
+    assert client.app.state.service.search_ms > 0

@@ -38,10 +38,12 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~6300x6300; well below PIL's own bomb thresho
 MULTIPART_OVERHEAD = 16 * 1024  # boundary lines and part headers around the file
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 THUMB_SIZE = 112
-# Uploads up to this size are decoded, embedded and searched on the event loop itself (about a millisecond
-# for a small query image): handing each one to a worker thread cost several times the work on 2 cores.
-# Bigger uploads (slow to decode) go to the thread pool so they never stall other requests.
+# Small uploads are decoded, embedded and searched on the event loop itself when the query model is fast
+# (about a millisecond for the compact models this tool makes): handing each one to a worker thread cost
+# several times the work on 2 cores. Big uploads (slow to decode) and slow models (measured at start-up) go
+# to the thread pool, so they never stall other requests.
 INLINE_MAX_BYTES = 256 * 1024
+INLINE_MAX_MS = 5.0
 
 
 class Hit(BaseModel):
@@ -180,6 +182,24 @@ class SearchService:
         self.rejected = 0
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
+        self.search_ms = self._warm_up()
+
+    def _warm_up(self, calls: int = 3) -> float:
+        """Embed + search a blank image a few times (first-call set-up out of the way); best time in ms."""
+        spec = self.encoder.spec
+        blank = Image.new("L" if spec.in_chans == 1 else "RGB", (spec.input_size, spec.input_size))
+        best = float("inf")
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            try:
+                self.search(blank, 1)
+            except CmpnasError:  # e.g. an empty index: no timing, so requests take the safe (thread) path
+                return float("inf")
+            best = min(best, (time.perf_counter() - t0) * 1000)
+        return best
+
+    def runs_inline(self, upload_bytes: int) -> bool:
+        return upload_bytes <= INLINE_MAX_BYTES and self.search_ms <= INLINE_MAX_MS
 
     def search(self, img: Image.Image, k: int) -> list[dict[str, Any]]:
         with self.lock:
@@ -359,9 +379,9 @@ def create_app(
             data = await file.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise UploadRejected(413, f"Upload is larger than {max_upload_bytes} bytes.")
-            if len(data) <= INLINE_MAX_BYTES:
+            if service.runs_inline(len(data)):
                 hits = service.answer(data, file.content_type, want)
-            else:  # a big image takes long to decode: keep the event loop free for other requests
+            else:  # a big image or a slow model: keep the event loop free for other requests
                 hits = await run_in_threadpool(service.answer, data, file.content_type, want)
         except UploadRejected as exc:
             service.record(None)
