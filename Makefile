@@ -20,9 +20,10 @@ test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m slow
 
 # Benchmarks write JSON to benchmarks/results/; run them on an otherwise idle machine.
-# search_speed needs a finished `make demo` run in $(OUT) (its gallery and supernet).
+# search_speed and serving need a finished `make demo` run in $(OUT) (gallery, supernet, R3 model).
 bench: setup
 	$(VENV)/bin/python benchmarks/training_throughput.py
 	$(VENV)/bin/python benchmarks/compat_fashion_mnist.py
 	$(VENV)/bin/python benchmarks/search_speed.py --run $(OUT)
-	$(VENV)/bin/python benchmarks/serving.py
+	$(VENV)/bin/python benchmarks/serving.py --gallery-model $(OUT)/gallery/model.safetensors \
+		--query-model $(OUT)/retrain/R3/model.safetensors
