@@ -14,6 +14,7 @@ demo: setup
 test:
 	bash scripts/setup.sh --browser
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=15
 
 test-slow: setup

@@ -30,25 +30,25 @@ def main() -> None:
     from cmpnas.config import load_config
     from cmpnas.models.embedding import load_model
     from cmpnas.nas.candidates import build_evaluator
-    from cmpnas.nas.stages import _budget, _supernet_identity, make_space
-    from cmpnas.nas.supernet import load_supernet, query_macs
+    from cmpnas.nas.supernet import load_supernet
     from cmpnas.stages import load_data
+    from cmpnas.stages.common import make_space, space_budget, supernet_identity
 
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
     data = load_data(cfg)
     gallery = load_model(run / "gallery" / "model.safetensors")
     space = make_space(cfg, data)
-    budget, _ = _budget(cfg, space, gallery)
+    budget, _ = space_budget(cfg, space, gallery)
     supernet, _ = load_supernet(
-        run / "supernet" / "supernet.safetensors", _supernet_identity(cfg, data, gallery)
+        run / "supernet" / "supernet.safetensors", supernet_identity(cfg, data, gallery)
     )
     s = cfg.nas.search
     rng = random.Random(0)
     archs = []
     while len(archs) < args.candidates:
         a = space.sample(rng)
-        if query_macs(space, a, gallery.spec.embed_dim) <= budget:
+        if space.query_macs(a, gallery.spec.embed_dim) <= budget:
             archs.append(a)
 
     t = time.perf_counter()

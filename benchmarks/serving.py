@@ -37,11 +37,12 @@ import torch
 from PIL import Image
 
 from cmpnas import __version__
+from cmpnas.data.sources import GallerySource, Item, dataset_source, load_dataset_split
 from cmpnas.errors import CmpnasError
 from cmpnas.io import write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
 from cmpnas.serving.export import export_onnx, load_encoder, onnx_session, percentiles_ms
-from cmpnas.serving.index import GalleryIndex, GallerySource, Item, build_index, dataset_source
+from cmpnas.serving.index import GalleryIndex, build_index
 
 SMALL_GALLERY = {"widths": [16, 32], "depths": [1, 1], "strides": [1, 2]}
 SMALL_QUERY = {"widths": [8, 16], "depths": [1, 1], "strides": [2, 1]}
@@ -84,8 +85,6 @@ def gallery_source(size: int) -> tuple[GallerySource, np.ndarray, str]:
     """(source to index, held-out query images, dataset name)."""
     try:
         src = dataset_source("fashion_mnist", "test", limit=size)
-        from cmpnas.serving.index import load_dataset_split
-
         train_x, _ = load_dataset_split("fashion_mnist", "train", None, True)
         return src, train_x[:200], "fashion_mnist/test"
     except CmpnasError as exc:

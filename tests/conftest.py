@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 # No network at test time: Hugging Face / timm must never try to download.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -62,6 +63,30 @@ def tiny_idx_dir(tmp_path: Path, tiny_idx_arrays: dict[str, np.ndarray]) -> Path
     for key, name in FASHION_FILES.items():
         write_idx_gz(folder / name, tiny_idx_arrays[key])
     return folder
+
+
+def pattern_image(kind: str, seed: int, size: int = 40) -> Image.Image:
+    """A distinct RGB picture per (kind, seed): stripes, checks or a blob, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = rng.uniform(4, 12)
+    if kind == "stripes":
+        base = np.sin(2 * np.pi * (yy + rng.uniform(0, 10)) / period)
+    elif kind == "checks":
+        base = np.sign(np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period))
+    else:
+        cy, cx = rng.uniform(8, size - 8, 2)
+        base = 2 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(3, 8) ** 2)) - 1
+    gray = (base + 1) * 110 + rng.normal(0, 12, (size, size))
+    rgb = np.stack([gray, gray * rng.uniform(0.6, 1.0), gray * rng.uniform(0.6, 1.0)], -1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def pattern():  # type: ignore[no-untyped-def]
+    """The picture generator ``pattern(kind, seed)`` (kind: stripes, checks or blob), e.g. of the serving
+    tests' gallery, where item ``kind/NNN.png`` is seed 100*class+N."""
+    return pattern_image
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cmpnas.config import Config, load_config
-from cmpnas.models.spos import SposSpace
+from cmpnas.models.spaces.spos import SposSpace
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "cmpnas" / "configs"
 # name -> (input size, gallery MACs at that size with the config's embedding head, cost reduction)

@@ -7,6 +7,7 @@ silently ignored). CLI overrides use dotted keys: ``--set train.epochs=3``.
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,12 +110,19 @@ class CompatConfig(_Strict):
         description="classifier used by BCT: the gallery's own ('trained'), BCT's class-mean one ('synthesized'), "
         "or 'auto' = trained when it covers the training classes, else synthesized",
     )
+    terms: dict[str, float] = Field(
+        default_factory=dict, description="weights of further registered compatibility terms, by name"
+    )
+
+    def weights(self) -> dict[str, float]:
+        """Every term's weight by registry name (bct and align first, in that order)."""
+        return {"bct": self.bct_weight, "align": self.align_weight, **self.terms}
 
 
 class SpaceConfig(_Strict):
     """The SPOS ShuffleNetV2 one-shot search space (defaults sized for 1x28x28 inputs)."""
 
-    name: Literal["spos"] = "spos"
+    name: str = Field("spos", description="registered search space (cmpnas.models.spaces.SPACES)")
     stem_channels: int = Field(16, ge=4)
     stem_stride: int = Field(1, ge=1, le=4)
     stage_repeats: list[int] = Field(default_factory=lambda: [2, 2, 4, 2])
@@ -273,3 +281,12 @@ def load_config(
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def profile_path(name: str) -> Path:
+    """A packaged profile (``cmpnas/configs/<name>.yaml``)."""
+    root = resources.files("cmpnas") / "configs"
+    names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    if name not in names:
+        raise CmpnasError(f"Unknown profile '{name}'.", f"use one of: {', '.join(names)}")
+    return Path(str(root / f"{name}.yaml"))

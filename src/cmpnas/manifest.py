@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmpnas import __version__
 from cmpnas.io import write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -16,10 +17,8 @@ def environment() -> dict[str, Any]:
     import numpy
     import torch
 
-    import cmpnas
-
     env = {
-        "cmpnas": cmpnas.__version__,
+        "cmpnas": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,

@@ -20,6 +20,20 @@ from cmpnas import progress
 from cmpnas.config import CompatConfig, Config, dump_config
 from cmpnas.errors import CmpnasError
 from cmpnas.io import write_json_atomic, write_text_atomic
+from cmpnas.report import write_report
+from cmpnas.stages import (
+    evaluate_query_models,
+    export_model,
+    index_dataset,
+    load_data,
+    retrain,
+    search,
+    study,
+    train_gallery,
+    train_query,
+    train_supernet,
+)
+from cmpnas.stages.common import MODEL_FILE
 
 STATE_FILE = "run_state.json"
 
@@ -62,18 +76,14 @@ def _dump(x: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ stages
 def _gallery(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.stages import train_gallery
-
-    return train_gallery(ctx.cfg, ctx.path("gallery"), resume=True, data=ctx.data)
+    return dict(train_gallery(ctx.cfg, ctx.path("gallery"), resume=True, data=ctx.data))
 
 
 def _baseline(index: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from cmpnas.stages import train_query
-
         b = ctx.cfg.run.baselines[index]
         compat = CompatConfig(**{**ctx.cfg.compat.model_dump(), "mode": b.compat})
-        return train_query(
+        res = train_query(
             ctx.cfg,
             ctx.gallery_path,
             ctx.path("baselines", b.name),
@@ -83,20 +93,17 @@ def _baseline(index: int) -> Callable[[RunContext], dict[str, Any]]:
             compat=compat,
             name=b.name,
         )
+        return dict(res)
 
     return run
 
 
 def _supernet(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.nas.stages import train_supernet
-
-    return train_supernet(ctx.cfg, ctx.gallery_path, ctx.path("supernet"), resume=True, data=ctx.data)
+    return dict(train_supernet(ctx.cfg, ctx.gallery_path, ctx.path("supernet"), resume=True, data=ctx.data))
 
 
 def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from cmpnas.nas.stages import search
-
         scfg = ctx.cfg.nas.search.model_copy(update={"reward": reward})
         res = search(
             ctx.cfg,
@@ -120,8 +127,6 @@ def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
 
 def _retrain(reward: str) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from cmpnas.nas.stages import retrain
-
         arch = ctx.state[f"search-{reward}"]["outputs"]["best"]["arch"]
         # Two rewards may find the same arch: train it once and point the other entry at it. Only the rewards
         # retrained before this one (this stage's deps) have records of this run; the first match was trained.
@@ -144,8 +149,6 @@ def _retrain(reward: str) -> Callable[[RunContext], dict[str, Any]]:
 
 
 def _study(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.nas.stages import study
-
     res = study(ctx.cfg, ctx.gallery_path, ctx.path("study"), supernet_path=ctx.supernet_path, data=ctx.data)
     return {k: v for k, v in res.items() if k != "rows"}
 
@@ -161,37 +164,9 @@ def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str]]:
 
 
 def _evaluate(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.evaluation.evaluate import LeaveOneOut
-    from cmpnas.models.cost import measure_latency_ms
-    from cmpnas.models.embedding import load_model
-    from cmpnas.stages import compare
-
-    gallery = load_model(ctx.gallery_path)
-    protocol = LeaveOneOut(ctx.data.test)
-    cache: dict = {}
-    rows = []
-    g_lat = measure_latency_ms(
-        gallery, gallery.input_shape(1), repeats=ctx.cfg.run.latency_repeats, threads=1
-    )
-    for name, folder, kind in query_model_dirs(ctx):
-        query = load_model(folder / "model.safetensors")
-        res = compare(gallery, query, protocol, batch_size=ctx.cfg.eval_batch_size, gallery_cache=cache)
-        res["query"]["name"] = name
-        res["query"]["kind"] = kind
-        res["query"]["latency_ms_b1"] = measure_latency_ms(
-            query, query.input_shape(1), repeats=ctx.cfg.run.latency_repeats, threads=1
-        )["p50"]
-        res["gallery"]["latency_ms_b1"] = g_lat["p50"]
-        rows.append(res)
-        progress.event(
-            "evaluate",
-            message=(
-                f"{name}: hom {res['homogeneous']['top1']:.2f} het "
-                f"{res['heterogeneous']['top1']:.2f} paragon {res['paragon']['top1']:.2f}"
-            ),
-        )
-    write_json_atomic(ctx.path("evaluation", "rows.json"), rows)
-    return {"rows": "evaluation/rows.json", "n_models": len(rows)}
+    models = [(name, folder / MODEL_FILE, kind) for name, folder, kind in query_model_dirs(ctx)]
+    res = evaluate_query_models(ctx.cfg, ctx.gallery_path, models, ctx.path("evaluation"), data=ctx.data)
+    return {"rows": "evaluation/rows.json", "n_models": res["n_models"]}
 
 
 def _headline_dir(ctx: RunContext) -> Path:
@@ -201,12 +176,8 @@ def _headline_dir(ctx: RunContext) -> Path:
 
 
 def _export(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.serving.export import export_onnx
-
-    res = export_onnx(
-        _headline_dir(ctx) / "model.safetensors",
-        ctx.path("export", "query.onnx"),
-        exporter=ctx.cfg.run.onnx_exporter,
+    res = export_model(
+        _headline_dir(ctx) / MODEL_FILE, ctx.path("export", "query.onnx"), exporter=ctx.cfg.run.onnx_exporter
     )
     return {
         "onnx": "export/query.onnx",
@@ -215,15 +186,11 @@ def _export(ctx: RunContext) -> dict[str, Any]:
 
 
 def _index(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.serving.index import build_index_from_dataset
-
-    res = build_index_from_dataset(ctx.gallery_path, ctx.cfg.data, "test", ctx.path("index"))
+    res = index_dataset(ctx.gallery_path, ctx.cfg.data, "test", ctx.path("index"))
     return {"index": "index", **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
 
 
 def _report(ctx: RunContext) -> dict[str, Any]:
-    from cmpnas.report import write_report
-
     return write_report(ctx.out, ctx.cfg, ctx.state)
 
 
@@ -295,25 +262,16 @@ def build_stages(cfg: Config) -> list[StageDef]:
             _evaluate,
         )
     )
-    if cfg.run.export_onnx and cfg.run.rewards and _available("cmpnas.serving.export", "export_onnx"):
+    if cfg.run.export_onnx and cfg.run.rewards:
         stages.append(
             StageDef(
                 "export", [f"retrain-{cfg.run.headline_reward}"], lambda c: [c.run.onnx_exporter], _export
             )
         )
-    if cfg.run.build_index and _available("cmpnas.serving.index", "build_index_from_dataset"):
+    if cfg.run.build_index:
         stages.append(StageDef("index", ["gallery"], lambda c: [], _index))
     stages.append(StageDef("report", [s.name for s in stages], lambda c: [], _report))
     return stages
-
-
-def _available(module: str, attr: str) -> bool:
-    import importlib
-
-    try:
-        return hasattr(importlib.import_module(module), attr)
-    except ImportError:
-        return False
 
 
 def stage_key(stage: StageDef, cfg: Config, state: dict[str, Any]) -> str:
@@ -335,8 +293,6 @@ def _clear_stage(out: Path, name: str) -> None:
 
 def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = None) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the run state."""
-    from cmpnas.stages import load_data
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(cfg))

@@ -22,6 +22,11 @@ def configure(quiet: bool = False, json_logs: bool = False) -> None:
     _SETTINGS.mode = "json" if json_logs else ("quiet" if quiet else "auto")
 
 
+def human() -> bool:
+    """Whether commands print human-readable results (not with --quiet or --json-logs)."""
+    return _SETTINGS.mode == "auto"
+
+
 def _is_rank0() -> bool:
     import os
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from cmpnas.config import Config
+from cmpnas.evaluation.compare import markdown_table
 from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.manifest import environment
-from cmpnas.stages import markdown_table
 
 
 def _load(path: Path) -> Any:

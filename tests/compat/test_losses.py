@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-import cmpnas.stages as stages
+import cmpnas.stages.query as stages
 from cmpnas.compat.losses import AlignmentLoss, CompatLosses, InfluenceLoss, WeightedTerm, build_compat_losses
 from cmpnas.config import CompatConfig, build_config
 from cmpnas.errors import CmpnasError
 from cmpnas.models.classifiers import CosineClassifier, LinearClassifier
 from cmpnas.models.embedding import fingerprint, load_model
+from cmpnas.models.inference import embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +134,7 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture
 def captured_tasks(monkeypatch) -> list:
-    """Records the task object each ``train()`` call in cmpnas.stages trains, for inspection afterwards."""
+    """Records the task object each ``train()`` call in the query stage trains, for inspection afterwards."""
     real_train = stages.train
     tasks: list = []
 
@@ -154,7 +155,7 @@ def test_gallery_receives_no_gradient_during_query_training(
     gallery_bytes = _sha(tiny_gallery)
     gallery = load_model(tiny_gallery)
     gallery_clf = {k: v.clone() for k, v in gallery.classifier.state_dict().items()}
-    train_emb = stages.embed(gallery, tiny_data.train)
+    train_emb = embed(gallery, tiny_data.train)
 
     res = stages.train_query(cfg, tiny_gallery, tmp_path / "query", data=tiny_data)
 

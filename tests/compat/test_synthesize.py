@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cmpnas.stages as stages
+import cmpnas.compat.targets as targets
+import cmpnas.stages.query as stages
 from cmpnas.compat.losses import InfluenceLoss
 from cmpnas.compat.synthesize import class_mean_weights, synthesize_classifier
 from cmpnas.config import CompatConfig, build_config
 from cmpnas.errors import CmpnasError
-from cmpnas.evaluation.evaluate import embed, labels_of
 from cmpnas.models.classifiers import CosineClassifier
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
+from cmpnas.models.inference import embed, labels_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +68,7 @@ def _gallery_with_classes(num_classes: int, seed: int = 0) -> EmbeddingModel:
 def test_gallery_classifier_choice(tiny_data, gallery_classes: int, choice: str, expect: str) -> None:
     gallery = _gallery_with_classes(gallery_classes)
     train_emb = embed(gallery, tiny_data.train)
-    clf = stages.gallery_classifier_for(
+    clf = targets.gallery_classifier_for(
         gallery, tiny_data, CompatConfig(gallery_classifier=choice), train_emb
     )
     if expect == "trained":
@@ -83,7 +84,7 @@ def test_gallery_classifier_choice(tiny_data, gallery_classes: int, choice: str,
 
 def test_trained_classifier_with_wrong_class_count_is_a_clear_error(tiny_data) -> None:
     with pytest.raises(CmpnasError, match="4 classes but the data has 10") as exc:
-        stages.gallery_classifier_for(
+        targets.gallery_classifier_for(
             _gallery_with_classes(4), tiny_data, CompatConfig(gallery_classifier="trained"), None
         )
     assert "synthesized" in str(exc.value)

@@ -1,4 +1,4 @@
-"""evaluate / three_way on constructed model pairs with known answers; stages.compare's derived numbers."""
+"""evaluate / three_way on constructed model pairs with known answers; the evaluate stage."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from cmpnas.config import build_config
 from cmpnas.data.base import TensorImageDataset
 from cmpnas.data.synthetic import make_synthetic_bundle
 from cmpnas.errors import CmpnasError
-from cmpnas.evaluation.evaluate import LeaveOneOut, QueryGallery, embed, evaluate, three_way
+from cmpnas.evaluation.evaluate import LeaveOneOut, QueryGallery, evaluate, three_way
 from cmpnas.models.cost import count_macs
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint, load_model, save_model
+from cmpnas.models.inference import embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,39 +162,6 @@ def test_embed_is_batch_size_invariant_and_restores_train_mode(bundle) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- compare
-def _tiny(seed: int, widths: list[int], name: str) -> EmbeddingModel:
-    torch.manual_seed(seed)
-    kw = {"widths": widths, "depths": [1, 1], "strides": [1, 2]}
-    return EmbeddingModel(
-        ModelSpec(backbone="resnet_small", backbone_kwargs=kw, embed_dim=8, name=name)
-    ).eval()
-
-
-@pytest.mark.parametrize(("het_top1", "compatible"), [(75.5, True), (70.0, False), (60.0, False)])
-def test_compare_derives_cost_reduction_gap_and_verdict(
-    monkeypatch, het_top1: float, compatible: bool
-) -> None:
-    gallery, query = _tiny(0, [8, 16], "big"), _tiny(1, [4, 8], "small")
-    rows = {
-        "paragon": {"top1": 90.0, "top5": 97.0, "map": 80.0, "n_queries": 10},
-        "homogeneous": {"top1": 70.0, "top5": 90.0, "map": 60.0, "n_queries": 10},
-        "heterogeneous": {"top1": het_top1, "top5": 93.0, "map": 65.0, "n_queries": 10},
-    }
-    monkeypatch.setattr(stages, "three_way", lambda *a, **kw: copy.deepcopy(rows))
-    monkeypatch.setattr(stages, "count_macs", lambda m, shape: 1_000_000 if m is gallery else 8_000)
-    res = stages.compare(gallery, query, protocol=None)
-    assert res["cost_reduction"] == 125.0
-    assert res["gap_to_paragon"] == pytest.approx({"top1": 90.0 - het_top1, "top5": 4.0, "map": 15.0})
-    assert res["relative_gap_to_paragon"]["top1"] == pytest.approx((90.0 - het_top1) / 90.0 * 100, abs=1e-3)
-    assert res["compatible"] is compatible  # strictly M(q,g) > M(q,q)
-    assert res["gallery"] == {"name": "big", "macs": 1_000_000, "fingerprint": fingerprint(gallery)}
-    assert res["query"]["name"] == "small" and res["query"]["macs"] == 8_000
-    assert res["n_queries"] == 10
-    table = stages.markdown_table([res])
-    assert "| small | 0.01 M | 125.0x |" in table
-    assert f"{het_top1:.2f} / 65.00" in table and ("| yes |" if compatible else "| no |") in table
-
-
 def test_evaluate_models_writes_results(
     tmp_path: Path, tiny_raw: dict, tiny_data, tiny_gallery: Path
 ) -> None:

@@ -31,9 +31,9 @@ from cmpnas.data.factory import build_data  # noqa: E402
 from cmpnas.data.ijbc import IJBCAlignedFaces, read_ijbc_meta  # noqa: E402
 from cmpnas.errors import CmpnasError  # noqa: E402
 from cmpnas.evaluation.embeddings_io import score_deepfashion2_embeddings, score_ijbc_embeddings  # noqa: E402
-from cmpnas.evaluation.evaluate import embed  # noqa: E402
 from cmpnas.evaluation.protocols import _embed_faces, run_protocol_evaluation  # noqa: E402
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec  # noqa: E402
+from cmpnas.models.inference import embed  # noqa: E402
 from cmpnas.stages import train_gallery  # noqa: E402
 
 FARS = ["1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"]

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cmpnas.data.sources import csv_source, dataset_source, folder_source, load_dataset_split
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.export import load_encoder
 from cmpnas.serving.index import (
@@ -20,9 +21,6 @@ from cmpnas.serving.index import (
     _new_faiss_index,
     build_index,
     check_compatible,
-    csv_source,
-    dataset_source,
-    folder_source,
     query_images,
 )
 
@@ -93,30 +91,17 @@ def test_k_larger_than_gallery_returns_everything(flat_index: Path, models: Any,
     assert len(hits) == len(index) and len({h["id"] for h in hits}) == len(index)
 
 
-def test_csv_source_relative_paths_and_header(tmp_path: Path, models: Any, pattern: Any) -> None:
+def test_csv_source_index_keeps_ids_and_labels(tmp_path: Path, models: Any, pattern: Any) -> None:
+    # the source's own reading is tested in tests/data/test_sources.py
     for i in range(4):
         pattern("stripes", i).save(tmp_path / f"s{i}.png")
     (tmp_path / "list.csv").write_text("path,label\ns0.png,shirt\ns1.png,shirt\n\ns2.png,dress\n")
-    src = csv_source(tmp_path / "list.csv")
-    assert [(it.id, it.label) for it in src.items] == [
-        ("s0.png", "shirt"),
-        ("s1.png", "shirt"),
-        ("s2.png", "dress"),
-    ]
-    manifest = build_index(models.gallery, src, tmp_path / "idx")
+    manifest = build_index(models.gallery, csv_source(tmp_path / "list.csv"), tmp_path / "idx")
     assert manifest["count"] == 3
     assert {it.label for it in GalleryIndex.load(tmp_path / "idx").items} == {"shirt", "dress"}
 
 
-def test_missing_sources_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(CmpnasError, match="does not exist"):
-        folder_source(tmp_path / "nope")
-    with pytest.raises(CmpnasError, match="No image files"):
-        folder_source(tmp_path)
-    with pytest.raises(CmpnasError, match="does not exist"):
-        csv_source(tmp_path / "nope.csv")
-    with pytest.raises(CmpnasError, match="Unknown dataset"):
-        dataset_source("imagenet")
+def test_loading_a_folder_that_is_not_an_index_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CmpnasError, match="not a gallery index"):
         GalleryIndex.load(tmp_path)
 
@@ -316,16 +301,10 @@ def test_query_images_refuses_then_allows(
 
 
 # --------------------------------------------------------------------------------------------- dataset source
-def test_fashion_mnist_ids_labels_and_thumbnails(tmp_path: Path, models: Any, tiny_idx_dir: Path) -> None:
-    from cmpnas.serving.index import load_dataset_split
-
-    images, labels = load_dataset_split("fashion_mnist", "test", str(tiny_idx_dir))
-    assert images.shape == (30, 28, 28)  # the shared toy set: 3 test images per class
+def test_fashion_mnist_index_thumbnails(tmp_path: Path, models: Any, tiny_idx_dir: Path) -> None:
+    # the source's ids and labels are tested in tests/data/test_sources.py
+    images, _ = load_dataset_split("fashion_mnist", "test", str(tiny_idx_dir))
     src = dataset_source("fashion_mnist", "test", str(tiny_idx_dir), limit=20)
-    assert src.items[7].id == "fashion_mnist/test/000007"
-    from cmpnas.data.fashion_mnist import CLASS_NAMES
-
-    assert src.items[7].label == CLASS_NAMES[int(labels[7])]
     build_index(models.gallery, src, tmp_path / "idx")
     index = GalleryIndex.load(tmp_path / "idx")
     assert len(index) == 20
@@ -335,41 +314,6 @@ def test_fashion_mnist_ids_labels_and_thumbnails(tmp_path: Path, models: Any, ti
 
 
 # --------------------------------------------------------------------------------------------- pipeline entry
-@pytest.mark.filterwarnings("ignore:skipped 1 unreadable image")  # the gallery's deliberately broken file
-def test_build_index_from_data_configs(
-    tmp_path: Path, models: Any, tiny_idx_dir: Path, gallery_dir: Path
-) -> None:
-    from cmpnas.config import DataConfig
-    from cmpnas.serving.index import build_index_from_dataset
-
-    fm = build_index_from_dataset(
-        models.gallery, DataConfig(root=str(tiny_idx_dir), subset_test=12), "test", tmp_path / "fm"
-    )
-    assert fm["count"] == 12 and fm["dataset"] == "fashion_mnist/test" and fm["index_type"] == "flat"
-    assert GalleryIndex.load(tmp_path / "fm").items[11].id == "fashion_mnist/test/000011"
-
-    syn = build_index_from_dataset(
-        models.gallery,
-        DataConfig(name="synthetic", subset_train=50, subset_test=20),
-        "test",
-        tmp_path / "syn",
-    )
-    assert syn["count"] == 20
-    index = GalleryIndex.load(tmp_path / "syn")
-    assert (
-        index.items[3].id == "synthetic/test/000003"
-        and index.thumbnail_image("synthetic/test/000003") is None
-    )
-
-    folder = build_index_from_dataset(
-        models.gallery, DataConfig(name="folder", root=str(gallery_dir)), "test", tmp_path / "folder"
-    )
-    index = GalleryIndex.load(tmp_path / "folder")
-    assert folder["count"] == len(index) >= 3 and folder["skipped_unreadable"] == 0
-    # small folders are held in memory by the data package (no paths): ids name rows, labels classes
-    assert index.items[0].id == "folder/test/000000" and {it.label for it in index.items} == set(CLASSES)
-
-
 def test_interrupted_swap_points_at_the_previous_index(tmp_path: Path) -> None:
     (tmp_path / ".idx.old-1234abcd").mkdir()  # the state a crash between the two renames leaves
     with pytest.raises(CmpnasError, match=r"rename '.*\.idx\.old-1234abcd' back"):

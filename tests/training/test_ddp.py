@@ -65,13 +65,14 @@ RECORD_PATHS = textwrap.dedent(
 
     import torch
 
-    import cmpnas.nas.stages as nas_stages
     from cmpnas.config import build_config
+    from cmpnas.models.spaces.spos import SposSpace
+    from cmpnas.stages import train_supernet
 
     torch.set_num_threads(1)
     out, gallery, cfg_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     cfg = build_config(json.loads(cfg_file.read_text()))
-    real_sampler = nas_stages.path_sampler
+    real_sampler = SposSpace.path_sampler
     log = []
 
     def recording_sampler(space, *args, **kwargs):
@@ -84,8 +85,8 @@ RECORD_PATHS = textwrap.dedent(
 
         return sample_and_record
 
-    nas_stages.path_sampler = recording_sampler
-    nas_stages.train_supernet(cfg, gallery, out / "supernet")
+    SposSpace.path_sampler = recording_sampler
+    train_supernet(cfg, gallery, out / "supernet")
     (out / "paths").mkdir(exist_ok=True)
     (out / "paths" / f"rank{os.environ['RANK']}.json").write_text(json.dumps(log))
     """
@@ -118,17 +119,16 @@ def test_path_sampler_depends_only_on_seed_and_step(tiny_raw: dict) -> None:
     """In-process companion: separately built samplers (as on separate ranks) agree step by step."""
     import random
 
-    from cmpnas.models.spos import SposSpace
-    from cmpnas.nas.supernet import path_sampler
+    from cmpnas.models.spaces.spos import SposSpace
 
     space = SposSpace(tiny_raw["nas"]["space"], in_chans=1, input_size=28)
     lo, hi = space.min_macs(), space.max_macs()
-    samplers = [path_sampler(space, 7, lo + 0.3 * (hi - lo), hi, 16) for _ in range(2)]
+    samplers = [space.path_sampler(7, lo + 0.3 * (hi - lo), hi, 16) for _ in range(2)]
     for step in (0, 1, 5, 1000):
         keys = {space.arch_key(s(step)) for s in samplers}
         assert len(keys) == 1
-    other_seed = path_sampler(space, 8, None, None, 16)
-    same_seed = path_sampler(space, 7, None, None, 16)
+    other_seed = space.path_sampler(8, None, None, 16)
+    same_seed = space.path_sampler(7, None, None, 16)
     assert [space.arch_key(same_seed(s)) for s in range(20)] != [
         space.arch_key(other_seed(s)) for s in range(20)
     ]

@@ -14,12 +14,12 @@ from torch import nn
 
 from cmpnas.config import TrainConfig
 from cmpnas.data.synthetic import make_synthetic_bundle
+from cmpnas.distributed import DistInfo
 from cmpnas.errors import CmpnasError
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec
 from cmpnas.training import checkpoint as checkpoint_module
 from cmpnas.training import loop as loop_module
 from cmpnas.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from cmpnas.training.distributed import DistInfo
 from cmpnas.training.loop import build_optimizer, cosine_warmup, epoch_order, run_identity, train
 from cmpnas.training.tasks import ClassificationTask
 

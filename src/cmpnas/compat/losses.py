@@ -8,6 +8,7 @@ parameters, so the gallery can never receive a gradient through them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,30 @@ from cmpnas.errors import CmpnasError
 from cmpnas.models.classifiers import freeze
 
 
-class InfluenceLoss(nn.Module):
+class CompatTerm(nn.Module):
+    """A compatibility term: ``forward(query embedding, labels, batch indices) -> scalar``.
+
+    ``needs`` names the gallery targets it reads (``classifier``: the frozen gallery classifier,
+    ``embeddings``: the cached gallery embeddings of the training images); ``from_targets`` builds it.
+    """
+
+    name = "term"
+    needs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_targets(cls, targets: dict[str, Any], cfg: CompatConfig, label_smoothing: float) -> CompatTerm:
+        raise NotImplementedError
+
+
+class InfluenceLoss(CompatTerm):
     """BCT: CE of the *frozen gallery classifier* applied to the query embedding."""
 
     name = "bct"
+    needs = ("classifier",)
+
+    @classmethod
+    def from_targets(cls, targets: dict[str, Any], cfg: CompatConfig, label_smoothing: float) -> InfluenceLoss:
+        return cls(targets["classifier"], label_smoothing)
 
     def __init__(self, gallery_classifier: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -38,8 +59,14 @@ class InfluenceLoss(nn.Module):
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
-class AlignmentLoss(nn.Module):
+class AlignmentLoss(CompatTerm):
     """Pull the query embedding towards the cached gallery embedding of the same image (L2 or cosine)."""
+
+    needs = ("embeddings",)
+
+    @classmethod
+    def from_targets(cls, targets: dict[str, Any], cfg: CompatConfig, label_smoothing: float) -> AlignmentLoss:
+        return cls(targets["embeddings"], cfg.align)
 
     def __init__(self, gallery_embeddings: torch.Tensor, kind: str = "cosine") -> None:
         super().__init__()
@@ -91,18 +118,53 @@ def build_compat_losses(
     gallery_embeddings: torch.Tensor | None,
     label_smoothing: float = 0.0,
 ) -> CompatLosses:
-    """Config -> loss terms. ``independent`` gives no terms (the incompatible baseline)."""
+    """Config -> weighted terms from the registry. ``independent`` gives no terms (the incompatible baseline)."""
+    if cfg.mode != "bct":
+        return CompatLosses([])
+    targets = {"classifier": gallery_classifier, "embeddings": gallery_embeddings}
     terms: list[WeightedTerm] = []
-    if cfg.mode == "bct" and cfg.bct_weight > 0:
-        if gallery_classifier is None:
+    for name, weight in cfg.weights().items():
+        if weight <= 0:
+            continue
+        if name not in TERMS:
             raise CmpnasError(
-                "BCT needs the gallery classifier.", "pass a gallery checkpoint with a classifier"
+                f"Unknown compatibility term '{name}'.", f"use one of: {', '.join(TERMS)}"
             )
-        terms.append(WeightedTerm(cfg.bct_weight, InfluenceLoss(gallery_classifier, label_smoothing)))
-    if cfg.mode == "bct" and cfg.align_weight > 0:
-        if gallery_embeddings is None:
-            raise CmpnasError(
-                "The alignment term needs cached gallery embeddings.", "compute them before training"
-            )
-        terms.append(WeightedTerm(cfg.align_weight, AlignmentLoss(gallery_embeddings, cfg.align)))
+        term_cls = TERMS[name]
+        for need in term_cls.needs:
+            if targets[need] is None:
+                raise CmpnasError(*_MISSING[need](name))
+        terms.append(WeightedTerm(weight, term_cls.from_targets(targets, cfg, label_smoothing)))
     return CompatLosses(terms)
+
+
+def needs_of(cfg: CompatConfig) -> set[str]:
+    """Targets (``classifier``, ``embeddings``) the active terms of ``cfg`` read."""
+    if cfg.mode != "bct":
+        return set()
+    return {need for name, w in cfg.weights().items() if w > 0 and name in TERMS for need in TERMS[name].needs}
+
+
+_MISSING = {
+    "classifier": lambda name: (
+        "BCT needs the gallery classifier." if name == "bct" else f"The '{name}' term needs the gallery classifier.",
+        "pass a gallery checkpoint with a classifier",
+    ),
+    "embeddings": lambda name: (
+        "The alignment term needs cached gallery embeddings."
+        if name == "align"
+        else f"The '{name}' term needs cached gallery embeddings.",
+        "compute them before training",
+    ),
+}
+
+# The compatibility terms: config weight name -> term class (one line each; see docs/extending.md).
+TERMS: dict[str, type[CompatTerm]] = {
+    "bct": InfluenceLoss,
+    "align": AlignmentLoss,
+}
+
+
+def register_term(name: str, cls: type[CompatTerm]) -> None:
+    """Add a term; its weight is ``compat.terms.<name>`` in the config."""
+    TERMS[name] = cls

@@ -132,14 +132,23 @@ def _scan_classes(folder: Path, split: str | None) -> list[ImageRecord]:
             f"Folder '{folder}' has no class subfolders.",
             "arrange images as <root>/<class>/<image> (one subfolder per class)",
         )
-    records = []
-    for class_dir in class_dirs:
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    records.append(ImageRecord(Path(dirpath) / name, class_dir.name, split))
-    return records
+    return [ImageRecord(p, class_dir.name, split) for class_dir in class_dirs for p in walk_images(class_dir)]
+
+
+def walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively: the one listing every image-folder reader uses.
+
+    Order is sorted and depth-first: a folder's files (by name) come before its subfolders (by name).
+    Hidden files and folders (name starting with ".") are skipped; an image is a file whose suffix,
+    lower-cased, is in :data:`IMAGE_EXTENSIONS`.
+    """
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(Path(dirpath) / name)
+    return files
 
 
 def read_csv_manifest(csv_path: str | os.PathLike[str]) -> list[ImageRecord]:
@@ -151,25 +160,62 @@ def read_csv_manifest(csv_path: str | os.PathLike[str]) -> list[ImageRecord]:
             f"CSV manifest '{path}' {what}.",
             "set data.root to a CSV file with a header line path,label[,split] (or use data.name=folder)",
         )
+    return [ImageRecord(row.path, row.label, row.split) for row in read_csv_rows(path)]
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    """One image row of a CSV image list."""
+
+    line: int  # row number in the file, 1-based (blank rows and the header count)
+    text: str  # the path cell as written (stripped)
+    path: Path  # that path, ``~`` expanded; a relative one joined to the CSV's folder
+    label: str  # "" when the row gives none (only with ``label_required=False``)
+    split: str | None  # train / val / test (lower-cased), None without a split column
+
+
+def read_csv_rows(
+    csv_path: str | os.PathLike[str],
+    *,
+    header_required: bool = True,
+    label_required: bool = True,
+    split_column: bool = True,
+) -> list[CsvRow]:
+    """The rows of an image-list CSV ``path,label[,split]``: the one CSV reader of the data package.
+
+    ``header_required``: the first (non-blank) line must name the columns (``path`` and ``label`` in any
+    order, optionally ``split``) and at least one row must follow. Without it, a first line naming ``path``
+    and ``label`` is still read as the header; otherwise every line is data with the columns ``path,label``
+    by position, and a file without rows gives an empty list.
+    ``label_required``: an empty label is an error (else it is read as ""). ``split_column``: read and check
+    a ``split`` column named in the header (else it is ignored). Blank lines are skipped.
+    """
+    path = Path(csv_path).expanduser()
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CmpnasError(f"CSV manifest '{path}' cannot be read: {exc}.", "save it as UTF-8 CSV") from None
-    if not rows:
+    if header_required and not rows:
         raise CmpnasError(
             f"CSV manifest '{path}' is empty.", "add a header line path,label[,split] and one row per image"
         )
-    header = [h.strip().lower() for h in rows[0]]
+    # the header is the first non-blank line
+    top = next((i for i, row in enumerate(rows) if any(cell.strip() for cell in row)), 0)
+    header = [h.strip().lower() for h in rows[top]] if rows else []
     missing = [c for c in ("path", "label") if c not in header]
-    if missing:
+    if missing and header_required:
         raise CmpnasError(
-            f"CSV manifest '{path}' lacks the column(s) {', '.join(missing)} (header: {','.join(rows[0])}).",
+            f"CSV manifest '{path}' lacks the column(s) {', '.join(missing)} (header: {','.join(rows[top])}).",
             "make the first line a header naming the columns: path,label[,split]",
         )
-    col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    if missing:  # no header: path,label by position
+        col, body = {"path": 0, "label": 1}, top
+    else:
+        names = ("path", "label", "split") if split_column else ("path", "label")
+        col, body = {name: header.index(name) for name in names if name in header}, top + 1
     records = []
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in enumerate(rows[body:], start=body + 1):
         if not any(cell.strip() for cell in row):
             continue
         cells = {name: (row[i].strip() if i < len(row) else "") for name, i in col.items()}
@@ -177,7 +223,7 @@ def read_csv_manifest(csv_path: str | os.PathLike[str]) -> list[ImageRecord]:
             raise CmpnasError(
                 f"CSV manifest '{path}' line {line_no}: the path is empty.", "give every row an image path"
             )
-        if not cells["label"]:
+        if not cells["label"] and label_required:
             raise CmpnasError(
                 f"CSV manifest '{path}' line {line_no}: the label of '{cells['path']}' is empty.",
                 "give every row a class label (or remove the row)",
@@ -192,11 +238,15 @@ def read_csv_manifest(csv_path: str | os.PathLike[str]) -> list[ImageRecord]:
                 )
         image_path = Path(cells["path"]).expanduser()
         records.append(
-            ImageRecord(
-                image_path if image_path.is_absolute() else path.parent / image_path, cells["label"], split
+            CsvRow(
+                line_no,
+                cells["path"],
+                image_path if image_path.is_absolute() else path.parent / image_path,
+                cells["label"],
+                split,
             )
         )
-    if not records:
+    if header_required and not records:
         raise CmpnasError(f"CSV manifest '{path}' has a header but no rows.", "add one row per image")
     return records
 

@@ -16,6 +16,7 @@ import torch
 
 from cmpnas.data.deepfashion2 import Item
 from cmpnas.errors import CmpnasError
+from cmpnas.evaluation.retrieval import knn
 from cmpnas.io import write_json_atomic
 
 TOP_KS = (1, 5, 10, 15, 20)
@@ -141,13 +142,13 @@ def rank_with_scores(
     gallery = torch.nn.functional.normalize(gallery, dim=1)
     ranking: dict[str, list[str]] = {}
     similarities: dict[str, list[float]] = {}
-    for start in range(0, queries.shape[0], chunk_size):
-        sims = queries[start : start + chunk_size] @ gallery.T
-        top_sims, top_index = torch.topk(sims, k, dim=1)
-        for row, (values, indices) in enumerate(zip(top_sims.tolist(), top_index.tolist(), strict=True)):
-            query_id = query_ids[start + row]
-            ranking[query_id] = [gallery_ids[i] for i in indices]
-            similarities[query_id] = values
+    if queries.shape[0] == 0:
+        return ranking, similarities
+    top_sims, top_index = knn(queries, gallery, k, chunk_size=chunk_size)
+    for row, (values, indices) in enumerate(zip(top_sims.tolist(), top_index.tolist(), strict=True)):
+        query_id = query_ids[row]
+        ranking[query_id] = [gallery_ids[i] for i in indices]
+        similarities[query_id] = values
     return ranking, similarities
 
 

@@ -25,7 +25,9 @@ from cmpnas import progress
 from cmpnas.config import Config
 from cmpnas.data.deepfashion2 import DeepFashion2Crops, Item, read_deepfashion2
 from cmpnas.data.ijbc import ALIGNED_SIZE, IJBCAlignedFaces, IJBCMeta, read_ijbc_meta
+from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
+from cmpnas.evaluation.compare import cost_reduction, gap_to_paragon, is_compatible, settings_for
 from cmpnas.evaluation.deepfashion2 import (
     OFFICIAL_RESULT_LENGTH,
     TOP_KS,
@@ -36,7 +38,6 @@ from cmpnas.evaluation.deepfashion2 import (
     retrieval_queries,
 )
 from cmpnas.evaluation.embeddings_io import _rows_for, load_embeddings_npz
-from cmpnas.evaluation.evaluate import embed
 from cmpnas.evaluation.verification import (
     DEFAULT_FARS,
     plot_roc,
@@ -46,9 +47,8 @@ from cmpnas.evaluation.verification import (
 )
 from cmpnas.io import write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, load_model, model_summary
-from cmpnas.training.distributed import init_distributed
+from cmpnas.models.inference import embed
 
-PROTOCOLS = ("deepfashion2", "ijbc")
 RESULTS_FILE = "results.json"
 ROC_FILE = "roc.png"
 OFFICIAL_FILE = "retrieval_results.json"  # DeepFashion2's official result format (GT boxes)
@@ -63,17 +63,8 @@ _DEEPFASHION2_SPLITS = {
 }
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One scored combination: which feature source embeds the queries and which the gallery."""
-
-    name: str  # paragon / homogeneous / heterogeneous
-    query_side: str  # a key of the feature sources
-    gallery_side: str
-
-
 @dataclass
-class _Request:
+class ProtocolRequest:
     """Validated inputs of one evaluation (the protocol functions read only this)."""
 
     root: Path
@@ -111,10 +102,11 @@ def run_protocol_evaluation(
     """
     if protocol not in PROTOCOLS:
         raise CmpnasError(f"Unknown protocol '{protocol}'.", f"use --protocol {' or '.join(PROTOCOLS)}")
-    root_dir = _check_root(root, protocol)
-    _check_split(protocol, split)
+    spec = PROTOCOLS[protocol]
+    root_dir = _check_root(root, protocol, spec.root_holds)
+    spec.check_split(split)
     _check_sources(embeddings, gallery_embeddings, gallery_model, query_model)
-    request = _Request(
+    request = ProtocolRequest(
         root=root_dir,
         split=split,
         embeddings=embeddings,
@@ -125,20 +117,15 @@ def run_protocol_evaluation(
         out=Path(out),
         write=init_distributed().is_main,
     )
-    evaluate_protocol = _evaluate_deepfashion2 if protocol == "deepfashion2" else _evaluate_ijbc
-    results = evaluate_protocol(request)
+    results = spec.evaluate(request)
     if request.write:
         write_json_atomic(request.out / RESULTS_FILE, results)
-    progress.event("evaluate", message=_summary_line(results))
+    progress.event("evaluate", message=_summary_line(results, spec.headline))
     return results
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _check_root(root: str | os.PathLike[str] | None, protocol: str) -> Path:
-    holds = {
-        "deepfashion2": "validation/annos and validation/image",
-        "ijbc": "loose_crop/ and meta/ijbc_*.txt",
-    }[protocol]
+def _check_root(root: str | os.PathLike[str] | None, protocol: str, holds: str) -> Path:
     if root is None:
         raise CmpnasError(
             f"--protocol {protocol} needs the dataset root.", f"pass --root DIR (the folder holding {holds})"
@@ -151,12 +138,15 @@ def _check_root(root: str | os.PathLike[str] | None, protocol: str) -> Path:
     return path
 
 
-def _check_split(protocol: str, split: str) -> None:
-    if protocol == "deepfashion2" and split not in _DEEPFASHION2_SPLITS:
+def _deepfashion2_split(split: str) -> None:
+    if split not in _DEEPFASHION2_SPLITS:
         raise CmpnasError(
             f"Unknown split '{split}' for DeepFashion2.", "use --split test (= validation) or train"
         )
-    if protocol == "ijbc" and split != "test":
+
+
+def _ijbc_split(split: str) -> None:
+    if split != "test":
         raise CmpnasError(
             f"IJB-C 1:1 has no '{split}' split.", "drop --split (IJB-C is a test-only benchmark)"
         )
@@ -195,22 +185,6 @@ def _load_models(gallery: Any, query: Any) -> dict[str, EmbeddingModel]:
     return models
 
 
-def _settings_for(sides: Sequence[str]) -> list[Setting]:
-    """Settings to score for the available feature sources (models by role, or npz files)."""
-    if "embeddings" in sides:
-        if "gallery_embeddings" in sides:
-            return [Setting("heterogeneous", "embeddings", "gallery_embeddings")]
-        return [Setting("homogeneous", "embeddings", "embeddings")]
-    settings = []
-    if "gallery" in sides:
-        settings.append(Setting("paragon", "gallery", "gallery"))
-    if "query" in sides:
-        settings.append(Setting("homogeneous", "query", "query"))
-    if "gallery" in sides and "query" in sides:
-        settings.append(Setting("heterogeneous", "query", "gallery"))
-    return settings
-
-
 def _model_block(
     models: dict[str, EmbeddingModel], headline: Callable[[dict], float], settings: dict
 ) -> dict:
@@ -220,27 +194,24 @@ def _model_block(
     if len(models) == 2:
         query = models["query"]
         g_macs, q_macs = block["models"]["gallery"]["macs"], block["models"]["query"]["macs"]
-        block["cost_reduction"] = round(g_macs / max(1, q_macs), 2)
-        block["compatible"] = bool(headline(settings["heterogeneous"]) > headline(settings["homogeneous"]))
+        block["cost_reduction"] = cost_reduction(g_macs, q_macs)
+        block["compatible"] = is_compatible(settings, headline)
         if query.spec.compatible_with != block["models"]["gallery"]["fingerprint"]:
             notes.append("the query model was not trained against this gallery model (fingerprints differ)")
     block["notes"] = notes
     return block
 
 
-def _summary_line(results: dict[str, Any]) -> str:
+def _summary_line(results: dict[str, Any], headline: Callable[[dict], tuple[str, float]]) -> str:
     parts = []
     for name, metrics in results["settings"].items():
-        if results["protocol"] == "deepfashion2":
-            parts.append(f"{name} top-1 {metrics['top1']:.2f}")
-        else:
-            tar = metrics["tar_at_far"]["insightface"][far_key(HEADLINE_FAR)]
-            parts.append(f"{name} TAR@FAR={HEADLINE_FAR:g} {tar:.2f}")
+        label, value = headline(metrics)
+        parts.append(f"{name} {label} {value:.2f}")
     return f"{results['protocol']}: " + " | ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ DeepFashion2
-def _evaluate_deepfashion2(req: _Request) -> dict[str, Any]:
+def _evaluate_deepfashion2(req: ProtocolRequest) -> dict[str, Any]:
     df2_split = _DEEPFASHION2_SPLITS[req.split]
     items = read_deepfashion2(req.root, df2_split)
     queries, gallery = retrieval_queries(items), retrieval_gallery(items)
@@ -270,7 +241,7 @@ def _evaluate_deepfashion2(req: _Request) -> dict[str, Any]:
         features[role] = (rows[: len(queries)], rows[len(queries) :])
     settings: dict[str, dict[str, Any]] = {}
     rankings: dict[str, dict[str, list[str]]] = {}
-    for setting in _settings_for(list(features)):
+    for setting in settings_for(list(features)):
         settings[setting.name], rankings[setting.name] = score_deepfashion2(
             queries, gallery, features[setting.query_side][0], features[setting.gallery_side][1]
         )
@@ -291,10 +262,7 @@ def _evaluate_deepfashion2(req: _Request) -> dict[str, Any]:
     if req.models:
         results.update(_model_block(req.models, lambda m: m["top1"], settings))
         if len(req.models) == 2:
-            results["gap_to_paragon"] = {
-                f"top{k}": settings["paragon"][f"top{k}"] - settings["heterogeneous"][f"top{k}"]
-                for k in TOP_KS
-            }
+            results["gap_to_paragon"] = gap_to_paragon(settings, [f"top{k}" for k in TOP_KS])
     if len(gallery) >= OFFICIAL_RESULT_LENGTH:
         if req.write:
             export_official_results(req.out / OFFICIAL_FILE, queries, gallery, rankings[headline])
@@ -322,7 +290,7 @@ def score_deepfashion2(
 
 
 # -------------------------------------------------------------------------------------------- IJB-C
-def _evaluate_ijbc(req: _Request) -> dict[str, Any]:
+def _evaluate_ijbc(req: ProtocolRequest) -> dict[str, Any]:
     for model in req.models.values():  # before any (long) embedding pass
         _check_face_model(model)
     meta = read_ijbc_meta(req.root)
@@ -340,7 +308,7 @@ def _evaluate_ijbc(req: _Request) -> dict[str, Any]:
         features[role] = _embed_faces(model, meta, req.batch_size)
     settings: dict[str, dict[str, Any]] = {}
     scores: dict[str, np.ndarray] = {}
-    for setting in _settings_for(list(features)):
+    for setting in settings_for(list(features)):
         scores[setting.name] = ijbc_scores(meta, features[setting.query_side], features[setting.gallery_side])
         settings[setting.name] = {"tar_at_far": _tar_percent(meta.labels, scores[setting.name])}
     headline = "heterogeneous" if "heterogeneous" in settings else next(iter(settings))
@@ -363,8 +331,7 @@ def _evaluate_ijbc(req: _Request) -> dict[str, Any]:
         key = far_key(HEADLINE_FAR)
         results.update(_model_block(req.models, lambda m: m["tar_at_far"]["insightface"][key], settings))
         if len(req.models) == 2:
-            paragon, hetero = (settings[s]["tar_at_far"]["insightface"] for s in ("paragon", "heterogeneous"))
-            results["gap_to_paragon"] = {far: paragon[far] - hetero[far] for far in paragon}
+            results["gap_to_paragon"] = gap_to_paragon(settings, pick=lambda m: m["tar_at_far"]["insightface"])
     if req.write:
         plot_roc(meta.labels, scores, req.out / ROC_FILE)
     return results
@@ -412,3 +379,36 @@ def _tar_percent(labels: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, 
         convention: {far_key(far): 100.0 * tar for far, tar in values.items()}
         for convention, values in result.items()
     }
+
+
+# ---------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """A benchmark protocol: how to score it, what its root holds, its splits and its headline number."""
+
+    evaluate: Callable[[ProtocolRequest], dict[str, Any]]
+    root_holds: str
+    check_split: Callable[[str], None]
+    headline: Callable[[dict], tuple[str, float]]  # one setting's metrics -> (label, value)
+
+
+# One line per protocol (see docs/extending.md); `cmpnas evaluate --protocol NAME` looks it up here.
+PROTOCOLS: dict[str, ProtocolSpec] = {
+    "deepfashion2": ProtocolSpec(
+        _evaluate_deepfashion2,
+        "validation/annos and validation/image",
+        _deepfashion2_split,
+        lambda m: ("top-1", m["top1"]),
+    ),
+    "ijbc": ProtocolSpec(
+        _evaluate_ijbc,
+        "loose_crop/ and meta/ijbc_*.txt",
+        _ijbc_split,
+        lambda m: (f"TAR@FAR={HEADLINE_FAR:g}", m["tar_at_far"]["insightface"][far_key(HEADLINE_FAR)]),
+    ),
+}
+
+
+def register_protocol(name: str, spec: ProtocolSpec) -> None:
+    """Add a protocol under ``name`` (what ``--protocol`` selects)."""
+    PROTOCOLS[name] = spec

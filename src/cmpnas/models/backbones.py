@@ -16,15 +16,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cmpnas.errors import CmpnasError
+from cmpnas.models.spaces import space_backbone
 
 BackboneFactory = Callable[..., tuple[nn.Module, int]]
+FamilyFactory = Callable[..., tuple[nn.Module, int]]  # (model name, in_chans, pretrained, **kw)
 _REGISTRY: dict[str, BackboneFactory] = {}
 
 
 def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: add a built-in backbone factory ``(in_chans, **backbone_kwargs) -> (module, F)``."""
+
     def deco(fn: BackboneFactory) -> BackboneFactory:
         _REGISTRY[name] = fn
         return fn
@@ -33,7 +38,25 @@ def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY) + ["timm:<any timm model>", "tv:<torchvision model>"]
+    return sorted(_REGISTRY) + [f"{f}:<model>" for f in _FAMILIES]
+
+
+class _StridedPointwise(nn.Conv2d):
+    """1x1 conv with stride s computed as a 1x1 conv on the subsampled input (the same result and weights).
+
+    Why: oneDNN's backward of a strided 1x1 conv with fewer than 8 input channels in channels_last
+    crashes the process (segfault / double free) with torch 2.14.1 on AVX2 CPUs; the subsampled form
+    uses another kernel. Wider inputs keep the plain conv.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+
+
+def _shortcut_conv(cin: int, cout: int, stride: int) -> nn.Conv2d:
+    cls = _StridedPointwise if stride != 1 and cin < 8 else nn.Conv2d
+    return cls(cin, cout, 1, stride, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -45,7 +68,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(_shortcut_conv(cin, cout, stride), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -127,6 +150,8 @@ def _pretrained_error(name: str, exc: Exception) -> CmpnasError:
 def _timm(
     name: str, in_chans: int, pretrained: bool, small_input: bool = False, **kw: Any
 ) -> tuple[nn.Module, int]:
+    if pretrained and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise _pretrained_error(f"timm:{name}", RuntimeError("HF_HUB_OFFLINE=1"))
     import timm
 
     if not timm.is_model(name):
@@ -227,28 +252,18 @@ def _adapt_tv_stem(net: nn.Module, in_chans: int, small_input: bool) -> None:
 def create_backbone(
     name: str, in_chans: int = 1, pretrained: bool = False, arch: dict | None = None, **kwargs: Any
 ) -> tuple[nn.Module, int]:
-    """Build a backbone that maps [B, in_chans, H, W] to pooled features [B, F]; returns (module, F)."""
-    if pretrained and os.environ.get("HF_HUB_OFFLINE") == "1" and name.startswith("timm:"):
-        raise _pretrained_error(name, RuntimeError("HF_HUB_OFFLINE=1"))
-    if name.startswith("timm:"):
-        return _timm(name[5:], in_chans, pretrained, **kwargs)
-    if name.startswith("tv:"):
-        return _torchvision(name[3:], in_chans, pretrained, **kwargs)
-    if name == "spos":
-        from cmpnas.config import SpaceConfig
-        from cmpnas.models.spos import SposSpace, build
+    """Build a backbone that maps [B, in_chans, H, W] to pooled features [B, F]; returns (module, F).
 
-        if arch is None:
+    ``family:model`` names go to the family's factory (``timm:``, ``tv:``); plain names to the registry.
+    """
+    family, sep, model_name = name.partition(":")
+    if sep:
+        if family not in _FAMILIES:
             raise CmpnasError(
-                "Backbone 'spos' needs an architecture.", "pass --arch FILE.json (e.g. from search.json)"
+                f"Unknown backbone family '{family}:' in '{name}'.",
+                f"use one of {', '.join(f'{f}:<model>' for f in _FAMILIES)} or {', '.join(sorted(_REGISTRY))}",
             )
-        space = SposSpace(
-            SpaceConfig(**kwargs.get("space", {})),
-            in_chans=in_chans,
-            input_size=int(kwargs.get("input_size", 28)),
-        )
-        net = build(space, space.validate(arch))
-        return net, int(net.num_features)
+        return _FAMILIES[family](model_name, in_chans, pretrained, **kwargs)
     if pretrained:
         raise CmpnasError(f"Built-in backbone '{name}' has no pretrained weights.", "set pretrained: false")
     if name not in _REGISTRY:
@@ -256,7 +271,26 @@ def create_backbone(
             f"Unknown backbone '{name}'.",
             f"use one of {', '.join(available())}",
         )
+    if arch is not None:
+        kwargs["arch"] = arch
     try:
         return _REGISTRY[name](in_chans=in_chans, **kwargs)
     except TypeError as exc:  # a misspelt backbone_kwargs key must not end in a traceback
         raise CmpnasError(f"Backbone '{name}' rejected backbone_kwargs: {exc}.", "fix those kwargs") from None
+
+
+# Families of named models (``prefix:<model name>``): one line each.
+_FAMILIES: dict[str, FamilyFactory] = {
+    "timm": _timm,
+    "tv": _torchvision,
+}
+
+
+def register_family(prefix: str, factory: FamilyFactory) -> None:
+    """Add a family of named models: ``backbone: "<prefix>:<model name>"`` calls ``factory(name, in_chans,
+    pretrained, **backbone_kwargs)``."""
+    _FAMILIES[prefix] = factory
+
+
+# A searched architecture of a registered search space is a backbone too.
+register("spos")(space_backbone)

@@ -4,7 +4,7 @@ MACs are counted the way SPOS and fvcore count them: convolutions and linear lay
 pooling, shuffles and concatenations are free). One multiply-accumulate = 1 MAC = 2 FLOPs; the unit is
 MACs everywhere in cmpnas. The counter uses forward hooks on ``nn.Conv*``/``nn.Linear`` modules, so a
 convolution called as ``F.conv2d`` directly (e.g. the supernet's sliced weights) is not seen: count a
-standalone model from :func:`cmpnas.models.spos.build` instead.
+standalone model from :func:`cmpnas.models.spaces.spos.build` instead.
 
 Latency is measured, not predicted: on CPU, MACs are a poor predictor of time for depthwise/shuffle nets
 (docs/platform.md §3), so a latency cap needs real timings.

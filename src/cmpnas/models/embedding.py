@@ -22,6 +22,7 @@ from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_path
 from cmpnas.models.backbones import create_backbone
 from cmpnas.models.classifiers import create_classifier
+from cmpnas.models.cost import count_macs
 
 FORMAT = "cmpnas.embedding_model.v1"
 
@@ -147,8 +148,6 @@ def load_model(path: str | Path) -> EmbeddingModel:
 
 
 def model_summary(model: EmbeddingModel) -> dict[str, Any]:
-    from cmpnas.models.cost import count_macs
-
     return {
         "name": model.spec.name or model.spec.backbone,
         "backbone": model.spec.backbone,

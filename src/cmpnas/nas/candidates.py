@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import normalize_batch
+from cmpnas.evaluation.compare import score_settings
 from cmpnas.evaluation.retrieval import retrieval_metrics
 from cmpnas.nas.bn_recalibration import make_calibration_batches, recalibrate_bn
 from cmpnas.nas.supernet import SupernetEmbedding
-from cmpnas.training.loop import fetch_batch
 
 
 def load_normalized(dataset: Any, n: int | None, mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +66,13 @@ class CandidateEvaluator:
         if g is None:
             g = self._embed(self.gallery_model)
         t3 = time.perf_counter()
-        hom = retrieval_metrics(q, self.val_labels, q, self.val_labels, exclude_self=True, ks=(1,))
-        het = retrieval_metrics(q, self.val_labels, g, self.val_labels, exclude_self=True, ks=(1,))
+        labels = self.val_labels
+        scored = score_settings(
+            {"query": (q, q), "gallery": (None, g)},
+            lambda qs, gs: retrieval_metrics(qs, labels, gs, labels, exclude_self=True, ks=(1,)),
+            only=("homogeneous", "heterogeneous"),
+        )
+        hom, het = scored["homogeneous"], scored["heterogeneous"]
         t4 = time.perf_counter()
         for k, dt in zip(
             ("recalibration", "query_pass", "gallery_pass", "metric"),

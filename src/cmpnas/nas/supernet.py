@@ -7,8 +7,6 @@ its metadata, so a search refuses a supernet that does not match the config or t
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cmpnas.config import NasConfig, SpaceConfig
+from cmpnas.config import SpaceConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_path
 from cmpnas.models.classifiers import create_classifier
-from cmpnas.models.spos import SposSpace, Supernet
+from cmpnas.models.spaces import create_space
 
 FORMAT = "cmpnas.supernet.v1"
 
@@ -36,7 +34,7 @@ class SupernetEmbedding(nn.Module):
 
     def __init__(
         self,
-        space: SposSpace,
+        space: Any,
         embed_dim: int,
         num_classes: int,
         classifier: str = "linear",
@@ -44,7 +42,7 @@ class SupernetEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.space = space
-        self.supernet = Supernet(space)
+        self.supernet = space.supernet()
         self.head = nn.Sequential(
             nn.Linear(self.supernet.num_features, embed_dim, bias=False),
             nn.BatchNorm1d(embed_dim),
@@ -54,54 +52,6 @@ class SupernetEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, arch: dict) -> torch.Tensor:
         return self.head(self.supernet(x, arch))
-
-
-def head_macs(space: SposSpace, embed_dim: int) -> int:
-    """MACs of the embedding head on top of the space's features (Linear last_channels -> D)."""
-    return space.cfg.last_channels * embed_dim
-
-
-def query_macs(space: SposSpace, arch: dict, embed_dim: int) -> int:
-    """Cost of a query model built from ``arch``: backbone LUT + embedding head (what count_macs gives)."""
-    return space.macs(arch) + head_macs(space, embed_dim)
-
-
-def budget_from(nas: NasConfig, gallery_macs: int) -> float:
-    if nas.budget_macs is not None:
-        return float(nas.budget_macs)
-    if nas.budget_cost_reduction is None:
-        raise CmpnasError("No query budget set.", "set nas.budget_macs or nas.budget_cost_reduction")
-    return gallery_macs / nas.budget_cost_reduction
-
-
-def check_budget(space: SposSpace, budget: float, embed_dim: int) -> None:
-    cheapest = space.min_macs() + head_macs(space, embed_dim)
-    if budget < cheapest:
-        raise CmpnasError(
-            f"The MACs budget {budget / 1e6:.3f} M is below the cheapest architecture of the space "
-            f"({cheapest / 1e6:.3f} M MACs).",
-            "raise nas.budget_macs / lower nas.budget_cost_reduction, or shrink the space (stage_widths, channel_scales)",
-        )
-
-
-def path_sampler(
-    space: SposSpace, seed: int, low: float | None, high: float | None, embed_dim: int
-) -> Callable[[int], dict]:
-    """Path for a global step: seeded by (seed, step) so every DDP rank samples the same path.
-
-    With a band, paths are rejection-sampled into [low, high] MACs (SPOS's budget-binned sampling,
-    here with one bin); after 100 misses a uniform path is used so training never stalls.
-    """
-    hm = head_macs(space, embed_dim)
-
-    def sample(step: int) -> dict:
-        rng = random.Random(seed * 1_000_003 + step)
-        if low is None or high is None:
-            return space.sample(rng)
-        arch = space.sample_in_band(rng, low - hm, high - hm, max_tries=100)
-        return arch if arch is not None else space.sample(rng)
-
-    return sample
 
 
 def save_supernet(model: SupernetEmbedding, path: Path, meta: dict[str, Any]) -> None:
@@ -130,15 +80,9 @@ def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding
                 f"Supernet '{path}' does not match the config: '{key}' is {meta.get(key)!r}, expected {want!r}.",
                 "search with the config and gallery the supernet was trained with, or retrain the supernet",
             )
-    space = SposSpace(SpaceConfig(**meta["space"]), in_chans=meta["in_chans"], input_size=meta["input_size"])
+    space = create_space(SpaceConfig(**meta["space"]), in_chans=meta["in_chans"], input_size=meta["input_size"])
     model = SupernetEmbedding(
         space, meta["embed_dim"], meta["num_classes"], meta["classifier"], meta["cosine_scale"]
     )
     model.load_state_dict(load_file(str(path)))
     return model.eval(), meta
-
-
-def band_limits(nas: NasConfig, budget: float) -> tuple[float | None, float | None]:
-    if nas.sample_band is None:
-        return None, None
-    return nas.sample_band * budget, budget

@@ -19,6 +19,10 @@ Index types (``IndexParams.kind``):
   of ``pq_bits`` bits (default: dim/4 sub-codes of 8 bits, i.e. dim bytes per vector instead of 4*dim).
 IVF/PQ are trained on the first build's vectors; ``append`` adds without retraining (rebuild if the gallery
 changes a lot).
+
+What to index comes as a :class:`~cmpnas.data.sources.GallerySource` (a folder, a CSV, a dataset split, a
+run's data config); reading images is the data package's job (:mod:`cmpnas.data.sources`), this module
+only embeds, stores and searches them.
 """
 
 from __future__ import annotations
@@ -31,17 +35,16 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cmpnas import __version__
-from cmpnas.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from cmpnas.data.sources import GallerySource, Item, load_item_image, open_image
 from cmpnas.data.transforms import pil_to_uint8
 from cmpnas.errors import CmpnasError
 from cmpnas.io import write_json_atomic
@@ -49,8 +52,6 @@ from cmpnas.serving.export import Encoder, load_encoder
 
 INDEX_FORMAT = "cmpnas.gallery_index.v1"
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DATASETS = ("fashion_mnist",)
 Progress = Callable[[int, int], None]
 
 
@@ -123,162 +124,6 @@ def apply_search_params(index: faiss.Index, nprobe: int | None = None, ef_search
         index.nprobe = int(nprobe)
     if ef_search is not None and hasattr(index, "hnsw"):
         index.hnsw.efSearch = int(ef_search)
-
-
-# --------------------------------------------------------------------------------------------- sources
-@dataclass
-class Item:
-    id: str
-    path: str
-    label: str
-
-
-@dataclass
-class GallerySource:
-    """Items to index plus a loader that turns item ``i`` into a PIL image (``None`` = unreadable, skip)."""
-
-    description: dict[str, Any]
-    items: list[Item]
-    load: Callable[[int], Image.Image | None]
-
-
-def _open_image(path: str | Path) -> Image.Image | None:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-
-
-def folder_source(root: str | Path) -> GallerySource:
-    """Image files under ``root`` (sorted); id = relative path, label = its folder (ImageFolder layout)."""
-    base = Path(root)
-    if not base.is_dir():
-        raise CmpnasError(
-            f"Image folder '{base}' does not exist.", "pass --images DIR with image files in it"
-        )
-    files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise CmpnasError(
-            f"No image files under '{base}'.", f"put {', '.join(sorted(IMAGE_SUFFIXES))} files there"
-        )
-    items = [
-        Item(
-            p.relative_to(base).as_posix(),
-            str(p.resolve()),
-            p.parent.relative_to(base).as_posix() if p.parent != base else "",
-        )
-        for p in files
-    ]
-    return GallerySource(
-        {"kind": "images", "root": str(base.resolve())}, items, lambda i: _open_image(items[i].path)
-    )
-
-
-def csv_source(csv_path: str | Path) -> GallerySource:
-    """A CSV of ``path,label`` rows (header optional); relative paths are relative to the CSV's folder."""
-    p = Path(csv_path)
-    if not p.is_file():
-        raise CmpnasError(f"CSV file '{p}' does not exist.", "pass --csv FILE with path,label rows")
-    with open(p, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    if not rows:
-        raise CmpnasError(f"CSV '{p}' has no rows.", "add path,label lines")
-    items = []
-    for r in rows:
-        raw = r[0].strip()
-        full = Path(raw) if Path(raw).is_absolute() else (p.parent / raw)
-        items.append(Item(raw, str(full.resolve()), r[1].strip() if len(r) > 1 else ""))
-    return GallerySource(
-        {"kind": "csv", "path": str(p.resolve())}, items, lambda i: _open_image(items[i].path)
-    )
-
-
-@lru_cache(maxsize=4)
-def load_dataset_split(
-    name: str, split: str, root: str | None = None, download: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N,H,W], labels [N]) of a dataset split, raw rows in file order (ids and thumbnails
-    refer to them, so no subsetting or shuffling here); cached because thumbnails re-render from it."""
-    if name not in DATASETS:
-        raise CmpnasError(
-            f"Unknown dataset '{name}'.", f"use one of {', '.join(DATASETS)}, or --images/--csv"
-        )
-    if split not in ("train", "test"):
-        raise CmpnasError(f"Unknown split '{split}'.", "use --split train or --split test")
-    train_x, train_y, test_x, test_y = load_fashion_mnist(root, download=download)
-    return (train_x, train_y) if split == "train" else (test_x, test_y)
-
-
-def dataset_item_id(name: str, split: str, index: int) -> str:
-    return f"{name}/{split}/{index:06d}"
-
-
-def parse_dataset_item_id(item_id: str) -> tuple[str, str, int] | None:
-    parts = item_id.split("/")
-    if len(parts) == 3 and parts[0] in DATASETS and parts[2].isdigit():
-        return parts[0], parts[1], int(parts[2])
-    return None
-
-
-def dataset_source(
-    name: str, split: str = "test", root: str | None = None, limit: int | None = None
-) -> GallerySource:
-    """A built-in dataset split; ids ``name/split/NNNNNN`` keep the row so thumbnails can be re-rendered."""
-    images, labels = load_dataset_split(name, split, root, download=True)
-    n = len(images) if limit is None else min(limit, len(images))
-    items = [Item(dataset_item_id(name, split, i), "", CLASS_NAMES[int(labels[i])]) for i in range(n)]
-    desc = {"kind": "dataset", "name": name, "split": split, "root": root}
-    return GallerySource(desc, items, lambda i: Image.fromarray(images[i], mode="L"))
-
-
-def _tensor_to_pil(img: torch.Tensor) -> Image.Image:
-    arr = img.numpy()
-    return (
-        Image.fromarray(arr[0], mode="L")
-        if arr.shape[0] == 1
-        else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
-    )
-
-
-def config_source(data_cfg: Any, split: str = "test") -> GallerySource:
-    """The gallery for a run's :class:`~cmpnas.config.DataConfig` (what ``cmpnas run`` indexes).
-
-    Fashion-MNIST train/test are read as raw rows (the whole split, or its first ``subset_test`` /
-    ``subset_train`` rows) so ids name file rows and thumbnails re-render. Other sets come from
-    ``build_data``: with their file paths when the dataset reads files lazily, else (in-memory sets,
-    e.g. small folders) with ids ``name/split/NNNNNN`` and no thumbnails. To serve a folder with
-    thumbnails, index it with ``cmpnas index --images DIR``.
-    """
-    if data_cfg.name == "fashion_mnist" and split in ("train", "test"):
-        limit = data_cfg.subset_test if split == "test" else data_cfg.subset_train
-        return dataset_source("fashion_mnist", split, data_cfg.root, limit)
-    from cmpnas.data.factory import build_data
-
-    bundle = build_data(data_cfg)
-    if split not in ("train", "val", "test"):
-        raise CmpnasError(f"Unknown split '{split}'.", "use train, val or test")
-    ds = getattr(bundle, split)
-    names = list(bundle.class_names)
-    labels = [names[int(v)] if int(v) < len(names) else str(int(v)) for v in ds.labels.tolist()]
-    desc = {"kind": "data_config", "name": data_cfg.name, "split": split, "root": data_cfg.root}
-    paths = getattr(ds, "paths", None)
-    if paths is not None:
-        base = Path(data_cfg.root or ".").resolve()
-        base = base if base.is_dir() else base.parent
-        ids = [
-            Path(p).resolve().relative_to(base).as_posix()
-            if Path(p).resolve().is_relative_to(base)
-            else str(p)
-            for p in paths
-        ]
-        items = [Item(i, str(Path(p).resolve()), lab) for i, p, lab in zip(ids, paths, labels, strict=True)]
-        return GallerySource(desc, items, lambda i: _open_image(items[i].path))
-    items = [Item(f"{data_cfg.name}/{split}/{i:06d}", "", lab) for i, lab in enumerate(labels)]
-    return GallerySource(desc, items, lambda i: _tensor_to_pil(ds[i][0]))
 
 
 # --------------------------------------------------------------------------------------------- embedding
@@ -397,20 +242,7 @@ class GalleryIndex:
         row = self.row_of.get(item_id)
         if row is None:
             return None
-        parsed = parse_dataset_item_id(item_id)
-        if parsed is not None:
-            name, split, idx = parsed
-            root = next(
-                (
-                    s.get("root")
-                    for s in self.manifest.get("sources", [])
-                    if s.get("kind") == "dataset" and s.get("name") == name
-                ),
-                None,
-            )
-            images, _ = load_dataset_split(name, split, root)
-            return Image.fromarray(images[idx], mode="L") if 0 <= idx < len(images) else None
-        return _open_image(self.items[row].path)
+        return load_item_image(item_id, self.items[row].path, self.manifest.get("sources", []))
 
 
 def read_items(path: Path) -> list[Item]:
@@ -564,31 +396,6 @@ def build_index(
     return manifest
 
 
-def build_index_from_dataset(
-    gallery_model: str | Path,
-    data_cfg: Any,
-    split: str,
-    out: str | Path,
-    params: IndexParams | None = None,
-    batch_size: int = 256,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Index a run's dataset split with its gallery model (the pipeline's ``index`` stage); a summary."""
-    manifest = build_index(
-        gallery_model, config_source(data_cfg, split), out, params, batch_size=batch_size, progress=progress
-    )
-    src = manifest["sources"][-1]
-    return {
-        "count": manifest["count"],
-        "dim": manifest["dim"],
-        "gallery_fingerprint": manifest["gallery_fingerprint"],
-        "index_type": manifest["index"]["type"],
-        "build_seconds": manifest["build_seconds"],
-        "skipped_unreadable": src["skipped_unreadable"],
-        "dataset": f"{data_cfg.name}/{split}",
-    }
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -624,24 +431,16 @@ def check_compatible(index: GalleryIndex, encoder: Encoder, allow_incompatible: 
 
 __all__ = [
     "GalleryIndex",
-    "GallerySource",
     "IndexParams",
-    "Item",
     "build_index",
-    "build_index_from_dataset",
-    "config_source",
     "check_compatible",
-    "csv_source",
-    "dataset_source",
-    "folder_source",
-    "load_dataset_split",
-    "parse_dataset_item_id",
+    "query_images",
 ]
 
 
 # --------------------------------------------------------------------------------------------- query
 def open_query_image(path: str | Path) -> Image.Image:
-    img = _open_image(path)
+    img = open_image(path)
     if img is None:
         raise CmpnasError(f"Cannot read query image '{path}'.", "pass PNG/JPEG/... image files")
     return img

@@ -22,7 +22,9 @@ from torch import nn
 
 from cmpnas import progress
 from cmpnas.config import TrainConfig
+from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import augment_batch, normalize_batch
+from cmpnas.distributed import DistInfo, init_distributed
 from cmpnas.errors import CmpnasError
 from cmpnas.io import append_jsonl
 from cmpnas.training.checkpoint import (
@@ -32,7 +34,6 @@ from cmpnas.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from cmpnas.training.distributed import DistInfo, init_distributed
 
 
 @dataclass
@@ -45,21 +46,6 @@ class TrainResult:
     resumed_from_step: int = 0
     gflops_per_second: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def fetch_batch(dataset: Any, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [B,C,H,W] and labels for these indices (vectorised when the dataset allows)."""
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
-    if hasattr(dataset, "__getitems__"):
-        items = dataset.__getitems__(list(indices))
-    else:
-        items = [dataset[i] for i in indices]
-    if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], torch.Tensor):
-        return items[0], items[1]
-    imgs = torch.stack([it[0] for it in items])
-    labels = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64)
-    return imgs, labels
 
 
 def epoch_order(n: int, epoch: int, seed: int, info: DistInfo) -> np.ndarray:

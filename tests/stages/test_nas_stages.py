@@ -12,8 +12,9 @@ from cmpnas.config import build_config
 from cmpnas.errors import CmpnasError
 from cmpnas.models.cost import count_macs
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint, load_model, save_model
-from cmpnas.models.spos import SposSpace
-from cmpnas.nas.stages import SUPERNET_FILE, retrain, search, train_supernet
+from cmpnas.models.spaces.spos import SposSpace
+from cmpnas.stages import retrain, search, train_supernet
+from cmpnas.stages.supernet import SUPERNET_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from cmpnas.config import SpaceConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.models.cost import count_macs
-from cmpnas.models.spos import SposSpace, Supernet, build, extract_subnet, mid_channels, split_shuffle
+from cmpnas.models.spaces.spos import SposSpace, Supernet, build, extract_subnet, mid_channels, split_shuffle
 
 SPOS_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
 

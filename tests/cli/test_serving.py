@@ -1,4 +1,4 @@
-"""The index/query/export/serve commands on a local Typer app (the lead's cli.py registers the same)."""
+"""The index/query/export/serve commands, registered on a local Typer app as cli/app.py registers them."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from cmpnas.cli import serving as commands
 from cmpnas.errors import CmpnasError
-from cmpnas.serving import commands
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +157,8 @@ def test_export_command(cli: typer.Typer, tmp_path: Path, models: Any) -> None:
 def test_serve_passes_limits_to_the_server(
     cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any
 ) -> None:
-    import cmpnas.serving.app as app_mod
-
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(app_mod, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
+    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
     r = run(
         cli,
         "serve",

@@ -20,13 +20,16 @@ BN over the first ``mid`` running statistics (updated in place through the slice
 
 MACs come from an analytic per-(layer, choice, scale) lookup table (the LUT). The tests check it against
 the hook counter in :mod:`cmpnas.models.cost` on :func:`build` subnets.
+
+Everything about the space lives here: encoding, sampling, mutate/crossover, the MAC LUT, the budget
+checks, the supernet and the standalone subnet (a search never needs another module of the space).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -405,6 +408,52 @@ class SposSpace:
             "layers": layers,
         }
 
+    # ----------------------------------------------------------------------------------- budget
+    def head_macs(self, embed_dim: int) -> int:
+        """MACs of the embedding head on top of the space's features (Linear last_channels -> D)."""
+        return self.cfg.last_channels * embed_dim
+
+    def query_macs(self, arch: Arch, embed_dim: int) -> int:
+        """Cost of a query model built from ``arch``: backbone LUT + embedding head (what count_macs gives)."""
+        return self.macs(arch) + self.head_macs(embed_dim)
+
+    def check_budget(self, budget: float, embed_dim: int) -> None:
+        cheapest = self.min_macs() + self.head_macs(embed_dim)
+        if budget < cheapest:
+            raise CmpnasError(
+                f"The MACs budget {budget / 1e6:.3f} M is below the cheapest architecture of the space "
+                f"({cheapest / 1e6:.3f} M MACs).",
+                "raise nas.budget_macs / lower nas.budget_cost_reduction, or shrink the space (stage_widths, channel_scales)",
+            )
+
+    def path_sampler(
+        self, seed: int, low: float | None, high: float | None, embed_dim: int
+    ) -> Callable[[int], Arch]:
+        """Path for a global step: seeded by (seed, step) so every DDP rank samples the same path.
+
+        With a band, paths are rejection-sampled into [low, high] MACs (SPOS's budget-binned sampling,
+        here with one bin); after 100 misses a uniform path is used so training never stalls.
+        """
+        hm = self.head_macs(embed_dim)
+
+        def sample(step: int) -> Arch:
+            rng = random.Random(seed * 1_000_003 + step)
+            if low is None or high is None:
+                return self.sample(rng)
+            arch = self.sample_in_band(rng, low - hm, high - hm, max_tries=100)
+            return arch if arch is not None else self.sample(rng)
+
+        return sample
+
+    # ----------------------------------------------------------------------------------- networks
+    def build(self, arch: Arch) -> SposNet:
+        """The standalone network of ``arch`` (for retraining, counting MACs, export)."""
+        return SposNet(self, arch)
+
+    def supernet(self) -> Supernet:
+        """The weight-sharing supernet over every path of the space."""
+        return Supernet(self)
+
     # ----------------------------------------------------------------------------------- latency
     def block(self, layer: int, choice: int, scale: float, affine: bool = True) -> ChoiceBlock:
         """A standalone block of ``layer`` at exactly the mid width of ``scale``."""
@@ -567,7 +616,7 @@ class SposNet(nn.Module):
 
 def build(space: SposSpace, arch: Arch) -> SposNet:
     """The standalone network of ``arch`` (for retraining, counting MACs, export)."""
-    return SposNet(space, arch)
+    return space.build(arch)
 
 
 def extract_subnet(supernet: Supernet, arch: Arch) -> SposNet:

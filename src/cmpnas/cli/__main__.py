@@ -1,0 +1,5 @@
+"""``python -m cmpnas.cli``."""
+
+from cmpnas.cli.app import main
+
+main()

@@ -1,0 +1,43 @@
+"""Command ``run``: the whole pipeline from one config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmpnas import progress
+from cmpnas.cli.options import ConfigOpt, SetOpt, logged
+from cmpnas.config import load_config, profile_path
+from cmpnas.errors import CmpnasError
+from cmpnas.pipeline import run_pipeline
+
+
+@logged
+def run_cmd(
+    config: ConfigOpt = None,
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", "-p", help="Packaged profile: smoke, default, paper-deepfashion2, paper-ijbc."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (a stage per subfolder).")] = Path(
+        "runs/default"
+    ),
+    force: Annotated[list[str] | None, typer.Option("--force", help="Rerun this stage (repeatable).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Gallery -> baselines -> supernet -> search (R1/R2/R3) -> retrain -> evaluate -> export/index -> report."""
+    if config is not None and profile is not None:
+        raise CmpnasError("Both --config and --profile were given.", "pass only one of them")
+    path = config if config is not None else profile_path(profile or "default")
+    cfg = load_config(path, list(set_ or []))
+    state = run_pipeline(cfg, out, force=force)
+    head = state.get("report", {}).get("outputs", {}).get("headline", "")
+    progress.event("done", message=f"{head} Report: {out / 'report.html'}")
+    if progress.human():
+        typer.echo(head)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)

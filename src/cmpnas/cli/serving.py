@@ -1,0 +1,306 @@
+"""Commands of the serving side: ``index``, ``query``, ``export``, ``serve``."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from cmpnas import progress
+from cmpnas.cli.options import logged
+from cmpnas.data.sources import csv_source, dataset_source, folder_source
+from cmpnas.errors import CmpnasError
+from cmpnas.serving.app import run_server
+from cmpnas.serving.index import IndexParams, query_images
+from cmpnas.stages import export_model, index_gallery
+
+
+class IndexKind(str, Enum):
+    flat = "flat"
+    ivf = "ivf"
+    hnsw = "hnsw"
+    ivfpq = "ivfpq"
+
+
+class ExporterKind(str, Enum):
+    auto = "auto"
+    dynamo = "dynamo"
+    legacy = "legacy"
+
+
+IndexDirOpt = Annotated[Path, typer.Option("--index", help="index folder written by cmpnas index")]
+QueryModelOpt = Annotated[
+    Path, typer.Option("--query-model", help="query model: .safetensors checkpoint or .onnx export")
+]
+AllowIncompatibleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-incompatible",
+        help="search even if the query model was not trained compatible with the index's gallery model (experts)",
+    ),
+]
+NprobeOpt = Annotated[int | None, typer.Option("--nprobe", min=1, help="override ivf/ivfpq cells visited")]
+EfSearchOpt = Annotated[int | None, typer.Option("--ef-search", min=1, help="override hnsw search beam")]
+
+
+def _progress_bar(label: str, show: bool) -> tuple[Any, Any]:
+    """A rich progress bar (a no-op when hidden) and the (done, total) callback that drives it."""
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=not show,
+    )
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+@logged
+def index_cmd(
+    gallery_model: Annotated[
+        Path, typer.Option("--gallery-model", help="gallery model .safetensors that embeds the gallery")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="index folder to create (an existing index there is rebuilt)")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images", help="folder of gallery images (walked recursively; a sub-folder name becomes the label)"
+        ),
+    ] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="CSV with path,label rows (paths relative to the CSV)")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="built-in dataset: fashion_mnist")] = None,
+    split: Annotated[str, typer.Option("--split", help="dataset split to index: test or train")] = "test",
+    dataset_root: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset-root",
+            help="folder with the dataset files (default: the usual places, incl. Debian's dataset-fashion-mnist)",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="index only the first N dataset images")
+    ] = None,
+    kind: Annotated[
+        IndexKind | None,
+        typer.Option(
+            "--index", help="flat = exact inner product (default); ivf, hnsw, ivfpq = approximate, for large galleries"
+        ),
+    ] = None,
+    nlist: Annotated[
+        int | None,
+        typer.Option("--nlist", min=1, help="ivf/ivfpq: number of k-means cells (default ~4*sqrt(N), clamped to N/39)"),
+    ] = None,
+    nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="ivf/ivfpq: cells visited per query")] = 8,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", min=2, help="hnsw: links per node")] = 32,
+    ef_construction: Annotated[int, typer.Option("--ef-construction", min=1, help="hnsw: build beam width")] = 40,
+    ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="hnsw: search beam width")] = 64,
+    pq_m: Annotated[
+        int | None, typer.Option("--pq-m", min=1, help="ivfpq: sub-quantisers (must divide dim; default dim/4)")
+    ] = None,
+    pq_bits: Annotated[int, typer.Option("--pq-bits", min=1, max=16, help="ivfpq: bits per sub-code")] = 8,
+    append: Annotated[
+        bool,
+        typer.Option(
+            "--append",
+            help="add the images to an existing index (same gallery model; ids already present are skipped)",
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images embedded per forward pass")] = 256,
+) -> None:
+    """Embed gallery images with the gallery model into a FAISS index folder (atomic)."""
+    chosen = [x is not None for x in (images, csv_file, dataset)]
+    if sum(chosen) != 1:
+        raise CmpnasError(
+            "Give exactly one gallery source.", "pass one of --images DIR, --csv FILE, --dataset NAME"
+        )
+    if images is not None:
+        source = folder_source(images)
+    elif csv_file is not None:
+        source = csv_source(csv_file)
+    else:
+        source = dataset_source(str(dataset), split, dataset_root, limit)
+    if append and kind is not None:
+        raise CmpnasError(
+            "--index cannot be combined with --append (the existing index keeps its type).",
+            "drop --index, or build a new index",
+        )
+    params = IndexParams(
+        kind=(kind or IndexKind.flat).value,
+        nlist=nlist,
+        nprobe=nprobe,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        ef_search=ef_search,
+        pq_m=pq_m,
+        pq_bits=pq_bits,
+    )
+    bar, update = _progress_bar("embedding gallery", progress.human())
+    with bar:
+        manifest = index_gallery(
+            gallery_model, source, out, params, append=append, batch_size=batch_size, progress=update
+        )
+    last = manifest["sources"][-1]
+    message = (
+        f"index {out}: {manifest['count']} items ({manifest['index']['type']}, dim {manifest['dim']}, "
+        f"gallery {manifest['gallery_fingerprint']}); added {last['added']}, skipped "
+        f"{last['skipped_unreadable']} unreadable and {last['skipped_duplicate_ids']} duplicate ids"
+    )
+    if progress.human():
+        typer.echo(message)
+    else:
+        progress.event("done", message=message)
+
+
+@logged
+def query_cmd(
+    images: Annotated[list[Path], typer.Argument(help="query image files")],
+    index_dir: IndexDirOpt,
+    query_model: QueryModelOpt,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="results per query image")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    allow_incompatible: AllowIncompatibleOpt = False,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+) -> None:
+    """Top-k gallery items for each query image, embedded by the (compact) query model."""
+    out = query_images(
+        index_dir,
+        query_model,
+        images,
+        k,
+        allow_incompatible=allow_incompatible,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+    if as_json or not progress.human():
+        typer.echo(json.dumps(out, indent=2 if as_json else None))
+        return
+    if out["mode"] == "incompatible-override":
+        typer.echo(
+            "warning: query and gallery models are not recorded as compatible (--allow-incompatible)",
+            err=True,
+        )
+    for q in out["queries"]:
+        typer.echo(f"{q['image']}  (mode {out['mode']})")
+        for rank, hit in enumerate(q["results"], 1):
+            typer.echo(f"  {rank:>3}  {hit['score']:.4f}  {hit['label'] or '-':<14} {hit['id']}")
+
+
+@logged
+def export_cmd(
+    model: Annotated[Path, typer.Option("--model", help="query model .safetensors to export")],
+    out: Annotated[Path, typer.Option("--out", help="output .onnx file (export.json is written beside it)")],
+    exporter: Annotated[
+        ExporterKind,
+        typer.Option(
+            "--exporter",
+            help="auto = dynamo if onnxscript is installed, falling back to the legacy TorchScript exporter",
+        ),
+    ] = ExporterKind.auto,
+    opset: Annotated[int, typer.Option("--opset", min=9, help="ONNX opset version")] = 18,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", min=0.0, help="max abs difference allowed vs PyTorch")
+    ] = 1e-4,
+    latency_runs: Annotated[
+        int, typer.Option("--latency-runs", min=1, help="timed runs per latency measurement")
+    ] = 50,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the latency measurement")] = False,
+) -> None:
+    """Export a model to ONNX (dynamic batch), check parity with PyTorch and measure latency."""
+    report = export_model(
+        model,
+        out,
+        exporter=exporter.value,
+        opset=opset,
+        tolerance=tolerance,
+        latency_runs=latency_runs,
+        measure=not no_latency,
+    )
+    lines = [
+        f"wrote {out} ({report['exporter']} exporter, opset {opset}); parity max abs diff "
+        f"{report['parity']['max_abs_diff']:.2e}"
+    ]
+    if report["exporter_fallback_reason"] and exporter == ExporterKind.auto:
+        lines.append(f"note: used the legacy exporter ({report['exporter_fallback_reason']})")
+    lat = report["latency_ms"] or {}
+    for batch in ("batch_1", "batch_32"):
+        if batch in lat:
+            cells = ", ".join(f"{name} p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for name, v in lat[batch].items())
+            lines.append(f"  {batch} (ms): {cells}")
+    if progress.human():
+        typer.echo("\n".join(lines))
+    else:
+        progress.event("done", message=lines[0])
+
+
+@logged
+def serve_cmd(
+    index_dir: IndexDirOpt,
+    query_model: QueryModelOpt,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port")] = 8000,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", min=0.001, help="largest accepted upload (MB)")
+    ] = 10.0,
+    max_k: Annotated[int, typer.Option("--max-k", min=1, help="largest k a client may ask for")] = 100,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", min=1, help="largest accepted image (width*height)")
+    ] = 40_000_000,
+    allow_incompatible: AllowIncompatibleOpt = False,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="intra-op threads of torch, ONNX Runtime and FAISS; queries are answered one at a time, "
+            "so 1 is usually fastest",
+        ),
+    ] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="server processes on the port (each loads the model and index); about one core each"
+        ),
+    ] = 1,
+) -> None:
+    """Serve the index over HTTP: POST /search, GET /healthz, /stats, /docs and a web page at /."""
+    message = f"serving {index_dir} with {query_model} on http://{host}:{port}/"
+    if progress.human():
+        typer.echo(message)
+    else:
+        progress.event("serve", message=message)
+    run_server(
+        index_dir,
+        query_model,
+        host=host,
+        port=port,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_k=max_k,
+        max_pixels=max_pixels,
+        allow_incompatible=allow_incompatible,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        threads=threads,
+        workers=workers,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index_cmd)
+    app.command("query")(query_cmd)
+    app.command("export")(export_cmd)
+    app.command("serve")(serve_cmd)
