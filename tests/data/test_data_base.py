@@ -212,3 +212,13 @@ def test_split_properties(counts, frac, seed):
     quota = np.array(counts) * val_size / n
     assert np.all(np.abs(per_class - quota) < 1.0 + 1e-9)
     assert np.all(per_class <= np.array(counts) - 1)  # every class keeps a training image
+
+
+def test_normalize_batch_scales_uint8_by_dtype_even_when_dark() -> None:
+    from cmpnas.data.transforms import normalize_batch
+
+    dark = torch.ones(2, 1, 3, 3, dtype=torch.uint8)  # every pixel <= 1: still 0..255 data
+    out = normalize_batch(dark, [0.0], [1.0])
+    assert torch.allclose(out, torch.full_like(out, 1 / 255))
+    floats = torch.full((1, 1, 2, 2), 0.5)  # a 0..1 float batch is used as it is
+    assert torch.allclose(normalize_batch(floats, [0.0], [1.0]), floats)

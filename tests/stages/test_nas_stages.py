@@ -211,3 +211,50 @@ def test_resuming_a_supernet_with_another_space_is_refused(chain, tiny_raw, tiny
     with pytest.raises(CmpnasError, match="different run"):
         train_supernet(build_config(tiny_raw), tiny_gallery, folder, resume=True, data=tiny_data)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def _kendall_tau_b(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b from its definition (concordant minus discordant pairs, tie-corrected); NaN when one
+    side is constant (no ranking to correlate), as scipy."""
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    conc = disc = tie_x = tie_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tie_x += 1
+            elif dy == 0:
+                tie_y += 1
+            elif dx * dy > 0:
+                conc += 1
+            else:
+                disc += 1
+    return (conc - disc) / ((conc + disc + tie_x) * (conc + disc + tie_y)) ** 0.5
+
+
+def test_study_with_three_archs_computes_its_rank_correlations(chain, tmp_path: Path, tiny_data, tiny_gallery) -> None:
+    from cmpnas.stages import study
+
+    cfg = chain["cfg"]
+    res = study(cfg, tiny_gallery, tmp_path / "study", supernet_path=chain["root"] / "supernet" / SUPERNET_FILE,
+                data=tiny_data, n_archs=3)
+    assert res["n_archs"] == 3
+    bct = [r for r in res["rows"] if r["mode"] == "bct"]
+    assert len(bct) == 3 and res["bct"]["n"] == 3
+    hom, het = [r["hom_top1"] for r in bct], [r["het_top1"] for r in bct]
+    sup = [r["supernet_het_top1"] for r in bct]
+    assert res["bct"]["kendall_hom_het"] == pytest.approx(_kendall_tau_b(hom, het), nan_ok=True)
+    assert res["bct"]["kendall_supernet_vs_standalone_het"] == pytest.approx(
+        _kendall_tau_b(sup, het), nan_ok=True
+    )
+    assert res["bct"]["het_spread"] == pytest.approx(max(het) - min(het))
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["n_archs"] == 3
+
+
+def test_kendall_oracle_on_a_hand_example() -> None:
+    assert _kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0
+    assert _kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
+    assert _kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)

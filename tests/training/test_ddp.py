@@ -136,3 +136,45 @@ def test_path_sampler_depends_only_on_seed_and_step(tiny_raw: dict) -> None:
     a = [space.arch_key(same_seed(s)) for s in range(5)]
     random.seed(1)
     assert a == [space.arch_key(same_seed(s)) for s in range(5)]
+
+
+RANK_WEIGHTS = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    from pathlib import Path
+
+    import torch
+
+    from cmpnas.config import build_config
+    from cmpnas.data.factory import build_data
+    from cmpnas.models.embedding import EmbeddingModel
+    from cmpnas.stages.common import make_spec
+    from cmpnas.training.loop import train
+    from cmpnas.training.tasks import ClassificationTask
+
+    torch.set_num_threads(1)
+    out, cfg_file = Path(sys.argv[1]), Path(sys.argv[2])
+    cfg = build_config(json.loads(cfg_file.read_text()))
+    data = build_data(cfg.data)
+    torch.manual_seed(int(os.environ["RANK"]))  # different initial weights: DDP must sync them from rank 0
+    model = EmbeddingModel(make_spec(cfg.gallery, data, "gallery"))
+    train(ClassificationTask(model), data.train, cfg.gallery_train, out / "run", mean=data.mean, std=data.std)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    (out / f"weights{os.environ['RANK']}.txt").write_text(digest.hexdigest())
+    """
+)
+
+
+def test_ranks_hold_identical_parameters_after_training(tmp_path: Path, tiny_raw: dict, tiny_train) -> None:
+    tiny_raw["gallery_train"] = tiny_train(epochs=1, batch_size=20)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(tiny_raw))
+    script = tmp_path / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS)
+
+    _run([*TORCHRUN, str(script), str(tmp_path), str(cfg_file)], tmp_path)
+
+    digests = [(tmp_path / f"weights{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cmpnas.compat.losses import CompatLosses, build_compat_losses, needs_of
-from cmpnas.compat.synthesize import synthesize_classifier
+from cmpnas.compat.synthesize import extend_classifier, synthesize_classifier
 from cmpnas.config import CompatConfig, Config
 from cmpnas.data.base import DataBundle
 from cmpnas.distributed import init_distributed
@@ -29,9 +29,14 @@ def gallery_train_embeddings(
     batch_size: int = 512,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Gallery embeddings of the (un-augmented) training images, cached per gallery fingerprint."""
+    """Gallery embeddings of the (un-augmented) training images, cached per gallery model and training split.
+
+    The key holds the split's content fingerprint: another subset or ``data.seed`` of the same size must
+    not reuse the embeddings of other images.
+    """
     fp = fingerprint(gallery)
-    path = cache_dir / f"train_embeddings_{fp}_{len(data.train)}_{precision}.pt" if cache_dir else None
+    key = f"{fp}_{data.train_fingerprint()}_{precision}"
+    path = cache_dir / f"train_embeddings_{key}.pt" if cache_dir else None
     if path is not None and path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.shape[0] == len(data.train):
@@ -43,24 +48,60 @@ def gallery_train_embeddings(
     return emb
 
 
+def classifier_plan(gallery: EmbeddingModel, data: DataBundle, compat: CompatConfig) -> str:
+    """How BCT gets its frozen classifier: ``trained`` (the gallery's own, as is), ``extended`` (its rows for
+    the classes it knows, class means for new ones, rows in the data's label order) or ``synthesized``
+    (class means for every class). Refuses a gallery whose classes the data does not contain."""
+    choice = compat.gallery_classifier
+    if choice == "synthesized":
+        return "synthesized"
+    old, new = gallery.spec.class_names, [str(c) for c in data.class_names]
+    if old is None:  # a model that did not record its classes: only the counts can be compared
+        covers = gallery.spec.num_classes == data.num_classes
+        if choice == "trained" and not covers:
+            raise CmpnasError(
+                f"The gallery classifier has {gallery.spec.num_classes} classes but the data has {data.num_classes}.",
+                "set compat.gallery_classifier: synthesized (BCT's class-mean classifier)",
+            )
+        return "trained" if covers else "synthesized"
+    missing = [n for n in old if n not in set(new)]
+    if missing:
+        raise CmpnasError(
+            f"The gallery model was trained on classes {_names(old)} but the data has {_names(new)} "
+            f"({_names(missing)} missing): the gallery classifier's rows would score other classes.",
+            "train the query model on the gallery's classes (or a superset of them), or set "
+            "compat.gallery_classifier: synthesized",
+        )
+    if list(old) == new:
+        return "trained"
+    if choice == "trained":
+        raise CmpnasError(
+            f"The gallery classifier has {len(old)} classes but the data has {len(new)}.",
+            "set compat.gallery_classifier: synthesized (BCT's class-mean classifier) or auto",
+        )
+    return "extended"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    return f"[{shown}]"
+
+
 def gallery_classifier_for(
     gallery: EmbeddingModel, data: DataBundle, compat: CompatConfig, train_emb: torch.Tensor | None
 ) -> nn.Module:
-    """The frozen classifier BCT uses: the gallery's own, or BCT's synthesised class means."""
-    covers = gallery.spec.num_classes == data.num_classes
-    choice = compat.gallery_classifier
-    if choice == "trained" and not covers:
-        raise CmpnasError(
-            f"The gallery classifier has {gallery.spec.num_classes} classes but the data has {data.num_classes}.",
-            "set compat.gallery_classifier: synthesized (BCT's class-mean classifier)",
-        )
-    if choice == "trained" or (choice == "auto" and covers):
+    """The frozen classifier BCT uses (see :func:`classifier_plan`)."""
+    plan = classifier_plan(gallery, data, compat)
+    if plan == "trained":
         return gallery.classifier
     if train_emb is None:
         train_emb = embed(gallery, data.train)
-    return synthesize_classifier(
-        train_emb, labels_of(data.train), data.num_classes, gallery.spec.cosine_scale
-    )
+    labels = labels_of(data.train)
+    if plan == "extended":
+        return extend_classifier(
+            gallery.classifier, gallery.spec.class_names or [], [str(c) for c in data.class_names], train_emb, labels
+        )
+    return synthesize_classifier(train_emb, labels, data.num_classes, gallery.spec.cosine_scale)
 
 
 def compat_losses_for(
@@ -72,11 +113,7 @@ def compat_losses_for(
     label_smoothing: float,
 ) -> CompatLosses:
     """The compatibility terms of a query or supernet stage; gallery embeddings only when a term needs them."""
-    synthesize = (
-        compat.mode == "bct"
-        and compat.gallery_classifier != "trained"
-        and gallery.spec.num_classes != data.num_classes
-    )
+    synthesize = compat.mode == "bct" and classifier_plan(gallery, data, compat) != "trained"
     needs_emb = "embeddings" in needs_of(compat) or synthesize
     train_emb = (
         gallery_train_embeddings(

@@ -6,6 +6,7 @@ augments whole float batches itself, which is much faster on CPU than per-image 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,11 @@ class DataBundle:
             sort_keys=True,
         )
 
+    def train_fingerprint(self) -> str:
+        """Which images the training split holds (content, not just counts): keys caches of per-image
+        targets such as the gallery embeddings, which must not be reused for another subset or seed."""
+        return dataset_fingerprint(self.train)
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (counts per split and per class) for run manifests and reports."""
         n_names = len(self.class_names)
@@ -178,6 +184,26 @@ class DataBundle:
             "std": [round(float(s), 6) for s in self.std],
             "notes": list(self.notes),
         }
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """Hash of a dataset's labels and images (pixels when in memory, file paths otherwise), in order."""
+    h = hashlib.sha256()
+    h.update(_labels_numpy(dataset.labels).astype(np.int64).tobytes())
+    images = getattr(dataset, "images", None)
+    parent, indices = getattr(dataset, "parent", None), getattr(dataset, "indices", None)
+    if isinstance(images, torch.Tensor):
+        h.update(images.contiguous().cpu().numpy().tobytes())
+    elif parent is not None and indices is not None:
+        h.update(dataset_fingerprint(parent).encode())
+        h.update(np.asarray(indices, dtype=np.int64).tobytes())
+    elif getattr(dataset, "paths", None) is not None:
+        for path in dataset.paths:
+            h.update(str(path).encode() + b"\0")
+    else:
+        for i in range(len(dataset)):
+            h.update(np.asarray(dataset[i][0]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def class_counts(labels: torch.Tensor, num_labels: int) -> list[int]:

@@ -17,9 +17,14 @@ from cmpnas.errors import CmpnasError
 
 
 def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (or 0..1 float) [B,C,H,W] -> normalised float32."""
+    """uint8 (or 0..1 float) [B,C,H,W] -> normalised float32.
+
+    A uint8 batch is always 0..255 (decided by its dtype, so a dark batch with every pixel <= 1 is still
+    scaled); a float batch is taken as 0..1 unless its values show it is 0..255.
+    """
+    scale = x.dtype == torch.uint8
     x = x.float()
-    if x.max() > 1.5 or x.dtype == torch.uint8:
+    if scale or x.max() > 1.5:
         x = x / 255.0
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)

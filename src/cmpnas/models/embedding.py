@@ -47,6 +47,7 @@ class ModelSpec:
         None  # fingerprint of the gallery model this query model was trained against
     )
     name: str = ""
+    class_names: list[str] | None = None  # the classifier's classes, in row order (None: not recorded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cmpnas.data.base import stratified_subset
 from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import normalize_batch
 from cmpnas.evaluation.compare import score_settings
@@ -21,10 +22,18 @@ from cmpnas.nas.bn_recalibration import make_calibration_batches, recalibrate_bn
 from cmpnas.nas.supernet import SupernetEmbedding
 
 
-def load_normalized(dataset: Any, n: int | None, mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images of a dataset as one normalised float tensor (+ labels)."""
-    count = len(dataset) if n is None else min(n, len(dataset))
-    imgs, labels = fetch_batch(dataset, list(range(count)))
+def load_normalized(
+    dataset: Any, n: int | None, mean: Any, std: Any, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of a dataset, drawn stratified by class (seeded), as one normalised float tensor (+ labels).
+
+    Not the first ``n``: folder and CSV data are sorted by class, so a prefix would hold a few classes only.
+    """
+    if n is None or n >= len(dataset):
+        rows = list(range(len(dataset)))
+    else:
+        rows = sorted(int(i) for i in stratified_subset(dataset.labels, n, seed))
+    imgs, labels = fetch_batch(dataset, rows)
     return normalize_batch(imgs, mean, std).contiguous(memory_format=torch.channels_last), labels
 
 
@@ -100,13 +109,13 @@ def build_evaluator(
     cache_gallery: bool = True,
 ) -> CandidateEvaluator:
     train_x, _ = load_normalized(
-        data.train, min(len(data.train), max(recal_images * 4, recal_images)), data.mean, data.std
+        data.train, min(len(data.train), max(recal_images * 4, recal_images)), data.mean, data.std, seed
     )
     calib = [
         b.contiguous(memory_format=torch.channels_last)
         for b in make_calibration_batches(train_x, recal_images, recal_batch, seed)
     ]
-    val_x, val_y = load_normalized(data.val, val_images, data.mean, data.std)
+    val_x, val_y = load_normalized(data.val, val_images, data.mean, data.std, seed)
     ev = CandidateEvaluator(supernet, calib, val_x, val_y, None, gallery_model=gallery.eval())
     if cache_gallery:
         ev.gallery_val_emb = ev._embed(gallery)

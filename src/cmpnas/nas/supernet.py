@@ -50,6 +50,9 @@ class SupernetEmbedding(nn.Module):
         self.classifier = create_classifier(classifier, embed_dim, num_classes, cosine_scale)
         self.embed_dim = embed_dim
 
+    def path_slices(self, arch: dict) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        return self.supernet.path_slices(arch)
+
     def forward(self, x: torch.Tensor, arch: dict) -> torch.Tensor:
         return self.head(self.supernet(x, arch))
 

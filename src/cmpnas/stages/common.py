@@ -60,6 +60,7 @@ def make_spec(
         std=list(data.std),
         compatible_with=compatible_with,
         name=name,
+        class_names=[str(c) for c in data.class_names],
     )
 
 

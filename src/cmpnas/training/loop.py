@@ -228,7 +228,11 @@ def train(
             loss.backward()
             if hasattr(task, "after_backward"):
                 task.after_backward()
+            if hasattr(task, "before_step"):
+                task.before_step(optimizer)
             optimizer.step()
+            if hasattr(task, "after_step"):
+                task.after_step(optimizer)
             scheduler.step()
             step += 1
             seen += len(idx) * info.world_size

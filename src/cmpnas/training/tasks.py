@@ -34,8 +34,10 @@ class CompatTask(nn.Module):
     """Query / supernet training: own CE + weighted compatibility terms (BCT influence, alignment).
 
     With ``arch_sampler`` the model is a supernet: each step runs the path ``arch_sampler(step)``
-    (a function of the global step, so every DDP rank trains the same path), and parameters off
-    the path get ``grad=None`` so momentum and weight decay leave them alone (SPOS).
+    (a function of the global step, so every DDP rank trains the same path), and only the path is
+    updated (SPOS): parameters off the path get ``grad=None`` so momentum and weight decay leave them
+    alone, and the unused channels of a partly used (sliced) weight are put back after the step, momentum
+    buffer included, so weight decay and momentum do not move them through their zero gradients.
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class CompatTask(nn.Module):
         self.label_smoothing = label_smoothing
         self.arch_sampler = arch_sampler
         self.dynamic_graph = arch_sampler is not None
+        self._arch: Any = None
+        self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def train(self, mode: bool = True) -> CompatTask:
         super().train(mode)
@@ -61,7 +65,8 @@ class CompatTask(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict]:
         if self.arch_sampler is not None:
-            emb = self.model(x, self.arch_sampler(step))
+            self._arch = self.arch_sampler(step)
+            emb = self.model(x, self._arch)
         else:
             emb = self.model(x)
         logits = classifier_logits(self.model.classifier, emb, y).float()
@@ -77,3 +82,34 @@ class CompatTask(nn.Module):
         for p in self.model.parameters():
             if p.grad is not None and not torch.any(p.grad):
                 p.grad = None
+
+    @torch.no_grad()
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remember the unused channels of the path's sliced weights and their optimizer state."""
+        self._saved = []
+        if self.arch_sampler is None:
+            return
+        for p, used in self.model.path_slices(self._arch):
+            if p.grad is None:
+                continue
+            mask = torch.zeros_like(p, dtype=torch.bool)
+            mask[used] = True
+            if bool(mask.all()):
+                continue
+            state = {
+                k: v.clone()
+                for k, v in optimizer.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape
+            }
+            self._saved.append((p, mask, p.detach().clone(), state))
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put back the unused channels (values and optimizer state such as the momentum buffer)."""
+        for p, mask, before, state in self._saved:
+            p.copy_(torch.where(mask, p, before))
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    old = state.get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(mask, value, old))
+        self._saved = []

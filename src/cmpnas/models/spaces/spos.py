@@ -145,6 +145,14 @@ class ConvBN(nn.Module):
             y = self._sliced(x, mid)
         return F.relu(y) if self.relu else y
 
+    def used_slice(self, mid: int | None) -> tuple[slice, ...]:
+        """The part of the conv weight a path with this ``mid`` width uses (all of it at full width)."""
+        if self.mid_width is None or mid is None or mid == self.mid_width:
+            return (slice(None),)
+        rows = slice(0, mid) if self.out_mid else slice(None)
+        cols = slice(0, mid) if (self.in_mid and not self.depthwise) else slice(None)
+        return (rows, cols)
+
     def _sliced(self, x: Tensor, mid: int) -> Tensor:
         if mid > self.mid_width:
             raise ValueError(f"mid {mid} exceeds the allocated width {self.mid_width}")
@@ -581,6 +589,17 @@ class Supernet(nn.Module):
             for spec in space.layers
         )
         self.head = _Head(space, affine=False)
+
+    def path_slices(self, arch: Arch) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
+        """(parameter, the slice the path uses) for the sliced weights of ``arch``'s blocks; parameters not
+        listed are either wholly used (stem, head) or off the path (their gradient is None)."""
+        a = self.space.validate(arch)
+        out = []
+        for layer, (choice, scale) in enumerate(zip(a["blocks"], a["scales"], strict=True)):
+            mid = self.space.mid(layer, scale)
+            for op in self.layers[layer][choice].main:
+                out.append((op.conv.weight, op.used_slice(mid)))
+        return out
 
     def forward(self, x: Tensor, arch: Arch) -> Tensor:
         a = self.space.validate(arch)
