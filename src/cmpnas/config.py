@@ -114,6 +114,10 @@ class CompatConfig(_Strict):
         default_factory=dict, description="weights of further registered compatibility terms, by name"
     )
 
+    options: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per-term options by name, e.g. {csd: {k: 16, temperature: 0.05}}"
+    )
+
     def weights(self) -> dict[str, float]:
         """Every term's weight by registry name (bct and align first, in that order)."""
         return {"bct": self.bct_weight, "align": self.align_weight, **self.terms}

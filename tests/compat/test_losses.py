@@ -6,6 +6,7 @@ import hashlib
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -200,3 +201,59 @@ def test_embedding_dim_mismatch_fails_before_any_output(
     assert "query.embed_dim: 16" in str(exc.value)  # the fix names the value to use
     assert not out.exists()
     assert captured_tasks == []
+
+
+# ------------------------------------------------------------------------------- CSD and regression
+def test_regression_hand_example() -> None:
+    from cmpnas.compat.losses import RegressionLoss
+
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    term = RegressionLoss(gallery)
+    query = torch.tensor([[2.0, 0.0], [0.0, 0.0]])  # squared distances 1 and 4
+    assert float(term(query, torch.tensor([0, 1]), torch.tensor([0, 1]))) == pytest.approx(2.5)
+
+
+def _csd_naive(gallery: np.ndarray, query: np.ndarray, rows: list[int], k: int, t: float) -> float:
+    """CSD from its definition, in numpy: each row's k nearest other gallery items (cosine), softmax of
+    the gallery's and of the query's similarities to them, KL(gallery || query), averaged."""
+    unit = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    total = 0.0
+    for b, i in enumerate(rows):
+        sims = unit @ unit[i]
+        order = [j for j in np.argsort(-sims, kind="stable") if j != i][:k]
+        ctx = unit[order]
+        p = np.exp(ctx @ unit[i] / t)
+        p /= p.sum()
+        qv = query[b] / np.linalg.norm(query[b])
+        logits = ctx @ qv / t
+        logq = logits - np.log(np.exp(logits).sum())
+        total += float((p * (np.log(p) - logq)).sum())
+    return total / len(rows)
+
+
+def test_csd_matches_its_definition_and_vanishes_on_the_gallery_embedding() -> None:
+    from cmpnas.compat.losses import ContextualSimilarityLoss
+
+    rng = np.random.default_rng(3)
+    gallery = rng.normal(size=(12, 4)).astype(np.float32)
+    query = rng.normal(size=(5, 4)).astype(np.float32)
+    rows = [0, 3, 4, 7, 11]
+    term = ContextualSimilarityLoss(torch.from_numpy(gallery), k=3, temperature=0.2, pool=100)
+    got = term(torch.from_numpy(query), torch.zeros(5, dtype=torch.long), torch.tensor(rows))
+    assert float(got) == pytest.approx(_csd_naive(gallery, query, rows, 3, 0.2), rel=1e-4)
+    same = term(torch.from_numpy(gallery[rows]), torch.zeros(5, dtype=torch.long), torch.tensor(rows))
+    assert abs(float(same)) < 1e-5
+    q = torch.from_numpy(query).requires_grad_(True)
+    term(q, torch.zeros(5, dtype=torch.long), torch.tensor(rows)).backward()
+    assert q.grad is not None and torch.any(q.grad != 0)
+
+
+def test_csd_and_regression_are_registered_terms_built_from_config() -> None:
+    cfg = CompatConfig(
+        bct_weight=0.0, terms={"csd": 0.5, "regress": 0.1}, options={"csd": {"k": 2, "pool": 8}}
+    )
+    losses = build_compat_losses(cfg, None, torch.randn(10, 3))
+    assert [t.name for t in losses.terms] == ["csd", "regress"] and losses.weights == [0.5, 0.1]
+    assert losses.terms[0].neighbour_index.shape == (10, 2)
+    with pytest.raises(CmpnasError, match="cached gallery embeddings"):
+        build_compat_losses(CompatConfig(terms={"csd": 1.0}), hand_linear(), None)

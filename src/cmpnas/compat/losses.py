@@ -86,6 +86,85 @@ class AlignmentLoss(CompatTerm):
         )
 
 
+class RegressionLoss(CompatTerm):
+    """Asymmetric metric learning's plain regression (Budnik & Avrithis, CVPR 2021): the query embedding
+    should *be* the gallery embedding of the same image, ``mean ||q - g||^2`` over the batch."""
+
+    name = "regress"
+    needs = ("embeddings",)
+
+    def __init__(self, gallery_embeddings: torch.Tensor) -> None:
+        super().__init__()
+        self.gallery_embeddings = gallery_embeddings.detach().float()  # constant: an attribute, not a buffer
+
+    @classmethod
+    def from_targets(cls, targets: dict[str, Any], cfg: CompatConfig, label_smoothing: float) -> RegressionLoss:
+        return cls(targets["embeddings"])
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        target = self.gallery_embeddings[index.cpu()].to(emb.device)
+        return (emb.float() - target).pow(2).sum(1).mean()
+
+
+class ContextualSimilarityLoss(CompatTerm):
+    """Contextual similarity distillation (CSD; Wu et al., CVPR 2022).
+
+    For each training image, the gallery model's ``k`` nearest neighbours among an anchor pool of gallery
+    embeddings define a context; the query embedding's softmax similarity distribution over those
+    neighbours (temperature ``t``) must match the gallery embedding's: KL(gallery || query). This keeps
+    the gallery's *neighbourhood structure*, which is what asymmetric retrieval ranks by. The neighbour
+    table is computed once from the cached embeddings (exact top-k, self excluded).
+    Options (``compat.options.csd``): ``k`` (16), ``temperature`` (0.05), ``pool`` (4096 anchors).
+    """
+
+    name = "csd"
+    needs = ("embeddings",)
+
+    def __init__(
+        self, gallery_embeddings: torch.Tensor, k: int = 16, temperature: float = 0.05, pool: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        unit = F.normalize(gallery_embeddings.detach().float(), dim=1)
+        n = unit.shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        anchors = torch.randperm(n, generator=gen)[: min(pool, n)].sort().values
+        k = int(min(k, len(anchors) - 1))
+        if k < 1:
+            raise CmpnasError("CSD needs at least 2 gallery embeddings.", "train on more images or drop the csd term")
+        self.anchor_embeddings = unit[anchors]  # [A, D]
+        idx, target = [], []
+        for start in range(0, n, 8192):  # chunks bound the [rows, A] score matrix
+            rows = torch.arange(start, min(n, start + 8192))
+            scores = unit[rows] @ self.anchor_embeddings.T
+            scores.masked_fill_(anchors.unsqueeze(0) == rows.unsqueeze(1), -float("inf"))  # not itself
+            top, nn_idx = scores.topk(k, dim=1)
+            idx.append(nn_idx)
+            target.append(F.softmax(top / temperature, dim=1))
+        self.neighbour_index = torch.cat(idx)  # [N, k] rows of anchor_embeddings
+        self.target = torch.cat(target)  # [N, k] the gallery's similarity distribution over its context
+        self.temperature = temperature
+
+    @classmethod
+    def from_targets(
+        cls, targets: dict[str, Any], cfg: CompatConfig, label_smoothing: float
+    ) -> ContextualSimilarityLoss:
+        opts = cfg.options.get("csd", {})
+        return cls(
+            targets["embeddings"],
+            k=int(opts.get("k", 16)),
+            temperature=float(opts.get("temperature", 0.05)),
+            pool=int(opts.get("pool", 4096)),
+        )
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        i = index.cpu()
+        ctx = self.anchor_embeddings[self.neighbour_index[i]].to(emb.device)  # [B, k, D]
+        target = self.target[i].to(emb.device)
+        sims = torch.einsum("bd,bkd->bk", F.normalize(emb.float(), dim=1), ctx) / self.temperature
+        return F.kl_div(F.log_softmax(sims, dim=1), target, reduction="batchmean")
+
+
 @dataclass
 class WeightedTerm:
     weight: float
@@ -162,6 +241,8 @@ _MISSING = {
 TERMS: dict[str, type[CompatTerm]] = {
     "bct": InfluenceLoss,
     "align": AlignmentLoss,
+    "regress": RegressionLoss,
+    "csd": ContextualSimilarityLoss,
 }
 
 
