@@ -150,7 +150,9 @@ def _multipart(payload: bytes, boundary: str) -> bytes:
     )
 
 
-def load_test(url: str, payloads: list[bytes], requests: int, concurrency: int, time_cap: float) -> dict:
+def load_test(
+    url: str, payloads: list[bytes], requests: int, concurrency: int, time_cap: float, body: str = "raw"
+) -> dict:
     """``requests`` POST /search?k=10 calls over ``concurrency`` keep-alive connections, bounded by ``time_cap``.
 
     The client is asyncio over raw HTTP/1.1 with the request bytes built up front: on a 2-core machine the
@@ -158,20 +160,23 @@ def load_test(url: str, payloads: list[bytes], requests: int, concurrency: int, 
     CPU per request as the server did (that is what the first version of this benchmark measured).
     Every answer is still checked: status 200 and a JSON body with k results.
     """
-    return asyncio.run(_load_test(url, payloads, requests, concurrency, time_cap))
+    return asyncio.run(_load_test(url, payloads, requests, concurrency, time_cap, body))
 
 
 async def _load_test(
-    url: str, payloads: list[bytes], requests: int, concurrency: int, time_cap: float
+    url: str, payloads: list[bytes], requests: int, concurrency: int, time_cap: float, body_kind: str
 ) -> dict:
     host, port = url.removeprefix("http://").split(":")
     boundary = "cmpnasbench7d1f"
     prebuilt = []
     for payload in payloads:
-        body = _multipart(payload, boundary)
+        if body_kind == "raw":  # the image bytes as the body (POST /search, Content-Type: image/png)
+            body, content_type = payload, "image/png"
+        else:
+            body, content_type = _multipart(payload, boundary), f"multipart/form-data; boundary={boundary}"
         head = (
             f"POST /search?k=10 HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         prebuilt.append(head + body)
@@ -222,6 +227,7 @@ async def _load_test(
     lat = np.asarray(latencies if latencies else [float("nan")])
     return {
         "client": "asyncio raw HTTP/1.1 keep-alive",
+        "body": body_kind,
         "requests_planned": requests,
         "requests_sent": state["sent"],
         "requests_ok": len(latencies),
@@ -301,6 +307,44 @@ def onnx_batch1(onnx_path: Path, runs: int = 200) -> dict[str, Any]:
     }
 
 
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the uvicorn supervisor and its workers), MB."""
+    pids = {pid}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            pids.add(int(stat.parent.name))
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return round(total / 1024, 1)
+
+
+def soak(url: str, pid: int, payloads: list[bytes], args: Any) -> dict:
+    """Steady load for ``args.soak_s`` seconds; the server's RSS at the start and the end (memory flat?)."""
+    log(f"soak: {args.soak_s:.0f} s at concurrency {args.concurrency}")
+    rss_start = process_tree_rss_mb(pid)
+    res = load_test(url, payloads, 10**9, args.concurrency, args.soak_s, args.body)
+    rss_end = process_tree_rss_mb(pid)
+    return {
+        "seconds": args.soak_s,
+        "requests_ok": res["requests_ok"],
+        "errors": res["errors"],
+        "throughput_rps": res["throughput_rps"],
+        "latency_ms": res["latency_ms"],
+        "rss_mb_start": rss_start,
+        "rss_mb_end": rss_end,
+    }
+
+
 def png_payloads(images: np.ndarray) -> list[bytes]:
     out = []
     for img in images:
@@ -335,6 +379,11 @@ def main() -> None:
     ap.add_argument(
         "--search-sizes", type=int, nargs="+", default=[10_000, 100_000], help="search-only sizes"
     )
+    ap.add_argument("--body", choices=["raw", "multipart"], default="raw", help="request body format")
+    ap.add_argument("--runs", type=int, default=3, help="repeat the main load test (targets: every run)")
+    ap.add_argument("--p99-target-ms", type=float, default=30.0, help="p99 target each run is checked against")
+    ap.add_argument("--rps-target", type=float, default=600.0, help="throughput target each run is checked against")
+    ap.add_argument("--soak-s", type=float, default=0.0, help="then a soak of this many seconds, RSS at start/end")
     args = ap.parse_args()
     if (args.gallery_model is None) != (args.query_model is None):
         ap.error("pass both --gallery-model and --query-model, or neither")
@@ -396,10 +445,29 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             load_test(url, png_payloads(held_out[:20]), 40, 2, 30)  # warm-up, not reported
-            log(f"load test: {args.requests} requests at concurrency {args.concurrency}")
-            result["load_test"] = load_test(
-                url, png_payloads(held_out), args.requests, args.concurrency, args.time_cap
-            )
+            runs = []
+            for run in range(args.runs):
+                log(f"load test {run + 1}/{args.runs}: {args.requests} requests at concurrency {args.concurrency}")
+                runs.append(
+                    load_test(
+                        url, png_payloads(held_out), args.requests, args.concurrency, args.time_cap, args.body
+                    )
+                )
+                log(f"  {runs[-1]['throughput_rps']} req/s, p99 {runs[-1]['latency_ms']['p99']:.1f} ms, "
+                    f"{runs[-1]['errors']} errors")
+            result["load_test"] = dict(runs[0])
+            result["load_test_runs"] = runs
+            result["targets"] = {
+                "p99_ms": args.p99_target_ms,
+                "throughput_rps": args.rps_target,
+                "runs_meeting_both": sum(
+                    r["latency_ms"]["p99"] <= args.p99_target_ms
+                    and r["throughput_rps"] >= args.rps_target
+                    and r["errors"] == 0
+                    for r in runs
+                ),
+                "runs": len(runs),
+            }
             stats = httpx.get(f"{url}/stats", timeout=10).json()
             result["load_test"]["server_workers"] = args.workers
             result["load_test"]["server_threads_per_worker"] = 1
@@ -414,8 +482,10 @@ def main() -> None:
                     f"concurrency {c}: {sweep['throughput_rps']} req/s, p99 {sweep['latency_ms']['p99']:.1f} ms"
                 )
             result["load_test"]["server_stats"] = {
-                k: stats[k] for k in ("queries", "rejected", "latency_ms", "mode")
+                k: stats[k] for k in ("queries", "rejected", "latency_ms", "mode", "workers")
             }
+            if args.soak_s > 0:
+                result["soak"] = soak(url, server.pid, png_payloads(held_out), args)
         finally:
             server.terminate()
             try:

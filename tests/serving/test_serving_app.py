@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -227,3 +228,29 @@ def test_big_upload_goes_through_the_thread_pool_with_the_same_answer(
     assert calls == [len(png), len(png)]
     assert [h["id"] for h in slow] == [h["id"] for h in small]
     assert client.app.state.service.search_ms > 0
+
+
+def test_stats_add_up_the_counters_every_worker_shares(
+    tmp_path: Path, flat_index: Path, models: Any, pattern: Any
+) -> None:
+    other = {"pid": 999_999, "queries": 5, "rejected": 2, "latencies": [1.0, 2.0, 3.0, 4.0, 100.0]}
+    (tmp_path / "worker-999999.json").write_text(json.dumps(other))  # another worker process's share
+    client = TestClient(create_app(flat_index, models.query, stats_dir=str(tmp_path)))
+    r = post(client, encode(pattern("stripes", 1)))
+    assert r.status_code == 200
+    stats = client.get("/stats").json()
+    assert stats["queries"] == 6 and stats["rejected"] == 2 and stats["latency_ms"]["window"] == 6
+    assert sorted(w["queries"] for w in stats["workers"]) == [1, 5]
+    assert stats["latency_ms"]["p99"] > 4.0  # the other worker's slow request is in the distribution
+
+
+def test_raw_image_body_gives_the_same_answer_as_multipart(client: TestClient, pattern: Any) -> None:
+    data = encode(pattern("checks", 5))
+    multipart = post(client, data, params={"k": 5})
+    raw = client.post("/search", params={"k": 5}, content=data, headers={"Content-Type": "image/png"})
+    assert multipart.status_code == raw.status_code == 200, raw.text
+    assert [h["id"] for h in raw.json()["results"]] == [h["id"] for h in multipart.json()["results"]]
+    not_image = client.post("/search", content=b"hello", headers={"Content-Type": "image/png"})
+    assert not_image.status_code == 400 and "could not be read" in not_image.json()["detail"]
+    wrong_type = client.post("/search", content=data, headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 422 and "Content-Type: image/png" in wrong_type.json()["detail"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -171,8 +172,19 @@ def decode_upload(data: bytes, content_type: str | None, max_pixels: int) -> Ima
 class SearchService:
     """Index + encoder loaded once, plus query counters and a window of recent latencies."""
 
-    def __init__(self, index: GalleryIndex, encoder: Any, mode: str, limits: dict[str, int]) -> None:
+    def __init__(
+        self,
+        index: GalleryIndex,
+        encoder: Any,
+        mode: str,
+        limits: dict[str, int],
+        stats_dir: str | Path | None = None,
+    ) -> None:
         self.index, self.encoder, self.mode, self.limits = index, encoder, mode, limits
+        # With several worker processes each one shares its counters through a file in ``stats_dir`` so
+        # that /stats, answered by any one worker, reports all of them.
+        self.stats_dir = Path(stats_dir) if stats_dir else None
+        self._dirty = False
         self.started = time.time()
         self.lock = (
             threading.Lock()
@@ -183,6 +195,8 @@ class SearchService:
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.search_ms = self._warm_up()
+        if self.stats_dir is not None:  # share counters off the request path, a few times a second
+            threading.Thread(target=self._share_loop, name="cmpnas-stats-share", daemon=True).start()
 
     def _warm_up(self, calls: int = 3) -> float:
         """Embed + search a blank image a few times (first-call set-up out of the way); best time in ms."""
@@ -221,6 +235,51 @@ class SearchService:
             else:
                 self.queries += 1
                 self.latencies.append(latency_ms)
+            self._dirty = True
+
+    def _share_loop(self, every_s: float = 0.2) -> None:
+        while True:
+            time.sleep(every_s)
+            if self._dirty:
+                self.share()
+
+    def share(self) -> None:
+        """Write this worker's counters for the others (atomic: a reader never sees half a file)."""
+        if self.stats_dir is None:
+            return
+        with self.stats_lock:
+            self._dirty = False
+            snapshot = {
+                "pid": os.getpid(),
+                "queries": self.queries,
+                "rejected": self.rejected,
+                "latencies": [round(v, 3) for v in self.latencies],
+            }
+        path = self.stats_dir / f"worker-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, path)
+
+    def _counters(self) -> tuple[int, int, np.ndarray, list[dict[str, int]]]:
+        """(queries, rejected, recent latencies, per worker) over every worker process of this server."""
+        if self.stats_dir is None:
+            with self.stats_lock:
+                lat = np.asarray(self.latencies, dtype=np.float64)
+                return self.queries, self.rejected, lat, [{"pid": os.getpid(), "queries": self.queries}]
+        self.share()
+        queries = rejected = 0
+        lats: list[float] = []
+        workers = []
+        for path in sorted(self.stats_dir.glob("worker-*.json")):
+            try:
+                snap = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a worker that is writing or gone
+            queries += int(snap["queries"])
+            rejected += int(snap["rejected"])
+            lats.extend(snap["latencies"])
+            workers.append({"pid": int(snap["pid"]), "queries": int(snap["queries"])})
+        return queries, rejected, np.asarray(lats, dtype=np.float64), workers
 
     def _thumbnail(self, item_id: str) -> bytes | None:
         img = self.index.thumbnail_image(item_id)
@@ -236,9 +295,7 @@ class SearchService:
         return buf.getvalue()
 
     def stats(self) -> dict[str, Any]:
-        with self.stats_lock:
-            lat = np.asarray(self.latencies, dtype=np.float64)
-            queries, rejected = self.queries, self.rejected
+        queries, rejected, lat, workers = self._counters()
         pct = (
             {
                 "p50": float(np.percentile(lat, 50)),
@@ -263,6 +320,7 @@ class SearchService:
             "queries": queries,
             "rejected": rejected,
             "latency_ms": {**pct, "window": len(lat)},
+            "workers": workers,
             "limits": self.limits,
             "uptime_s": round(time.time() - self.started, 1),
             "version": __version__,
@@ -286,6 +344,7 @@ def create_app(
     nprobe: int | None = None,
     ef_search: int | None = None,
     threads: int | None = None,
+    stats_dir: str | None = None,
 ) -> FastAPI:
     """Load index + query model once (refusing incompatible pairs) and return the FastAPI app.
 
@@ -314,7 +373,7 @@ def create_app(
         "max_pixels": max_pixels,
         "threads": threads,
     }
-    service = SearchService(index, encoder, mode, limits)
+    service = SearchService(index, encoder, mode, limits, stats_dir)
     page = _page()
 
     app = FastAPI(
@@ -356,7 +415,16 @@ def create_app(
     @app.post(
         "/search",
         response_model=SearchResponse,
-        summary="Top-k gallery items for an uploaded image",
+        summary="Top-k gallery items for an uploaded image (multipart 'file' field, or the raw image bytes "
+        "with Content-Type: image/*)",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/Body_search_search_post"}},
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
         responses={
             400: {"description": "corrupt image"},
             413: {"description": "upload or image too large"},
@@ -365,7 +433,8 @@ def create_app(
         },
     )
     async def search(
-        file: UploadFile = File(..., description="query image (PNG, JPEG, WebP, GIF, BMP or TIFF)"),
+        request: Request,
+        file: UploadFile | None = File(None, description="query image (PNG, JPEG, WebP, GIF, BMP or TIFF)"),
         k: int | None = Query(None, description=f"number of results, 1..{max_k} (default {default_k})"),
         k_form: int | None = Form(
             None, alias="k", description="k as a form field (the query parameter wins)"
@@ -376,13 +445,11 @@ def create_app(
         try:
             if not 1 <= want <= max_k:
                 raise UploadRejected(422, f"k must be between 1 and {max_k} (got {want}).")
-            data = await file.read(max_upload_bytes + 1)
-            if len(data) > max_upload_bytes:
-                raise UploadRejected(413, f"Upload is larger than {max_upload_bytes} bytes.")
+            data, content_type = await _upload(request, file, max_upload_bytes)
             if service.runs_inline(len(data)):
-                hits = service.answer(data, file.content_type, want)
+                hits = service.answer(data, content_type, want)
             else:  # a big image or a slow model: keep the event loop free for other requests
-                hits = await run_in_threadpool(service.answer, data, file.content_type, want)
+                hits = await run_in_threadpool(service.answer, data, content_type, want)
         except UploadRejected as exc:
             service.record(None)
             raise HTTPException(exc.status, exc.message) from None
@@ -392,6 +459,29 @@ def create_app(
         return SearchResponse(results=results, k=want, latency_ms=round(latency, 3), mode=mode)
 
     return app
+
+
+RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
+
+
+async def _upload(request: Request, file: UploadFile | None, max_bytes: int) -> tuple[bytes, str | None]:
+    """The query image's bytes and content type: a multipart ``file`` field, or the raw request body
+    (``Content-Type: image/*``) for clients that send bytes."""
+    if file is not None:
+        data = await file.read(max_bytes + 1)
+        content_type = file.content_type
+    else:
+        content_type = request.headers.get("content-type")
+        if not content_type or not content_type.lower().startswith(RAW_CONTENT_TYPES):
+            raise UploadRejected(
+                422,
+                "No image: send multipart/form-data with a 'file' field, or the image bytes as the body with "
+                "Content-Type: image/png (or another image/* type).",
+            )
+        data = await request.body()
+    if len(data) > max_bytes:
+        raise UploadRejected(413, f"Upload is larger than {max_bytes} bytes.")
+    return data, content_type
 
 
 SERVE_CONFIG_ENV = "CMPNAS_SERVE_CONFIG"
@@ -416,7 +506,8 @@ def run_server(
 
     ``workers > 1`` runs that many server processes on one port (uvicorn's supervisor), each with its own
     copy of the model and index: the Python HTTP stack holds the GIL for most of a request, so one process
-    uses about one core whatever its thread count. ``/stats`` then counts the answering worker only.
+    uses about one core whatever its thread count. The workers share their counters through files in a
+    temporary folder, so ``/stats`` reports all of them whichever worker answers.
     """
     import uvicorn
 
@@ -427,8 +518,14 @@ def run_server(
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
     del app  # checked; each worker loads its own copy
+    stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
     os.environ[SERVE_CONFIG_ENV] = json.dumps(
-        {"index_dir": str(index_dir), "query_model_path": str(query_model_path), **limits}
+        {
+            "index_dir": str(index_dir),
+            "query_model_path": str(query_model_path),
+            "stats_dir": stats_dir,
+            **limits,
+        }
     )
     uvicorn.run(
         "cmpnas.serving.app:app_from_env",
@@ -437,4 +534,8 @@ def run_server(
         host=host,
         port=port,
         log_level=log_level,
+        # A worker loads torch, the model and the index before it answers the supervisor's health check;
+        # on a busy machine that takes longer than uvicorn's 5 s default, and a worker killed for it is
+        # restarted forever.
+        timeout_worker_healthcheck=120,
     )
