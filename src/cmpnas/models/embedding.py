@@ -55,6 +55,21 @@ class ModelSpec:
     def from_json(cls, text: str) -> ModelSpec:
         return cls(**json.loads(text))
 
+    @classmethod
+    def parse(cls, text: str, source: str | Path) -> ModelSpec:
+        """:meth:`from_json` for a spec read from a file: a damaged or foreign spec is a user error that
+        names the file, not a JSON/TypeError traceback."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise CmpnasError(
+                f"The model spec stored in '{source}' is unreadable ({exc}).",
+                "the file is damaged, edited or from another tool: retrain or restore it",
+            ) from None
+
 
 class EmbeddingModel(nn.Module):
     """forward(x) -> embedding [B, D] (not normalised; retrieval normalises). ``classifier`` maps embeddings to logits."""
@@ -134,8 +149,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def load_model(path: str | Path) -> EmbeddingModel:
     """Rebuild the model from its spec and load weights (strict). Returns it in eval mode."""
     meta = read_metadata(path)
-    spec = ModelSpec.from_json(meta["spec"])
-    model = EmbeddingModel(spec)
+    spec = ModelSpec.parse(meta.get("spec", ""), path)
+    try:
+        model = EmbeddingModel(spec)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # CmpnasError (unknown backbone) passes
+        raise CmpnasError(
+            f"The spec in '{path}' does not build a model ({type(exc).__name__}: {str(exc)[:200]}).",
+            "the file is damaged or was edited: retrain or restore it",
+        ) from None
     try:
         state = load_file(str(path))
         model.load_state_dict(state, strict=True)
