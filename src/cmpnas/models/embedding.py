@@ -159,13 +159,42 @@ def load_model(path: str | Path) -> EmbeddingModel:
         ) from None
     try:
         state = load_file(str(path))
-        model.load_state_dict(state, strict=True)
+        mismatch = state_mismatch(model.state_dict(), state)
+        if mismatch is None:
+            model.load_state_dict(state, strict=True)
     except (RuntimeError, SafetensorError) as exc:
+        mismatch = str(exc)[:200]
+    if mismatch is not None:
         raise CmpnasError(
-            f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
-            "the file is corrupt or was edited: retrain or restore it",
-        ) from None
+            f"Weights in '{path}' do not match their spec ({mismatch}).",
+            "the file is corrupt or was edited (its spec describes another architecture): retrain or restore it",
+        )
     return model.eval()
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """A one-line summary of how ``found`` tensors differ from the ``expected`` state dict, or None.
+
+    Why: torch's own message is a multi-line list that names every tensor; one example of each kind
+    says what went wrong (a different architecture, an edited file) in one line.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} tensor(s) of another shape, e.g. {k} {list(found[k].shape)} in the file vs "
+            f"{list(expected[k].shape)} from the spec"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts)
 
 
 def model_summary(model: EmbeddingModel) -> dict[str, Any]:
