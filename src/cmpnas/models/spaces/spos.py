@@ -421,8 +421,8 @@ class SposSpace:
         cheapest = self.min_macs() + self.head_macs(embed_dim)
         if budget < cheapest:
             raise CmpnasError(
-                f"The MACs budget {budget / 1e6:.3f} M is below the cheapest architecture of the space "
-                f"({cheapest / 1e6:.3f} M MACs).",
+                f"The MACs budget {budget / 1e6:.3g} M is below the cheapest architecture of the space "
+                f"({cheapest / 1e6:.3g} M MACs).",
                 "raise nas.budget_macs / lower nas.budget_cost_reduction, or shrink the space (stage_widths, channel_scales)",
             )
 
