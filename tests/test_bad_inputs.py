@@ -102,6 +102,7 @@ class Row:
     status: int = 2  # CLI exit code, or HTTP status
     accepted: bool = False  # a valid input to convert and use: success expected, not an error
     check: Callable[[Ctx, Outcome], None] | None = None  # extra assertions
+    absent: tuple[str, ...] = ()  # fragments the message must not contain (bad advice)
 
 
 # ------------------------------------------------------------------------------------------- context
@@ -621,7 +622,7 @@ ROWS: list[Row] = [
     Row("npz-inf-embeddings", lambda c: ijbc_eval(c, embeddings_flip=with_value(np.inf, 2)),
         ("'embeddings_flip' contain NaN or infinite",)),
     Row("npz-not-an-archive", lambda c: df2_eval(c, npz_file=lambda c, ids: c.write("e.npz", "ids,emb\n")),
-        ("e.npz", "not an .npz archive")),
+        ("e.npz", "not an .npz archive"), absent=("pickle",)),
     Row("npz-ids-missing", lambda c: df2_eval(c, npz_file=lambda c, ids: npz(c, ids[1:], "few.npz")),
         ("1 required id(s) have no embedding",)),
     # --- service ----------------------------------------------------------------------------------
@@ -730,6 +731,7 @@ def test_bad_input(row: Row, request: pytest.FixtureRequest, tmp_path: Path, cap
     assert outcome.code == row.status, outcome
     if not row.accepted:
         assert_names_problem_and_fix(call, outcome, row.expect)
+        assert not [f for f in row.absent if f in outcome.message], outcome.message
     if row.check is not None:
         row.check(ctx, outcome)
     assert snapshot(ctx.watched) == before, "the command changed files on disk"
