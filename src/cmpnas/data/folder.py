@@ -66,18 +66,17 @@ def open_bounded(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXEL
     PIL's own bomb guard first only warns (89M pixels) and fails at 179M; here its warning is an error
     too, so an oversized file is never decoded and never prints a warning.
     """
-    with open(path, "rb") as fh:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fh)
-        with img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"{width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit "
-                    "(a decompression bomb?)"
-                )
-            yield img
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(path)  # closes the file itself if this raises
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit "
+                "(a decompression bomb?)"
+            )
+        yield img
 
 
 def load_image(path: str | os.PathLike[str], image_size: int, in_chans: int) -> torch.Tensor:
