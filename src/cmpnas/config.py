@@ -7,6 +7,8 @@ silently ignored). CLI overrides use dotted keys: ``--set train.epochs=3``.
 from __future__ import annotations
 
 import copy
+import difflib
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -246,16 +248,34 @@ def load_config_dict(path: str | Path | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise CmpnasError(
-            f"Config file '{p}' does not exist.", "pass an existing YAML file, e.g. configs/smoke.yaml"
-        )
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise CmpnasError(f"Config file '{p}' {what}.", "pass an existing YAML file, e.g. configs/smoke.yaml")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CmpnasError(
+            f"Config file '{p}' is not UTF-8 text (byte {exc.start} cannot be decoded).",
+            "pass the YAML config file, saved as UTF-8 (not a model, archive or image)",
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise CmpnasError(f"Config file '{p}' is not valid YAML: {exc}.", "fix the YAML syntax") from None
+        raise CmpnasError(
+            f"Config file '{p}' is not valid YAML: {_yaml_problem(exc)}.",
+            "fix the YAML syntax at that line (indent with spaces, close every bracket and quote)",
+        ) from None
     if not isinstance(data, dict):
         raise CmpnasError(f"Config file '{p}' must hold a mapping of sections.", "see configs/default.yaml")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line L, column C: <problem> (<context>)' from a parser error, instead of its multi-line dump."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem + (f" ({context})" if context else "")
 
 
 def build_config(
@@ -269,12 +289,45 @@ def build_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise CmpnasError(
-            f"Bad config value at '{loc}': {err['msg']} (got {err.get('input')!r}).",
-            "correct that key in the YAML file or the --set override (see `cmpnas <command> --help`)",
-        ) from None
+        raise _config_error(exc.errors()[0], model) from None
+
+
+def _config_error(err: Any, model: type[BaseModel]) -> CmpnasError:
+    """One validation error as a CmpnasError; an unknown key names the closest known key."""
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        known = _keys_at(model, err["loc"][:-1])
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        section = ".".join(str(x) for x in err["loc"][:-1])
+        action = f"rename it to '{section + '.' if section else ''}{close[0]}'" if close else "remove it"
+        return CmpnasError(
+            f"Unknown config key '{loc}' (in the YAML file or a --set override).",
+            f"{action} (valid keys here: {', '.join(known)})",
+        )
+    got = repr(err.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return CmpnasError(
+        f"Bad config value at '{loc}': {err['msg']} (got {got}).",
+        "correct that key in the YAML file or the --set override (see `cmpnas <command> --help`)",
+    )
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config section at ``loc`` (list indices skipped); [] if it is not a section."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part)) if isinstance(current, type) else None
+        if field is None:
+            return []
+        current = field.annotation
+        for arg in typing.get_args(current):  # list[BaselineConfig], X | None
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
 
 
 def load_config(

@@ -19,7 +19,7 @@ from typing import Any
 from cmpnas import progress
 from cmpnas.config import CompatConfig, Config, dump_config
 from cmpnas.errors import CmpnasError
-from cmpnas.io import write_json_atomic, write_text_atomic
+from cmpnas.io import make_dirs, write_json_atomic, write_text_atomic
 from cmpnas.report import write_report
 from cmpnas.stages import (
     evaluate_query_models,
@@ -294,7 +294,7 @@ def _clear_stage(out: Path, name: str) -> None:
 def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = None) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the run state."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     state_path = out / STATE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}

@@ -278,3 +278,31 @@ def test_folder_bad_inputs(tmp_path):
     assert "data.name=csv" in info.value.fix
     with pytest.raises(CmpnasError, match="is a folder"):
         fd.load_csv_manifest(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------- unusual images
+def test_16bit_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert("L") clips 16-bit values to 255 (a white image); the reader scales them by 1/257."""
+    values = np.array([[0, 64, 128, 255]] * 4, dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values * 257).save(path)
+    assert Image.open(path).mode.startswith("I")
+    for chans in (1, 3):
+        img = fd.load_image(path, 4, chans)
+        assert img.shape == (chans, 4, 4) and img[0, 0].tolist() == [0, 64, 128, 255]
+
+
+def test_cmyk_images_are_converted(tmp_path):
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path)  # red in print colours
+    red = fd.load_image(path, 4, 3)[:, 2, 2].tolist()
+    assert red[0] > 240 and red[1] < 15 and red[2] < 15
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    path = _png(tmp_path / "big.png", 7, size=(300, 200))
+    with pytest.raises(fd.ImageTooLarge, match="300x200"):
+        with fd.open_bounded(path, max_pixels=300 * 200 - 1):
+            pytest.fail("the image was opened")
+    with fd.open_bounded(path, max_pixels=300 * 200) as img:
+        assert img.size == (300, 200)

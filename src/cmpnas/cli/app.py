@@ -9,7 +9,7 @@ import click
 import typer
 
 from cmpnas.cli import evaluate, nas, run, serving, train
-from cmpnas.errors import CmpnasError
+from cmpnas.errors import CmpnasError, one_line
 
 app = typer.Typer(
     name="cmpnas",
@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> None:
         # typer >= 0.2x raises the exceptions of its own vendored click copy: typer.BadParameter's base.
         typer_click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
         if isinstance(exc, (click.ClickException, typer_click_error)):
-            exc.show()
+            typer.echo(_usage_error_line(exc), err=True)
             sys.exit(2)
         raise
+
+
+def _usage_error_line(exc: Exception) -> str:
+    """A click usage error (missing option, out-of-range value) as the same one line as every other error."""
+    ctx = getattr(exc, "ctx", None)
+    command = f"cmpnas {ctx.info_name}" if ctx is not None and ctx.parent is not None else "cmpnas"
+    message = one_line(exc.format_message()).rstrip(".")  # type: ignore[attr-defined]
+    return f"cmpnas: error: {message}. Fix: see `{command} --help`."

@@ -11,10 +11,11 @@ decoded per item by :class:`ImageFileDataset`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,12 +25,16 @@ import torch
 from PIL import Image, ImageOps
 
 from cmpnas.data.base import ImageDataset, SourceSplits, TensorImageDataset, _as_index_tensor, split_train_val
+from cmpnas.data.transforms import to_8bit
 from cmpnas.errors import CmpnasError
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 SPLITS = ("train", "val", "test")
+# Larger images are refused from their header, before decoding: a decompression bomb (a few kB that decode
+# to gigabytes) must not take the machine's memory. ~6300x6300, as the service's default limit.
+MAX_IMAGE_PIXELS = 40_000_000
 CACHE_MAX_IMAGES = 50_000
 CACHE_MAX_BYTES = 2 << 30
 TEST_FRACTION = 0.2  # share of each class held out for test when the source names no splits
@@ -50,16 +55,42 @@ class ImageRecord:
     split: str | None  # "train" / "val" / "test", or None when the source does not say
 
 
+class ImageTooLarge(ValueError):
+    """An image declares more than :data:`MAX_IMAGE_PIXELS` pixels (a decompression bomb, or far too big)."""
+
+
+@contextlib.contextmanager
+def open_bounded(path: str | os.PathLike[str], max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """``Image.open`` that refuses more than ``max_pixels`` from the header, before anything is decoded.
+
+    PIL's own bomb guard first only warns (89M pixels) and fails at 179M; here its warning is an error
+    too, so an oversized file is never decoded and never prints a warning.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(path)  # closes the file itself if this raises
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit "
+                "(a decompression bomb?)"
+            )
+        yield img
+
+
 def load_image(path: str | os.PathLike[str], image_size: int, in_chans: int) -> torch.Tensor:
     """Decode one image to uint8 ``[C, S, S]``: EXIF-rotate, convert to L/RGB, fit to S x S.
 
-    Fitting = resize the shorter side to S, then center-crop (``ImageOps.fit``).
+    Fitting = resize the shorter side to S, then center-crop (``ImageOps.fit``). 16-bit images are
+    scaled to 8 bits and CMYK / palette images converted (:func:`~cmpnas.data.transforms.to_8bit`).
 
-    Raises whatever PIL raises; callers turn that into a skip or a :class:`CmpnasError`.
+    Raises whatever PIL raises (or :class:`ImageTooLarge`); callers turn that into a skip or a
+    :class:`CmpnasError`.
     """
-    with Image.open(path) as img:
+    with open_bounded(path) as img:
         img = ImageOps.exif_transpose(img)
-        img = img.convert("L" if in_chans == 1 else "RGB")
+        img = to_8bit(img).convert("L" if in_chans == 1 else "RGB")
         img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BILINEAR)
         array = np.asarray(img, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy())
@@ -67,7 +98,7 @@ def load_image(path: str | os.PathLike[str], image_size: int, in_chans: int) -> 
 
 
 def _verify_image(path: Path) -> None:
-    with Image.open(path) as img:
+    with open_bounded(path) as img:
         img.verify()
 
 

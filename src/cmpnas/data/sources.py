@@ -25,7 +25,7 @@ from cmpnas.config import DataConfig
 from cmpnas.data.factory import build_data
 from cmpnas.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from cmpnas.data.fashion_mnist import load_fashion_mnist
-from cmpnas.data.folder import IMAGE_EXTENSIONS, read_csv_rows, walk_images
+from cmpnas.data.folder import IMAGE_EXTENSIONS, open_bounded, read_csv_rows, walk_images
 from cmpnas.errors import CmpnasError
 
 __all__ = [
@@ -63,12 +63,20 @@ class GallerySource:
 
 
 def open_image(path: str | Path) -> Image.Image | None:
-    """The image at ``path``, fully decoded, or ``None`` if it cannot be read."""
+    """The image at ``path``, fully decoded, or ``None`` if it cannot be read (or is a decompression bomb:
+    more than :data:`~cmpnas.data.folder.MAX_IMAGE_PIXELS` pixels)."""
     try:
-        with Image.open(path) as im:
+        with open_bounded(path) as im:
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ):
         return None
 
 

@@ -52,9 +52,32 @@ def augment_batch(
     return x
 
 
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth grayscale (16-bit PNG / TIFF: modes I;16*, I, F) scaled to 8-bit "L".
+
+    Why: PIL's own ``convert("L")`` clips every value above 255, so a 16-bit image comes out white.
+    I;16 is scaled by 1/257 (65535 -> 255); 32-bit "I" too when it holds values above 255 (else it is
+    already 0..255); float "F" is read as 0..1 when its maximum is at most 1, else as 0..255. Every
+    other mode (L, RGB, CMYK, P, ...) is returned unchanged: ``convert`` handles those correctly.
+    """
+    if img.mode not in _SIXTEEN_BIT_MODES and img.mode not in ("I", "F"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    peak = float(values.max()) if values.size else 0.0
+    if img.mode == "F":
+        scale = 255.0 if peak <= 1.0 else 1.0
+    else:
+        scale = 1 / 257 if (img.mode in _SIXTEEN_BIT_MODES or peak > 255) else 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # 2-D uint8: "L"
+
+
 def pil_to_uint8(img: Image.Image, in_chans: int, size: int) -> torch.Tensor:
-    """PIL image -> uint8 [C,size,size]: convert mode, resize shorter side, centre crop."""
-    img = img.convert("L" if in_chans == 1 else "RGB")
+    """PIL image -> uint8 [C,size,size]: convert mode (16-bit scaled, CMYK to RGB), resize shorter side,
+    centre crop."""
+    img = to_8bit(img).convert("L" if in_chans == 1 else "RGB")
     w, h = img.size
     if w == 0 or h == 0:
         raise CmpnasError("Image has zero width or height.", "send a real image")

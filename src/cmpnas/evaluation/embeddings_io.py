@@ -40,6 +40,7 @@ def load_embeddings_npz(path: str | os.PathLike[str]) -> Embeddings:
     path = Path(path)
     if not path.is_file():
         raise CmpnasError(f"embeddings file {path} not found.", f"{_SAVE_HINT}.")
+    _check_archive_magic(path)
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -93,6 +94,20 @@ def load_embeddings_npz(path: str | os.PathLike[str]) -> Embeddings:
             "store one embedding per id.",
         )
     return {"ids": id_list, "embeddings": embeddings, "embeddings_flip": flip}
+
+
+_NPZ_MAGIC, _NPY_MAGIC = b"PK", b"\x93NUMPY"  # zip (any record), .npy
+
+
+def _check_archive_magic(path: Path) -> None:
+    """Refuse a file that is neither .npz (zip) nor .npy before numpy does: numpy would call any other
+    file "pickled data" and suggest allow_pickle, which must never be the fix for an embeddings file."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if not (head.startswith(_NPZ_MAGIC) or head.startswith(_NPY_MAGIC)):
+        raise CmpnasError(
+            f"embeddings file {path} is not an .npz archive (it starts with {head!r}).", f"{_SAVE_HINT}."
+        )
 
 
 def _float_matrix(array: np.ndarray, name: str, path: Path, n_ids: int) -> np.ndarray:

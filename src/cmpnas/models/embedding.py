@@ -56,6 +56,21 @@ class ModelSpec:
     def from_json(cls, text: str) -> ModelSpec:
         return cls(**json.loads(text))
 
+    @classmethod
+    def parse(cls, text: str, source: str | Path) -> ModelSpec:
+        """:meth:`from_json` for a spec read from a file: a damaged or foreign spec is a user error that
+        names the file, not a JSON/TypeError traceback."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise CmpnasError(
+                f"The model spec stored in '{source}' is unreadable ({exc}).",
+                "the file is damaged, edited or from another tool: retrain or restore it",
+            ) from None
+
 
 class EmbeddingModel(nn.Module):
     """forward(x) -> embedding [B, D] (not normalised; retrieval normalises). ``classifier`` maps embeddings to logits."""
@@ -135,17 +150,52 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def load_model(path: str | Path) -> EmbeddingModel:
     """Rebuild the model from its spec and load weights (strict). Returns it in eval mode."""
     meta = read_metadata(path)
-    spec = ModelSpec.from_json(meta["spec"])
-    model = EmbeddingModel(spec)
+    spec = ModelSpec.parse(meta.get("spec", ""), path)
+    try:
+        model = EmbeddingModel(spec)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # CmpnasError (unknown backbone) passes
+        raise CmpnasError(
+            f"The spec in '{path}' does not build a model ({type(exc).__name__}: {str(exc)[:200]}).",
+            "the file is damaged or was edited: retrain or restore it",
+        ) from None
     try:
         state = load_file(str(path))
-        model.load_state_dict(state, strict=True)
+        mismatch = state_mismatch(model.state_dict(), state)
+        if mismatch is None:
+            model.load_state_dict(state, strict=True)
     except (RuntimeError, SafetensorError) as exc:
+        mismatch = str(exc)[:200]
+    if mismatch is not None:
         raise CmpnasError(
-            f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
-            "the file is corrupt or was edited: retrain or restore it",
-        ) from None
+            f"Weights in '{path}' do not match their spec ({mismatch}).",
+            "the file is corrupt or was edited (its spec describes another architecture): retrain or restore it",
+        )
     return model.eval()
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """A one-line summary of how ``found`` tensors differ from the ``expected`` state dict, or None.
+
+    Why: torch's own message is a multi-line list that names every tensor; one example of each kind
+    says what went wrong (a different architecture, an edited file) in one line.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} tensor(s) of another shape, e.g. {k} {list(found[k].shape)} in the file vs "
+            f"{list(expected[k].shape)} from the spec"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts)
 
 
 def model_summary(model: EmbeddingModel) -> dict[str, Any]:

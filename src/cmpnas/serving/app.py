@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -24,6 +25,7 @@ from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
@@ -166,6 +168,24 @@ def decode_upload(data: bytes, content_type: str | None, max_pixels: int) -> Ima
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise UploadRejected(400, f"The image data is corrupt or truncated ({type(exc).__name__}).") from None
     return img
+
+
+def validation_detail(errors: Sequence[Any], max_k: int) -> str:
+    """FastAPI's list of field errors as one sentence naming the field and the fix, like every other 4xx
+    ``detail`` of this service (a missing upload, a k that is not a number)."""
+    if not errors:
+        return "The request is malformed."
+    err = errors[0]
+    loc = [str(part) for part in err.get("loc", ())]
+    name = loc[-1] if loc else "request"
+    if name == "file":
+        return (
+            f"Field 'file': {err.get('msg', 'invalid')}. Send the query image as the multipart/form-data "
+            "field 'file'."
+        )
+    if name == "k":
+        return f"k must be an integer between 1 and {max_k} (got {err.get('input')!r})."
+    return f"Field '{name}' ({' '.join(loc[:-1]) or 'request'}): {err.get('msg', 'invalid')}."
 
 
 # --------------------------------------------------------------------------------------------- service state
@@ -388,6 +408,10 @@ def create_app(
     @app.exception_handler(CmpnasError)
     async def _cmpnas_error(_: Request, exc: CmpnasError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(exc.errors(), max_k)}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> HTMLResponse:

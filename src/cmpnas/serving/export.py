@@ -30,7 +30,7 @@ from PIL import Image
 from cmpnas import __version__
 from cmpnas.data.transforms import normalize_batch, pil_to_uint8
 from cmpnas.errors import CmpnasError
-from cmpnas.io import atomic_path, write_json_atomic
+from cmpnas.io import atomic_path, check_output_path, write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint, load_model
 
 META_FORMAT = "cmpnas.format"
@@ -125,7 +125,7 @@ def onnx_encoder(path: str | Path, threads: int | None = None) -> Encoder:
             f"'{p}' has no cmpnas metadata (spec, fingerprints).",
             "export it with cmpnas export, which records what search needs to check compatibility",
         )
-    spec = ModelSpec.from_json(meta[META_SPEC])
+    spec = ModelSpec.parse(meta[META_SPEC], p)
     input_name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -313,6 +313,7 @@ def export_onnx(
     out = Path(out_path)
     if out.suffix.lower() != ".onnx":
         raise CmpnasError(f"Output '{out}' does not end in .onnx.", "pass --out NAME.onnx")
+    check_output_path(out, "file")  # before the (slow) export, not after it
     model = load_model(model_path)
     fp = fingerprint(model)
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ from cmpnas import __version__
 from cmpnas.data.sources import GallerySource, Item, load_item_image, open_image
 from cmpnas.data.transforms import pil_to_uint8
 from cmpnas.errors import CmpnasError
-from cmpnas.io import write_json_atomic
+from cmpnas.io import check_output_path, make_dirs, write_json_atomic
 from cmpnas.serving.export import Encoder, load_encoder
 
 INDEX_FORMAT = "cmpnas.gallery_index.v1"
@@ -279,6 +279,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def _check_out_dir(out: Path, append: bool) -> None:
+    check_output_path(out)
     if append:
         if not (out / "manifest.json").is_file():
             raise CmpnasError(
@@ -340,7 +341,7 @@ def build_index(
         )
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    make_dirs(tmp)
     try:
         if existing is not None:
             index, items = existing.index, existing.items + new_items

@@ -11,7 +11,7 @@ from typing import Any
 from cmpnas import progress
 from cmpnas.config import Config, SearchConfig, dump_config
 from cmpnas.data.base import DataBundle
-from cmpnas.io import write_json_atomic, write_text_atomic
+from cmpnas.io import make_dirs, write_json_atomic, write_text_atomic
 from cmpnas.manifest import write_manifest
 from cmpnas.models.embedding import fingerprint
 from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
@@ -83,7 +83,7 @@ def search(
     cache = SharedCandidateCache(cache_path)
     evo = EvolutionSearch(space, scfg, feasible, cache.wrap(space, evaluator), fitness_from_config(scfg))
     state_path = out / "search_state.json"
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     if resume and state_path.exists():
         evo.load_state_dict(json.loads(state_path.read_text()))
         progress.event("resume", message=f"search: resuming after generation {evo.generation}")

@@ -429,8 +429,8 @@ class SposSpace:
         cheapest = self.min_macs() + self.head_macs(embed_dim)
         if budget < cheapest:
             raise CmpnasError(
-                f"The MACs budget {budget / 1e6:.3f} M is below the cheapest architecture of the space "
-                f"({cheapest / 1e6:.3f} M MACs).",
+                f"The MACs budget {_macs_text(budget)} is below the cheapest architecture of the space "
+                f"({_macs_text(cheapest)}).",
                 "raise nas.budget_macs / lower nas.budget_cost_reduction, or shrink the space (stage_widths, channel_scales)",
             )
 
@@ -653,3 +653,8 @@ def extract_subnet(supernet: Supernet, arch: Arch) -> SposNet:
                 if name in src_state:  # affine BN weight/bias exist only in dst: they keep their 1 / 0 init
                     tensor.copy_(src_state[name][tuple(slice(0, n) for n in tensor.shape)])
     return net
+
+
+def _macs_text(macs: float) -> str:
+    """MACs for a message: millions with 3 decimals, or the plain count when that would read 0.000 M."""
+    return f"{macs / 1e6:.3f} M MACs" if macs >= 1e4 else f"{macs:,.0f} MACs"
