@@ -499,7 +499,8 @@ async def _upload(request: Request, file: UploadFile | None, max_bytes: int) -> 
         if not content_type or not content_type.lower().startswith(RAW_CONTENT_TYPES):
             raise UploadRejected(
                 422,
-                "No image: send multipart/form-data with a 'file' field, or the image bytes as the body with "
+                "Field 'file' is missing: send multipart/form-data with a 'file' field, or the image bytes as "
+                "the body with "
                 "Content-Type: image/png (or another image/* type).",
             )
         data = await request.body()
