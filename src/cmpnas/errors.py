@@ -12,3 +12,13 @@ class CmpnasError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}" + (f" Fix: {fix}" if fix else ""))
+
+
+class Terminated(CmpnasError):
+    """SIGTERM stopped the work cleanly (training: at a step boundary, after a checkpoint).
+
+    Exit code 143 = 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: schedulers
+    (Slurm, Kubernetes) and scripts read it as "stopped on request", not as a user error (2).
+    """
+
+    exit_code = 143

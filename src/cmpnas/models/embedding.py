@@ -107,7 +107,12 @@ def save_model(model: EmbeddingModel, path: str | Path, extra: dict[str, str] | 
     return fp
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def safetensors_header(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file; a missing, truncated or corrupt file is a one-line error.
+
+    Opening parses the header and checks that the file is as long as the header says, so a truncated file
+    is caught here without reading the weights.
+    """
     from safetensors import safe_open
 
     p = Path(path)
@@ -117,12 +122,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         )
     try:
         with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
+            return fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CmpnasError(
-            f"'{p}' is not a readable safetensors model ({exc}).",
-            "pass a model.safetensors written by cmpnas",
+            f"'{p}' is not a readable safetensors model (truncated or corrupt: {exc}).",
+            "pass a model.safetensors written by cmpnas, or restore / retrain it",
         ) from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    p = Path(path)
+    meta = safetensors_header(p)
     if meta.get("format") != FORMAT:
         raise CmpnasError(
             f"'{p}' is not a cmpnas model (no cmpnas spec in its metadata).",
@@ -132,7 +142,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_model(path: str | Path) -> EmbeddingModel:
-    """Rebuild the model from its spec and load weights (strict). Returns it in eval mode."""
+    """Rebuild the model from its spec and load weights (strict). Returns it in eval mode.
+
+    The weights must hash to the fingerprint saved with them: a file damaged on disk (flipped bytes that
+    keep the format valid) is refused instead of silently giving other embeddings.
+    """
     meta = read_metadata(path)
     spec = ModelSpec.from_json(meta["spec"])
     model = EmbeddingModel(spec)
@@ -144,6 +158,13 @@ def load_model(path: str | Path) -> EmbeddingModel:
             f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
             "the file is corrupt or was edited: retrain or restore it",
         ) from None
+    saved = meta.get("fingerprint")
+    if saved is not None and saved != fingerprint(model):
+        raise CmpnasError(
+            f"Model file '{path}' is corrupt: its weights no longer match the fingerprint {saved} saved with "
+            "them.",
+            "restore the file or retrain it (in a run folder: cmpnas run ... --force STAGE)",
+        )
     return model.eval()
 
 
