@@ -22,8 +22,11 @@ from typing import Any
 from cmpnas.errors import CmpnasError
 
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-# Libraries that wrap the OSError (torch's zip writer, faiss) keep the C library's text in their message.
+# Libraries that wrap the OSError keep the C library's text in their message (faiss, safetensors); torch's zip
+# writer does not ("unexpected pos ..."): a write that fails on a file system with almost nothing free is taken
+# for a full disk too.
 _NO_SPACE_TEXTS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+_NEARLY_FULL_BYTES = 1 << 20
 _TEMP_FILE_SUFFIX = ".tmp"
 _TEMP_DIR_MARK = ".tmp-"
 _OLD_DIR_MARK = ".old-"
@@ -44,12 +47,21 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def nearly_full(folder: str | os.PathLike[str]) -> bool:
+    """Whether the file system of ``folder`` has less than 1 MiB left for ordinary users."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
+
+
 def disk_full_error(path: str | os.PathLike[str]) -> CmpnasError:
     """The one message for a full disk: which file, how much is free, and what to do."""
     target = Path(path)
     folder = target.parent if target.parent.exists() else Path.cwd()
     try:
-        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free"
+        free = f"{_megabytes(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
     return CmpnasError(
@@ -60,6 +72,10 @@ def disk_full_error(path: str | os.PathLike[str]) -> CmpnasError:
     )
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
 @contextlib.contextmanager
 def disk_full_as_error(path: str | os.PathLike[str]) -> Iterator[None]:
     """Turn a full-disk failure inside the block into :func:`disk_full_error`; other errors pass through."""
@@ -68,7 +84,7 @@ def disk_full_as_error(path: str | os.PathLike[str]) -> Iterator[None]:
     except CmpnasError:
         raise
     except Exception as exc:
-        if is_disk_full(exc):
+        if is_disk_full(exc) or nearly_full(Path(path).parent):
             raise disk_full_error(path) from None
         raise
 

@@ -31,7 +31,7 @@ from cmpnas.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from cmpnas.models.embedding import safetensors_header
+from cmpnas.models.embedding import verify_safetensors
 from cmpnas.report import write_report
 from cmpnas.runlock import describe, run_lock
 from cmpnas.serving.index import GalleryIndex
@@ -361,7 +361,7 @@ def artifact_problem(path: Path) -> str | None:
     readers: dict[str, Callable[[Path], object]] = {
         ".json": lambda p: read_json(p, ""),
         ".jsonl": read_jsonl,
-        ".safetensors": safetensors_header,
+        ".safetensors": verify_safetensors,
     }
     reader = readers.get(path.suffix)
     if reader is None or not path.exists():

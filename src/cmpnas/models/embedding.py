@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,16 @@ def fingerprint(model: EmbeddingModel) -> str:
     The display name is left out (renaming a model keeps its identity); the compat link stays in, so the
     same weights declared compatible with another gallery are a different model to an index.
     """
+    return _fingerprint(model.spec.to_json(), model.state_dict())
+
+
+def _fingerprint(spec_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint from a spec and the tensors (a saved file can be checked without building its model)."""
     h = hashlib.sha256()
-    spec = json.loads(model.spec.to_json())
+    spec = json.loads(spec_json)
     spec.pop("name", None)
     h.update(json.dumps(spec, sort_keys=True).encode())
-    for key, t in sorted(model.state_dict().items()):
+    for key, t in sorted(tensors.items()):
         h.update(key.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -147,25 +153,54 @@ def load_model(path: str | Path) -> EmbeddingModel:
     The weights must hash to the fingerprint saved with them: a file damaged on disk (flipped bytes that
     keep the format valid) is refused instead of silently giving other embeddings.
     """
-    meta = read_metadata(path)
-    spec = ModelSpec.from_json(meta["spec"])
-    model = EmbeddingModel(spec)
+    meta, state = _read_tensors(path)
+    model = EmbeddingModel(ModelSpec.from_json(meta["spec"]))
     try:
-        state = load_file(str(path))
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, SafetensorError) as exc:
+    except RuntimeError as exc:
         raise CmpnasError(
             f"Weights in '{path}' do not match their spec ({str(exc)[:200]}).",
             "the file is corrupt or was edited: retrain or restore it",
         ) from None
+    _check_fingerprint(path, meta, state)
+    return model.eval()
+
+
+def verify_model_file(path: str | Path) -> dict[str, str]:
+    """Check a saved model without building it: readable, and its tensors hash to the saved fingerprint."""
+    meta, state = _read_tensors(path)
+    _check_fingerprint(path, meta, state)
+    return meta
+
+
+def _read_tensors(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    meta = read_metadata(path)
+    try:
+        return meta, load_file(str(path))
+    except (RuntimeError, SafetensorError, OSError) as exc:
+        raise CmpnasError(
+            f"Weights in '{path}' are unreadable ({str(exc)[:200]}).",
+            "the file is corrupt or was edited: retrain or restore it",
+        ) from None
+
+
+def _check_fingerprint(path: str | Path, meta: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    """Flipped bytes keep the format valid: only the fingerprint saved with the weights tells."""
     saved = meta.get("fingerprint")
-    if saved is not None and saved != fingerprint(model):
+    if saved is not None and saved != _fingerprint(meta["spec"], state):
         raise CmpnasError(
             f"Model file '{path}' is corrupt: its weights no longer match the fingerprint {saved} saved with "
             "them.",
             "restore the file or retrain it (in a run folder: cmpnas run ... --force STAGE)",
         )
-    return model.eval()
+
+
+def verify_safetensors(path: str | Path) -> dict[str, str]:
+    """A safetensors artifact reads back: its header always, and a cmpnas model's weights hash to its fingerprint."""
+    meta = safetensors_header(path)
+    if meta.get("format") == FORMAT:
+        verify_model_file(path)
+    return meta
 
 
 def model_summary(model: EmbeddingModel) -> dict[str, Any]:
