@@ -270,14 +270,16 @@ def assert_intact(folder: Path) -> int:
     return len(files)
 
 
-def normalized(value: Any, run: Path) -> Any:
-    """``value`` without timing fields, with the run folder's path replaced by ``<RUN>``."""
+def normalized(value: Any, *runs: Path) -> Any:
+    """``value`` without timing fields, with the run folders' paths replaced by ``<RUN>`` (a copied run folder
+    keeps the original's paths in the files it did not rewrite)."""
     if isinstance(value, dict):
-        return {k: normalized(v, run) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: normalized(v, *runs) for k, v in value.items() if k not in TIMING_KEYS}
     if isinstance(value, list):
-        return [normalized(v, run) for v in value]
+        return [normalized(v, *runs) for v in value]
     if isinstance(value, str):
-        return value.replace(str(run), "<RUN>")
+        for run in runs:
+            value = value.replace(str(run), "<RUN>")
     return value
 
 
@@ -294,15 +296,15 @@ def assert_same_results(reference: Path, run: Path) -> None:
         ):  # report text: timings and latencies in prose (data in results.json)
             continue
         a, b = read_artifact(reference / rel), read_artifact(run / rel)
-        _assert_equal(_comparable(a, rel, reference), _comparable(b, rel, run), str(rel))
+        _assert_equal(_comparable(a, rel, reference, run), _comparable(b, rel, reference, run), str(rel))
 
 
-def _comparable(value: Any, rel: Path, run: Path) -> Any:
+def _comparable(value: Any, rel: Path, *runs: Path) -> Any:
     if rel.suffix == ".pt":  # python / numpy global RNG: unseeded, unused by training (differs per process)
         value = {**value, "rng": {k: v for k, v in value["rng"].items() if k in ("torch", "augment")}}
     if rel.suffix == ".onnx":
         return value.SerializeToString()
-    return normalized(value, run)
+    return normalized(value, *runs)
 
 
 def _assert_equal(a: Any, b: Any, where: str) -> None:

@@ -47,7 +47,9 @@ def assert_disk_full(exc: CmpnasError, path: Path) -> None:
 def tiny_model(seed: int) -> EmbeddingModel:
     torch.manual_seed(seed)
     spec = ModelSpec(
-        backbone="resnet_small", backbone_kwargs={"widths": [4, 8], "depths": [1, 1], "strides": [1, 2]}, embed_dim=8
+        backbone="resnet_small",
+        backbone_kwargs={"widths": [4, 8], "depths": [1, 1], "strides": [1, 2]},
+        embed_dim=8,
     )
     return EmbeddingModel(spec)
 

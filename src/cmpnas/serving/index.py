@@ -209,7 +209,9 @@ class GalleryIndex:
         items = read_items(p / "items.csv")
         if index.ntotal != len(items) or index.d != manifest["dim"]:
             raise CmpnasError(
-                f"Index '{p}' is inconsistent: {index.ntotal} vectors, {len(items)} items.",
+                f"Index '{p}' is inconsistent: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
+                f"items.csv {len(items)} items, manifest.json dim {manifest['dim']} (a truncated or mixed-up "
+                "file).",
                 "rebuild the index",
             )
         params = manifest.get("index", {}).get("params", {})
