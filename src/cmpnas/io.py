@@ -180,12 +180,14 @@ def is_temporary(path: Path) -> bool:
     )
 
 
-def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete what killed writers left under ``folder`` (only call it while no other process writes there)."""
+def remove_temporaries(folder: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Delete what killed writers left in ``folder`` (and below it when ``recursive``); only call it while no
+    other process writes there."""
     root = Path(folder)
     if not root.is_dir():
         return []
-    found = sorted((p for p in root.rglob(".*") if is_temporary(p)), key=lambda p: len(p.parts))
+    candidates = root.rglob(".*") if recursive else root.glob(".*")
+    found = sorted((p for p in candidates if is_temporary(p)), key=lambda p: len(p.parts))
     removed: list[Path] = []
     for p in found:
         if any(parent in removed for parent in p.parents):

@@ -336,10 +336,11 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _check_done(out: Path, name: str) -> None:
-    """A stage about to be skipped must still have readable outputs: never build on a corrupt file."""
+def _check_done(out: Path, name: str, rec: dict[str, Any]) -> None:
+    """A stage about to be skipped must still have its outputs, readable: never build on a corrupt file."""
+    shared = "same_as" in rec.get("outputs", {})  # a retrain that reuses another reward's model has no folder
     for p in stage_paths(out, name):
-        problem = artifact_problem(p)
+        problem = None if shared and not p.exists() else artifact_problem(p)
         if problem is not None:
             raise CmpnasError(
                 f"Stage '{name}' is recorded as done, but {problem}.",
@@ -363,8 +364,10 @@ def artifact_problem(path: Path) -> str | None:
         ".jsonl": read_jsonl,
         ".safetensors": verify_safetensors,
     }
+    if not path.exists():
+        return f"'{path}' is missing"
     reader = readers.get(path.suffix)
-    if reader is None or not path.exists():
+    if reader is None:
         return None
     try:
         reader(path)
@@ -418,13 +421,17 @@ def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = Non
                 message=f"took over the lock of a run that is gone ({describe(lock.previous)})",
             )
         if not info.enabled:  # with the lock held no other process writes here (other ranks would)
-            _remove_leftovers(out)
+            _remove_leftovers(out, [s.name for s in build_stages(cfg)])
         return _run_locked(cfg, out, force or [])
 
 
-def _remove_leftovers(out: Path) -> None:
-    """Temporary files and folders of writers that were killed (they never become artifacts)."""
-    removed = remove_temporaries(out)
+def _remove_leftovers(out: Path, names: list[str]) -> None:
+    """Temporary files and folders of writers that were killed (they never become artifacts): in the run
+    folder itself and in the stages' folders, nowhere else (``--out`` may be a folder with other files)."""
+    paths = [p for name in names for p in stage_paths(out, name)]
+    flat = {out, *(p.parent for p in paths)}
+    removed = [p for folder in sorted(flat) for p in remove_temporaries(folder, recursive=False)]
+    removed += [p for d in sorted({p for p in paths if p.is_dir()}) for p in remove_temporaries(d)]
     if removed:
         progress.event(
             "cleanup",
@@ -444,7 +451,7 @@ def _run_locked(cfg: Config, out: Path, force: list[str]) -> dict[str, Any]:
         key = stage_key(stage, cfg, state)
         rec = state.get(stage.name)
         if rec and rec.get("key") == key and rec.get("status") == "done":
-            _check_done(out, stage.name)
+            _check_done(out, stage.name, rec)
             progress.event(
                 "stage",
                 stage=stage.name,

@@ -48,6 +48,10 @@ def flip_bytes(p: Path) -> None:
     p.write_bytes(bytes(data))
 
 
+def delete(p: Path) -> None:
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def break_a_middle_line(p: Path) -> None:
     lines = p.read_text().splitlines(keepends=True)
     lines[1] = lines[1][: len(lines[1]) // 2] + "\n"
@@ -81,6 +85,7 @@ DONE_CASES = [
     ("index", "index/index.faiss", truncate),
     ("index", "index/items.csv", garbage),
     ("index", "index/manifest.json", truncate),
+    ("index", "index", delete),
     ("report", "results.json", truncate),
 ]
 
