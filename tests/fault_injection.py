@@ -163,9 +163,11 @@ def launch(
     cfg_path: Path, out: Path, fault: Fault | None, counts: dict[str, int], seconds: dict[str, float]
 ) -> Launch:
     """Run `cmpnas run` in a new process, with ``fault`` armed; returns when the process has ended."""
-    own = []
+    own, detail = [], ""
     if fault is not None and fault.mode == "write":
-        own = ["--kill-before-replace", f"{fault.stage}:{fault.nth_write(counts)}"]
+        nth = fault.nth_write(counts)
+        own = ["--kill-before-replace", f"{fault.stage}:{nth}"]
+        detail = f"SIGKILL before rename {nth} of the {counts[fault.stage]} of {fault.stage}"
     cmd = [sys.executable, str(SCRIPT), *own, "--", "run", "-c", str(cfg_path), "-o", str(out), "--json-logs"]
     err_path = out.parent / f"{out.name}.stderr.txt"
     with open(err_path, "w") as err:
@@ -173,11 +175,11 @@ def launch(
         watchdog = threading.Timer(600, proc.kill)  # a hung run fails the test instead of hanging it
         watchdog.start()
         try:
-            events, detail = _follow(proc, fault, seconds)
+            events, followed = _follow(proc, fault, seconds)
             proc.wait()
         finally:
             watchdog.cancel()
-    return Launch(fault, proc.returncode, events, err_path.read_text(), proc.pid, detail)
+    return Launch(fault, proc.returncode, events, err_path.read_text(), proc.pid, detail or followed)
 
 
 def _follow(
