@@ -18,3 +18,13 @@ class CmpnasError(Exception):
         self.problem = one_line(problem)
         self.fix = one_line(fix) if fix else fix
         super().__init__(f"{self.problem}" + (f" Fix: {self.fix}" if self.fix else ""))
+
+
+class Terminated(CmpnasError):
+    """SIGTERM stopped the work cleanly (training: at a step boundary, after a checkpoint).
+
+    Exit code 143 = 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: schedulers
+    (Slurm, Kubernetes) and scripts read it as "stopped on request", not as a user error (2).
+    """
+
+    exit_code = 143

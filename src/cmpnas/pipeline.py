@@ -3,6 +3,9 @@
 Each stage's record (a key = hash of its config sections and upstream keys, its outputs and
 timing) is kept in ``RUN/run_state.json``; a stage whose record matches is skipped, so a killed
 run continues where it stopped (and long stages resume from their own checkpoints).
+
+Reliability (docs/reliability.md): one run per folder (``RUN/run.lock``); a stage is only skipped when its
+outputs still read back; a corrupt ``run_state.json`` is refused rather than guessed around.
 """
 
 from __future__ import annotations
@@ -18,9 +21,21 @@ from typing import Any
 
 from cmpnas import progress
 from cmpnas.config import CompatConfig, Config, dump_config
+from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
-from cmpnas.io import make_dirs, write_json_atomic, write_text_atomic
+from cmpnas.io import (
+    is_temporary,
+    make_dirs,
+    read_json,
+    read_jsonl,
+    remove_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
+from cmpnas.models.embedding import verify_safetensors
 from cmpnas.report import write_report
+from cmpnas.runlock import describe, run_lock
+from cmpnas.serving.index import GalleryIndex
 from cmpnas.stages import (
     evaluate_query_models,
     export_model,
@@ -278,40 +293,166 @@ def stage_key(stage: StageDef, cfg: Config, state: dict[str, Any]) -> str:
     return _hash([stage.name, stage.config_parts(cfg), [state.get(d, {}).get("key") for d in stage.deps]])
 
 
-def _clear_stage(out: Path, name: str) -> None:
-    """Delete what a stage left behind (outputs, checkpoints, search state) so that it runs from scratch."""
+def stage_paths(out: Path, name: str) -> list[Path]:
+    """The files and folders a stage writes (what ``--force`` deletes and a skip checks)."""
     kind, _, arg = name.partition("-")
     if name in ("gallery", "supernet", "study"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    elif kind in ("search", "retrain"):
-        shutil.rmtree(out / kind / arg, ignore_errors=True)
-        if kind == "search":  # candidate metrics shared by the searches were measured on the old supernet
-            (out / "search" / "candidates.json").unlink(missing_ok=True)
-    elif kind == "baseline":
-        shutil.rmtree(out / "baselines" / arg, ignore_errors=True)
+        return [out / name]
+    if kind == "search":  # + candidate metrics shared by the searches (measured on this supernet)
+        return [out / kind / arg, out / "search" / "candidates.json"]
+    if kind == "retrain":
+        return [out / kind / arg]
+    if kind == "baseline":
+        return [out / "baselines" / arg]
+    folders = {"evaluate": "evaluation", "export": "export", "index": "index", "report": "results.json"}
+    return [out / folders[name]] if name in folders else []
+
+
+def _clear_stage(out: Path, name: str) -> None:
+    """Delete what a stage left behind (outputs, checkpoints, search state) so that it runs from scratch."""
+    if name in ("evaluate", "export", "index", "report"):
+        return  # rewritten whole (atomically) when the stage runs
+    for p in stage_paths(out, name):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """The run state; a corrupt one is refused (guessing which stages are done could redo or skip work)."""
+    if not path.exists():
+        return {}
+    fix = (
+        f"delete '{path}': cmpnas run then redoes every stage, resuming from the checkpoints in "
+        f"'{path.parent}' (or restore the file, or use a new --out)"
+    )
+    state = read_json(path, fix)
+    valid = isinstance(state, dict) and all(
+        isinstance(r, dict) and isinstance(r.get("key"), str) and r.get("status") in ("running", "done")
+        for r in state.values()
+    )
+    if not valid:
+        raise CmpnasError(f"'{path}' is not a cmpnas run state (corrupt or edited).", fix)
+    return state
+
+
+def _check_done(out: Path, name: str, rec: dict[str, Any]) -> None:
+    """A stage about to be skipped must still have its outputs, readable: never build on a corrupt file."""
+    shared = "same_as" in rec.get("outputs", {})  # a retrain that reuses another reward's model has no folder
+    for p in stage_paths(out, name):
+        problem = None if shared and not p.exists() else artifact_problem(p)
+        if problem is not None:
+            raise CmpnasError(
+                f"Stage '{name}' is recorded as done, but {problem}.",
+                f"restore the file, or redo the stage (and what uses it): cmpnas run ... --force {name}",
+            )
+
+
+def artifact_problem(path: Path) -> str | None:
+    """Why ``path`` (a file, or a folder of them) is not a readable artifact, or None when it is."""
+    if path.is_dir():
+        if (path / "manifest.json").is_file() and (path / "index.faiss").exists():
+            return _index_problem(path)
+        for child in sorted(path.iterdir()):
+            if not is_temporary(child):
+                problem = artifact_problem(child)
+                if problem is not None:
+                    return problem
+        return None
+    readers: dict[str, Callable[[Path], object]] = {
+        ".json": lambda p: read_json(p, ""),
+        ".jsonl": read_jsonl,
+        ".safetensors": verify_safetensors,
+    }
+    if not path.exists():
+        return f"'{path}' is missing"
+    reader = readers.get(path.suffix)
+    if reader is None:
+        return None
+    try:
+        reader(path)
+    except CmpnasError as exc:
+        return f"'{path}' is unreadable ({exc.problem})"
+    return None
+
+
+def _index_problem(folder: Path) -> str | None:
+    try:
+        GalleryIndex.load(folder)
+    except CmpnasError as exc:
+        return f"the index '{folder}' is unreadable ({exc.problem})"
+    return None
+
+
+def _start_state(out: Path, force: list[str], names: list[str]) -> dict[str, Any]:
+    """Read the state and forget the forced stages (saved before their files go, so a kill cannot leave a
+    stage recorded as done without its outputs)."""
+    state_path = out / STATE_FILE
+    state = _read_state(state_path)
+    for f in force:
+        if f not in names:
+            raise CmpnasError(f"Unknown stage '{f}' for --force.", f"use one of: {', '.join(names)}")
+    if any(f in state for f in force):
+        for f in force:
+            state.pop(f, None)
+        write_json_atomic(state_path, state)
+    for f in force:
+        _clear_stage(out, f)
+    return state
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = None) -> dict[str, Any]:
-    """Run (or continue) the whole pipeline; returns the run state."""
+    """Run (or continue) the whole pipeline; returns the run state.
+
+    One run per folder: a second `cmpnas run` on the same folder is refused while this one runs (a lock
+    left by a run that died is taken over, with a ``lock`` event).
+    """
     out = Path(out_dir)
     make_dirs(out)
+    info = init_distributed()
+    if not info.is_main:  # rank 0 holds the lock for all ranks of a torchrun
+        return _run_locked(cfg, out, force or [])
+    with run_lock(out) as lock:
+        if lock.previous is not None:
+            progress.event(
+                "lock",
+                status="taken_over",
+                previous=lock.previous,
+                message=f"took over the lock of a run that is gone ({describe(lock.previous)})",
+            )
+        if not info.enabled:  # with the lock held no other process writes here (other ranks would)
+            _remove_leftovers(out, [s.name for s in build_stages(cfg)])
+        return _run_locked(cfg, out, force or [])
+
+
+def _remove_leftovers(out: Path, names: list[str]) -> None:
+    """Temporary files and folders of writers that were killed (they never become artifacts): in the run
+    folder itself and in the stages' folders, nowhere else (``--out`` may be a folder with other files)."""
+    paths = [p for name in names for p in stage_paths(out, name)]
+    flat = {out, *(p.parent for p in paths)}
+    removed = [p for folder in sorted(flat) for p in remove_temporaries(folder, recursive=False)]
+    removed += [p for d in sorted({p for p in paths if p.is_dir()}) for p in remove_temporaries(d)]
+    if removed:
+        progress.event(
+            "cleanup",
+            removed=[str(p.relative_to(out)) for p in removed],
+            message=f"removed {len(removed)} temporary file(s) left by a killed run",
+        )
+
+
+def _run_locked(cfg: Config, out: Path, force: list[str]) -> dict[str, Any]:
+    stages = build_stages(cfg)
+    state = _start_state(out, force, [s.name for s in stages])
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     state_path = out / STATE_FILE
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
-    stages = build_stages(cfg)
-    names = [s.name for s in stages]
-    for f in force or []:
-        if f not in names:
-            raise CmpnasError(f"Unknown stage '{f}' for --force.", f"use one of: {', '.join(names)}")
-        state.pop(f, None)
-        _clear_stage(out, f)
     ctx = RunContext(cfg, out, state=state)
     t_run = time.perf_counter()
-    done_seconds = 0.0
     for i, stage in enumerate(stages, 1):
         key = stage_key(stage, cfg, state)
         rec = state.get(stage.name)
         if rec and rec.get("key") == key and rec.get("status") == "done":
+            _check_done(out, stage.name, rec)
             progress.event(
                 "stage",
                 stage=stage.name,
@@ -329,7 +470,6 @@ def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = Non
             ctx.data = load_data(cfg)
         with progress.Stage(stage.name, i, len(stages)) as st:
             outputs = stage.fn(ctx)
-        done_seconds += st.elapsed
         state[stage.name] = {
             "key": key,
             "status": "done",

@@ -11,12 +11,13 @@ from typing import Any
 
 from cmpnas.config import Config
 from cmpnas.evaluation.compare import markdown_table
-from cmpnas.io import write_json_atomic, write_text_atomic
+from cmpnas.io import read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import environment
 
 
 def _load(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+    fix = "restore it, or redo the stage that wrote it (cmpnas run ... --force STAGE)"
+    return read_json(path, fix) if path.exists() else None
 
 
 def headline(rows: list[dict[str, Any]], reward: str) -> tuple[str, dict[str, Any] | None]:

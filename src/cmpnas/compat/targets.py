@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmpnas import progress
 from cmpnas.compat.losses import CompatLosses, build_compat_losses, needs_of
 from cmpnas.compat.synthesize import extend_classifier, synthesize_classifier
 from cmpnas.config import CompatConfig, Config
@@ -37,10 +38,9 @@ def gallery_train_embeddings(
     fp = fingerprint(gallery)
     key = f"{fp}_{data.train_fingerprint()}_{precision}"
     path = cache_dir / f"train_embeddings_{key}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.shape[0] == len(data.train):
-            return cached
+    cached = _read_cache(path) if path is not None and path.exists() else None
+    if cached is not None and cached.shape[0] == len(data.train):
+        return cached
     emb = embed(gallery, data.train, batch_size=batch_size, precision=precision)
     if path is not None and init_distributed().is_main:
         with atomic_path(path) as tmp:
@@ -85,6 +85,18 @@ def classifier_plan(gallery: EmbeddingModel, data: DataBundle, compat: CompatCon
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
     return f"[{shown}]"
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    """A cached tensor, or None when the file is unreadable: a cache is recomputed (and rewritten), not refused."""
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable cache file means the same: compute it again
+        cached = None
+    if isinstance(cached, torch.Tensor):
+        return cached
+    progress.event("cache", message=f"unreadable cache '{path}' (truncated or corrupt): computing it again")
+    return None
 
 
 def gallery_classifier_for(

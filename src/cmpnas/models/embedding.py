@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,16 @@ def fingerprint(model: EmbeddingModel) -> str:
     The display name is left out (renaming a model keeps its identity); the compat link stays in, so the
     same weights declared compatible with another gallery are a different model to an index.
     """
+    return _fingerprint(model.spec.to_json(), model.state_dict())
+
+
+def _fingerprint(spec_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The fingerprint from a spec and the tensors (a saved file can be checked without building its model)."""
     h = hashlib.sha256()
-    spec = json.loads(model.spec.to_json())
+    spec = json.loads(spec_json)
     spec.pop("name", None)
     h.update(json.dumps(spec, sort_keys=True).encode())
-    for key, t in sorted(model.state_dict().items()):
+    for key, t in sorted(tensors.items()):
         h.update(key.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -123,7 +129,12 @@ def save_model(model: EmbeddingModel, path: str | Path, extra: dict[str, str] | 
     return fp
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def safetensors_header(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file; a missing, truncated or corrupt file is a one-line error.
+
+    Opening parses the header and checks that the file is as long as the header says, so a truncated file
+    is caught here without reading the weights.
+    """
     from safetensors import safe_open
 
     p = Path(path)
@@ -133,12 +144,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         )
     try:
         with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
+            return fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CmpnasError(
-            f"'{p}' is not a readable safetensors model ({exc}).",
-            "pass a model.safetensors written by cmpnas",
+            f"'{p}' is not a readable safetensors model (truncated or corrupt: {exc}).",
+            "pass a model.safetensors written by cmpnas, or restore / retrain it",
         ) from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    p = Path(path)
+    meta = safetensors_header(p)
     if meta.get("format") != FORMAT:
         raise CmpnasError(
             f"'{p}' is not a cmpnas model (no cmpnas spec in its metadata).",
@@ -148,8 +164,12 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_model(path: str | Path) -> EmbeddingModel:
-    """Rebuild the model from its spec and load weights (strict). Returns it in eval mode."""
-    meta = read_metadata(path)
+    """Rebuild the model from its spec and load weights (strict). Returns it in eval mode.
+
+    The weights must hash to the fingerprint saved with them: a file damaged on disk (flipped bytes that
+    keep the format valid) is refused instead of silently giving other embeddings.
+    """
+    meta, state = _read_tensors(path)
     spec = ModelSpec.parse(meta.get("spec", ""), path)
     try:
         model = EmbeddingModel(spec)
@@ -158,18 +178,18 @@ def load_model(path: str | Path) -> EmbeddingModel:
             f"The spec in '{path}' does not build a model ({type(exc).__name__}: {str(exc)[:200]}).",
             "the file is damaged or was edited: retrain or restore it",
         ) from None
-    try:
-        state = load_file(str(path))
-        mismatch = state_mismatch(model.state_dict(), state)
-        if mismatch is None:
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch is None:
+        try:
             model.load_state_dict(state, strict=True)
-    except (RuntimeError, SafetensorError) as exc:
-        mismatch = str(exc)[:200]
+        except RuntimeError as exc:
+            mismatch = str(exc)[:200]
     if mismatch is not None:
         raise CmpnasError(
             f"Weights in '{path}' do not match their spec ({mismatch}).",
             "the file is corrupt or was edited (its spec describes another architecture): retrain or restore it",
         )
+    _check_fingerprint(path, meta, state)
     return model.eval()
 
 
@@ -196,6 +216,43 @@ def state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
     return "; ".join(parts)
+
+
+def verify_model_file(path: str | Path) -> dict[str, str]:
+    """Check a saved model without building it: readable, and its tensors hash to the saved fingerprint."""
+    meta, state = _read_tensors(path)
+    _check_fingerprint(path, meta, state)
+    return meta
+
+
+def _read_tensors(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    meta = read_metadata(path)
+    try:
+        return meta, load_file(str(path))
+    except (RuntimeError, SafetensorError, OSError) as exc:
+        raise CmpnasError(
+            f"Weights in '{path}' are unreadable ({str(exc)[:200]}).",
+            "the file is corrupt or was edited: retrain or restore it",
+        ) from None
+
+
+def _check_fingerprint(path: str | Path, meta: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    """Flipped bytes keep the format valid: only the fingerprint saved with the weights tells."""
+    saved = meta.get("fingerprint")
+    if saved is not None and saved != _fingerprint(meta["spec"], state):
+        raise CmpnasError(
+            f"Model file '{path}' is corrupt: its weights no longer match the fingerprint {saved} saved with "
+            "them.",
+            "restore the file or retrain it (in a run folder: cmpnas run ... --force STAGE)",
+        )
+
+
+def verify_safetensors(path: str | Path) -> dict[str, str]:
+    """A safetensors artifact reads back: its header always, and a cmpnas model's weights hash to its fingerprint."""
+    meta = safetensors_header(path)
+    if meta.get("format") == FORMAT:
+        verify_model_file(path)
+    return meta
 
 
 def model_summary(model: EmbeddingModel) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +19,7 @@ from cmpnas.config import SpaceConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_path
 from cmpnas.models.classifiers import create_classifier
+from cmpnas.models.embedding import safetensors_header
 from cmpnas.models.spaces import create_space
 
 FORMAT = "cmpnas.supernet.v1"
@@ -57,6 +59,9 @@ class SupernetEmbedding(nn.Module):
         return self.head(self.supernet(x, arch))
 
 
+_RETRAIN = "restore the file or retrain the supernet (in a run folder: cmpnas run ... --force supernet)"
+
+
 def save_supernet(model: SupernetEmbedding, path: Path, meta: dict[str, Any]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
@@ -66,17 +71,17 @@ def save_supernet(model: SupernetEmbedding, path: Path, meta: dict[str, Any]) ->
 
 def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding, dict[str, Any]]:
     """Load and check that space, data shape, embed dim and gallery fingerprint match ``expect``."""
-    from safetensors import safe_open
-
     if not Path(path).is_file():
         raise CmpnasError(f"Supernet '{path}' does not exist.", "run `cmpnas train-supernet` first")
-    with safe_open(str(path), framework="pt") as fh:
-        raw = fh.metadata() or {}
+    raw = safetensors_header(path)
     if raw.get("format") != FORMAT:
         raise CmpnasError(
             f"'{path}' is not a cmpnas supernet.", "pass the supernet.safetensors of train-supernet"
         )
-    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+    except ValueError:
+        raise CmpnasError(f"Supernet '{path}' has corrupt metadata.", _RETRAIN) from None
     for key, want in expect.items():
         if meta.get(key) != want:
             raise CmpnasError(
@@ -87,5 +92,8 @@ def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding
     model = SupernetEmbedding(
         space, meta["embed_dim"], meta["num_classes"], meta["classifier"], meta["cosine_scale"]
     )
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (RuntimeError, SafetensorError) as exc:
+        raise CmpnasError(f"Weights in supernet '{path}' are corrupt ({str(exc)[:160]}).", _RETRAIN) from None
     return model.eval(), meta

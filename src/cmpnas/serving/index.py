@@ -6,8 +6,10 @@ An index is a folder::
     INDEX/items.csv       one row per vector, in FAISS row order: id, path, label
     INDEX/manifest.json   gallery model fingerprint, dim, normalisation, count, index type + params, times
 
-It is built in a hidden temporary folder beside INDEX and moved into place only when complete, so a killed
-build leaves the previous index (or none), never half of one. ``append`` rebuilds the folder the same way.
+It is built in a hidden temporary folder beside INDEX and moved into place only when complete
+(:func:`cmpnas.io.atomic_dir`), so a killed build leaves the previous index (or none), never half of one,
+and a full disk is a one-line error. ``append`` rebuilds the folder the same way. A truncated or corrupt
+file of an index folder is refused with a one-line message when the index is loaded.
 
 Index types (``IndexParams.kind``):
 - ``flat``  exact inner product (IndexFlatIP). The default: exact and fast enough up to ~1M items.
@@ -29,10 +31,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from cmpnas import __version__
 from cmpnas.data.sources import GallerySource, Item, load_item_image, open_image
 from cmpnas.data.transforms import pil_to_uint8
 from cmpnas.errors import CmpnasError
-from cmpnas.io import check_output_path, make_dirs, write_json_atomic
+from cmpnas.io import atomic_dir, check_output_path, read_json, write_json_atomic
 from cmpnas.serving.export import Encoder, load_encoder
 
 INDEX_FORMAT = "cmpnas.gallery_index.v1"
@@ -192,15 +191,14 @@ class GalleryIndex:
                 f"'{p}' is not a gallery index (no manifest.json).",
                 "build one with cmpnas index --gallery-model G --out INDEX",
             )
-        import json
-
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CmpnasError(f"'{manifest_path}' is not valid JSON ({exc}).", "rebuild the index") from None
-        if manifest.get("format") != INDEX_FORMAT:
+        manifest = read_json(manifest_path, "rebuild the index")
+        if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise CmpnasError(f"'{p}' has an unknown index format {found!r}.", "rebuild the index")
+        missing = [k for k in ("dim", "gallery_fingerprint") if k not in manifest]
+        if missing:
             raise CmpnasError(
-                f"'{p}' has an unknown index format {manifest.get('format')!r}.", "rebuild the index"
+                f"'{manifest_path}' is incomplete (no {', '.join(missing)}).", "rebuild the index"
             )
         try:
             index = faiss.read_index(str(p / "index.faiss"))
@@ -211,7 +209,9 @@ class GalleryIndex:
         items = read_items(p / "items.csv")
         if index.ntotal != len(items) or index.d != manifest["dim"]:
             raise CmpnasError(
-                f"Index '{p}' is inconsistent: {index.ntotal} vectors, {len(items)} items.",
+                f"Index '{p}' is inconsistent: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
+                f"items.csv {len(items)} items, manifest.json dim {manifest['dim']} (a truncated or mixed-up "
+                "file).",
                 "rebuild the index",
             )
         params = manifest.get("index", {}).get("params", {})
@@ -248,9 +248,19 @@ class GalleryIndex:
 def read_items(path: Path) -> list[Item]:
     if not path.is_file():
         raise CmpnasError(f"Item table '{path}' is missing.", "rebuild the index")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        return [Item(r["id"], r["path"], r["label"]) for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"id", "path", "label"} <= set(reader.fieldnames):
+                raise ValueError(f"header {reader.fieldnames}, expected id,path,label")
+            rows = list(reader)
+    except (ValueError, csv.Error, UnicodeDecodeError) as exc:  # UnicodeDecodeError is a ValueError too
+        raise CmpnasError(
+            f"Item table '{path}' is corrupt ({str(exc)[:120]}).", "rebuild the index"
+        ) from None
+    if any(r["id"] is None or r["label"] is None for r in rows):  # a row cut short (truncated file)
+        raise CmpnasError(f"Item table '{path}' is truncated.", "rebuild the index")
+    return [Item(r["id"], r["path"], r["label"]) for r in rows]
 
 
 def _write_items(path: Path, items: Sequence[Item]) -> None:
@@ -259,23 +269,6 @@ def _write_items(path: Path, items: Sequence[Item]) -> None:
         writer.writerow(["id", "path", "label"])
         for it in items:
             writer.writerow([it.id, it.path, it.label])
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Move a complete index folder onto ``out`` (rename, since a folder cannot replace a non-empty one)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _check_out_dir(out: Path, append: bool) -> None:
@@ -340,60 +333,53 @@ def build_index(
             "check the files (skipped: " + ", ".join(skipped[:5]) + ")",
         )
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    make_dirs(tmp)
-    try:
-        if existing is not None:
-            index, items = existing.index, existing.items + new_items
-            manifest = dict(existing.manifest)
-            effective = IndexParams(**manifest["index"]["params"])
-        else:
-            effective = (params or IndexParams()).resolved(len(new_items), encoder.dim)
-            index, items = _new_faiss_index(effective, encoder.dim, vectors), new_items
-            manifest = {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
-        if len(vectors):
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    if existing is not None:
+        index, items = existing.index, existing.items + new_items
+        manifest = dict(existing.manifest)
+        effective = IndexParams(**manifest["index"]["params"])
+    else:
+        effective = (params or IndexParams()).resolved(len(new_items), encoder.dim)
+        index, items = _new_faiss_index(effective, encoder.dim, vectors), new_items
+        manifest = {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    manifest.update(
+        {
+            "gallery_model": str(Path(gallery_model).resolve()),
+            "gallery_fingerprint": encoder.fingerprint,
+            "gallery_spec": {
+                k: getattr(encoder.spec, k)
+                for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
+            },
+            "dim": encoder.dim,
+            "normalisation": "l2",
+            "metric": "inner_product",
+            "count": len(items),
+            "index": {
+                "type": effective.kind,
+                "params": asdict(effective),
+                "faiss_class": type(index).__name__,
+            },
+            "updated_at": _now(),
+            "build_seconds": round(time.time() - t0, 3),
+            "cmpnas_version": __version__,
+            "faiss_version": faiss.__version__,
+        }
+    )
+    manifest["sources"] = [
+        *manifest.get("sources", []),
+        {
+            **source.description,
+            "added": len(new_items),
+            "skipped_unreadable": len(skipped),
+            "skipped_duplicate_ids": duplicates,
+            "skipped_examples": skipped[:20],
+        },
+    ]
+    with atomic_dir(out) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
         _write_items(tmp / "items.csv", items)
-        manifest.update(
-            {
-                "gallery_model": str(Path(gallery_model).resolve()),
-                "gallery_fingerprint": encoder.fingerprint,
-                "gallery_spec": {
-                    k: getattr(encoder.spec, k)
-                    for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
-                },
-                "dim": encoder.dim,
-                "normalisation": "l2",
-                "metric": "inner_product",
-                "count": len(items),
-                "index": {
-                    "type": effective.kind,
-                    "params": asdict(effective),
-                    "faiss_class": type(index).__name__,
-                },
-                "updated_at": _now(),
-                "build_seconds": round(time.time() - t0, 3),
-                "cmpnas_version": __version__,
-                "faiss_version": faiss.__version__,
-            }
-        )
-        manifest["sources"] = [
-            *manifest.get("sources", []),
-            {
-                **source.description,
-                "added": len(new_items),
-                "skipped_unreadable": len(skipped),
-                "skipped_duplicate_ids": duplicates,
-                "skipped_examples": skipped[:20],
-            },
-        ]
         write_json_atomic(tmp / "manifest.json", manifest)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

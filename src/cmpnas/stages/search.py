@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Any
 from cmpnas import progress
 from cmpnas.config import Config, SearchConfig, dump_config
 from cmpnas.data.base import DataBundle
-from cmpnas.io import make_dirs, write_json_atomic, write_text_atomic
+from cmpnas.errors import CmpnasError
+from cmpnas.io import make_dirs, read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import write_manifest
 from cmpnas.models.embedding import fingerprint
 from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
@@ -32,7 +32,9 @@ class SharedCandidateCache:
         self.path = path
         self.data: dict[str, dict[str, float]] = {}
         if path is not None and path.exists():
-            self.data = json.loads(path.read_text())
+            self.data = read_json(
+                path, f"delete '{path}' (a cache: the searches measure their candidates again, same results)"
+            )
 
     def wrap(self, space: Any, evaluator: CandidateEvaluator) -> Any:
         def evaluate(arch: dict) -> dict[str, float]:
@@ -85,14 +87,14 @@ def search(
     state_path = out / "search_state.json"
     make_dirs(out)
     if resume and state_path.exists():
-        evo.load_state_dict(json.loads(state_path.read_text()))
+        _resume(evo, state_path)
         progress.event("resume", message=f"search: resuming after generation {evo.generation}")
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     bar = progress.Bar(scfg.generations - evo.generation, f"search {scfg.reward}", unit="gen")
 
     def on_generation(e: EvolutionSearch) -> None:
+        cache.save()  # first: a kill between the two writes leaves the cache ahead, never behind, the state
         write_json_atomic(state_path, e.state_dict())
-        cache.save()
         bar.update(1)
         h = e.history[-1]
         progress.event(
@@ -155,6 +157,17 @@ def search(
         started,
     )
     return StageResult("search", out, result)
+
+
+def _resume(evo: EvolutionSearch, state_path: Path) -> None:
+    """Continue from the saved generation; a corrupt state file is refused, naming it (never overwritten)."""
+    fix = f"delete '{state_path}' to restart this search from generation 0, or restore it"
+    try:
+        evo.load_state_dict(read_json(state_path, fix))
+    except CmpnasError as exc:
+        if str(state_path) in exc.problem:
+            raise
+        raise CmpnasError(f"Search state '{state_path}': {exc.problem}", exc.fix) from None
 
 
 def _pareto(evo: EvolutionSearch, space: Any, embed_dim: int) -> list[dict[str, Any]]:

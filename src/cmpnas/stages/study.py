@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from cmpnas.data.base import DataBundle
 from cmpnas.errors import CmpnasError
 from cmpnas.evaluation.compare import compare
 from cmpnas.evaluation.evaluate import LeaveOneOut
-from cmpnas.io import write_json_atomic
+from cmpnas.io import read_json, write_json_atomic
 from cmpnas.manifest import write_manifest
 from cmpnas.models.embedding import fingerprint, load_model
 from cmpnas.nas.arch_io import query_config_for_arch
@@ -80,7 +79,9 @@ def study(
     rows: list[dict[str, Any]] = []
     rows_path = out / "study_rows.json"
     if rows_path.exists():
-        rows = json.loads(rows_path.read_text())
+        rows = read_json(
+            rows_path, f"delete '{rows_path}' to measure the study's architectures again, or restore it"
+        )
     done = {(r["arch_key"], r["mode"]) for r in rows}
     cache: dict = {}
     protocol = LeaveOneOut(data.val)

@@ -43,14 +43,25 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+_PAYLOAD_KEYS = ("identity", "step", "task", "optimizer", "scheduler", "rng")
+_DELETE_OR_RESTORE = (
+    "delete it to train this stage from scratch (cmpnas run: --force STAGE), or restore it; it is never "
+    "overwritten while unreadable"
+)
+
+
 def load_checkpoint(path: Path, expected_identity: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
         raise CmpnasError(
-            f"Checkpoint '{path}' is unreadable ({type(exc).__name__}).",
-            "delete it and start without --resume",
+            f"Checkpoint '{path}' is unreadable ({type(exc).__name__}: truncated or corrupt).",
+            _DELETE_OR_RESTORE,
         ) from None
+    if not isinstance(payload, dict) or any(k not in payload for k in _PAYLOAD_KEYS):
+        raise CmpnasError(
+            f"Checkpoint '{path}' is unreadable (not a cmpnas training checkpoint).", _DELETE_OR_RESTORE
+        )
     if payload.get("identity") != expected_identity:
         raise CmpnasError(
             f"Checkpoint '{path}' belongs to a different run (model or training config changed).",

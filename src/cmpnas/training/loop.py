@@ -3,12 +3,14 @@
 A stage supplies a *task*: an ``nn.Module`` whose ``forward(x, y, index, step)`` returns
 ``(loss, logs)``. The loop owns everything else: batching + augmentation, optimizer and the
 warm-up/cosine schedule, bf16 autocast, channels_last, DDP (torchrun, gloo on CPU), atomic
-checkpoints with exact resume (mid-epoch too), metrics JSONL and progress.
+checkpoints with exact resume (mid-epoch too), metrics JSONL and progress. SIGTERM stops it cleanly at
+the next step boundary, after a checkpoint (:mod:`cmpnas.training.signals`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +27,8 @@ from cmpnas.config import TrainConfig
 from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import augment_batch, normalize_batch
 from cmpnas.distributed import DistInfo, init_distributed
-from cmpnas.errors import CmpnasError
-from cmpnas.io import append_jsonl
+from cmpnas.errors import CmpnasError, Terminated
+from cmpnas.io import append_jsonl, read_jsonl, write_text_atomic
 from cmpnas.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -34,6 +36,7 @@ from cmpnas.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from cmpnas.training.signals import SigtermFlag
 
 
 @dataclass
@@ -99,6 +102,27 @@ def run_identity(stage: str, task: nn.Module, cfg: TrainConfig, extra: str = "")
     return h.hexdigest()[:16]
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the log lines up to ``step``: a killed run logged steps that the resumed run does again, and a
+    kill in the middle of an append can leave a torn last line."""
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if isinstance(r, dict) and int(r.get("step", 0)) <= step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if not kept:
+        path.unlink()
+    elif text != path.read_text(encoding="utf-8", errors="replace"):
+        write_text_atomic(path, text)
+
+
+def _terminated(stage: str, step: int, total_steps: int) -> Terminated:
+    return Terminated(
+        f"Stage '{stage}' stopped by SIGTERM at step {step}/{total_steps}; its checkpoint is saved.",
+        "rerun the same command with --resume to continue exactly where it stopped (cmpnas run resumes by "
+        "itself)",
+    )
+
+
 def training_device(info: DistInfo) -> torch.device:
     """CUDA (this rank's GPU under torchrun) when available, else the CPU."""
     if torch.cuda.is_available():
@@ -156,6 +180,7 @@ def train(
     identity = run_identity(stage, task, cfg, identity_extra)
 
     step = 0
+    losses: list[float] = []  # the last log_every losses are checkpointed: logged means stay exact on resume
     ckpt_path = out / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         payload = load_checkpoint(ckpt_path, identity)
@@ -164,10 +189,13 @@ def train(
         scheduler.load_state_dict(payload["scheduler"])
         restore_rng(payload["rng"], gen)
         step = int(payload["step"])
+        losses = [float(v) for v in payload.get("recent_losses", [])]
         progress.event("resume", stage=stage, message=f"{stage}: resuming at step {step}/{total_steps}")
     elif resume:
         progress.event("resume", stage=stage, message=f"{stage}: no checkpoint in {out}, starting fresh")
     resumed_from = step
+    if info.is_main:
+        trim_metrics(out / "metrics.jsonl", step)
     if on_start is not None and info.is_main:
         on_start()
 
@@ -190,6 +218,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": rng_state(gen),
+                    "recent_losses": losses[-cfg.log_every :],
                 },
             )
 
@@ -199,74 +228,84 @@ def train(
     t0 = time.perf_counter()
     last_ckpt = t0
     seen = 0
-    losses: list[float] = []
     history: list[dict[str, Any]] = []
     order_epoch, order = -1, np.empty(0, dtype=np.int64)
-    loss_value = float("nan")
+    loss_value = losses[-1] if losses else float("nan")
+    stop = SigtermFlag()
     try:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, epoch, cfg.seed, info), epoch
-            idx = order[offset * per_rank_batch : (offset + 1) * per_rank_batch]
-            imgs, labels = fetch_batch(dataset, idx.tolist())
-            x = normalize_batch(imgs.to(device, non_blocking=True), mean, std)
-            if cfg.augment:
-                x = augment_batch(x, gen)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            index = torch.as_tensor(idx, dtype=torch.int64)
-            labels = labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss, logs = model(x, labels, index, step)
-            if not torch.isfinite(loss):
-                raise CmpnasError(
-                    f"Stage '{stage}': the loss became {float(loss.detach())} at step {step}.",
-                    "lower the learning rate (optim.lr) or use precision: fp32",
-                )
-            loss.backward()
-            if hasattr(task, "after_backward"):
-                task.after_backward()
-            if hasattr(task, "before_step"):
-                task.before_step(optimizer)
-            optimizer.step()
-            if hasattr(task, "after_step"):
-                task.after_step(optimizer)
-            scheduler.step()
-            step += 1
-            seen += len(idx) * info.world_size
-            loss_value = float(loss.detach())
-            losses.append(loss_value)
-            bar.update(1, seen, f"loss {loss_value:.3f}")
-            if step % cfg.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-                el = time.perf_counter() - t0
-                rec = {
-                    "stage": stage,
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 3),
-                    "loss": float(np.mean(losses[-cfg.log_every :])),
-                    "lr": scheduler.get_last_lr()[0],
-                    "img_per_s": seen / el if el > 0 else 0.0,
-                    **logs,
-                }
-                history.append(rec)
-                if info.is_main:
-                    append_jsonl(out / "metrics.jsonl", rec)
-            if step % steps_per_epoch == 0 or step == total_steps or time.perf_counter() - last_ckpt > 60:
-                checkpoint()
-                last_ckpt = time.perf_counter()
-                if step % steps_per_epoch == 0 or step == total_steps:
-                    el = time.perf_counter() - t0
-                    eta = el / max(1, step - resumed_from) * (total_steps - step)
-                    progress.event(
-                        "epoch",
-                        stage=stage,
-                        message=(
-                            f"{stage}: epoch {step / steps_per_epoch:.2f}/{cfg.epochs:g} loss {losses[-1]:.4f} "
-                            f"{seen / el:,.0f} img/s, ETA {progress.format_seconds(eta)}"
-                        ),
+        with stop:
+            while step < total_steps:
+                epoch, offset = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = epoch_order(n, epoch, cfg.seed, info), epoch
+                idx = order[offset * per_rank_batch : (offset + 1) * per_rank_batch]
+                imgs, labels = fetch_batch(dataset, idx.tolist())
+                x = normalize_batch(imgs.to(device, non_blocking=True), mean, std)
+                if cfg.augment:
+                    x = augment_batch(x, gen)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                index = torch.as_tensor(idx, dtype=torch.int64)
+                labels = labels.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    loss, logs = model(x, labels, index, step)
+                if not torch.isfinite(loss):
+                    raise CmpnasError(
+                        f"Stage '{stage}': the loss became {float(loss.detach())} at step {step}.",
+                        "lower the learning rate (optim.lr) or use precision: fp32",
                     )
+                loss.backward()
+                if hasattr(task, "after_backward"):
+                    task.after_backward()
+                if hasattr(task, "before_step"):
+                    task.before_step(optimizer)
+                optimizer.step()
+                if hasattr(task, "after_step"):
+                    task.after_step(optimizer)
+                scheduler.step()
+                step += 1
+                seen += len(idx) * info.world_size
+                loss_value = float(loss.detach())
+                losses.append(loss_value)
+                bar.update(1, seen, f"loss {loss_value:.3f}")
+                if step % cfg.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+                    el = time.perf_counter() - t0
+                    rec = {
+                        "stage": stage,
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 3),
+                        "loss": float(np.mean(losses[-cfg.log_every :])),
+                        "lr": scheduler.get_last_lr()[0],
+                        "img_per_s": seen / el if el > 0 else 0.0,
+                        **logs,
+                    }
+                    history.append(rec)
+                    if info.is_main:
+                        append_jsonl(out / "metrics.jsonl", rec)
+                saved = (
+                    step % steps_per_epoch == 0 or step == total_steps or time.perf_counter() - last_ckpt > 60
+                )
+                if saved:
+                    checkpoint()
+                    last_ckpt = time.perf_counter()
+                    if step % steps_per_epoch == 0 or step == total_steps:
+                        el = time.perf_counter() - t0
+                        eta = el / max(1, step - resumed_from) * (total_steps - step)
+                        progress.event(
+                            "epoch",
+                            stage=stage,
+                            message=(
+                                f"{stage}: epoch {step / steps_per_epoch:.2f}/{cfg.epochs:g} loss {losses[-1]:.4f} "
+                                f"{seen / el:,.0f} img/s, ETA {progress.format_seconds(eta)}"
+                            ),
+                        )
+                if stop.agreed(info, device):
+                    if not saved:
+                        checkpoint()
+                    raise _terminated(stage, step, total_steps)
+            if stop.agreed(info, device):  # SIGTERM in the last step: its checkpoint is already saved
+                raise _terminated(stage, step, total_steps)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
