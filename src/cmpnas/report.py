@@ -110,42 +110,48 @@ def _same_model(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     return [r["query"]["fingerprint"] for r in a] == [r["query"]["fingerprint"] for r in b]
 
 
-def _pairs(cfg: Config, models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(name A, name B, why) of the comparisons the report makes, where both rows exist.
+def _reward_pairs(cfg: Config, head: dict[str, Any], by_kind: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The headline reward's model against each other reward's (R3 vs R1, R3 vs R2)."""
+    others = [by_kind.get(f"searched-{r}") for r in cfg.run.rewards]
+    return [
+        (head["name"], o["name"], f"reward {cfg.run.headline_reward} vs {o['kind'].split('-', 1)[1]}")
+        for o in others
+        if o is not None and o is not head
+    ]
 
-    The hand-designed side of "searched vs baseline" is the best baseline on the test split among those
-    at most as costly as the searched model: choosing the strongest competitor can only make the
-    searched model look worse, and no model is selected by it.
+
+def _baseline_pair(head: dict[str, Any], models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The searched model against the best hand-designed baseline that costs at most as many MACs.
+
+    "Best" is on the test split: choosing the strongest competitor can only make the searched model look
+    worse, and no model is trained, kept or exported because of it.
     """
+    cheaper = [m for m in models if m["kind"] == "baseline" and m["macs"] <= head["macs"]]
+    if not cheaper:
+        return []
+    best = max(cheaper, key=lambda m: m["heterogeneous"]["top1"])
+    why = "searched vs the best hand-designed baseline at <= its MACs (strongest on test: conservative)"
+    return [(head["name"], best["name"], why)]
+
+
+def _compat_pairs(cfg: Config, names: set[str]) -> list[tuple[str, str, str]]:
+    """Each BCT baseline against the independent baseline of the same architecture."""
+    return [
+        (bct.name, ind.name, "BCT vs independent, same architecture")
+        for bct in cfg.run.baselines
+        for ind in cfg.run.baselines
+        if (bct.compat, ind.compat) == ("bct", "independent")
+        and bct.model == ind.model
+        and {bct.name, ind.name} <= names
+    ]
+
+
+def _pairs(cfg: Config, models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(name A, name B, why) of the comparisons the report makes, where both rows exist."""
     by_kind = {m["kind"]: m for m in models}
     head = by_kind.get(f"searched-{cfg.run.headline_reward}")
-    pairs = []
-    if head is not None:
-        for r in cfg.run.rewards:
-            other = by_kind.get(f"searched-{r}")
-            if other is not None and other is not head:
-                pairs.append((head["name"], other["name"], f"reward {cfg.run.headline_reward} vs {r}"))
-        cheaper = [m for m in models if m["kind"] == "baseline" and m["macs"] <= head["macs"]]
-        if cheaper:
-            best = max(cheaper, key=lambda m: m["heterogeneous"]["top1"])
-            pairs.append(
-                (
-                    head["name"],
-                    best["name"],
-                    "searched vs the best hand-designed baseline at <= its MACs (strongest on test: conservative)",
-                )
-            )
-    names = {m["name"] for m in models}
-    for bct in cfg.run.baselines:
-        for ind in cfg.run.baselines:
-            same_arch = bct.model == ind.model
-            if (
-                same_arch
-                and (bct.compat, ind.compat) == ("bct", "independent")
-                and {bct.name, ind.name} <= names
-            ):
-                pairs.append((bct.name, ind.name, "BCT vs independent, same architecture"))
-    return pairs
+    pairs = [] if head is None else _reward_pairs(cfg, head, by_kind) + _baseline_pair(head, models)
+    return pairs + _compat_pairs(cfg, {m["name"] for m in models})
 
 
 def paired_comparisons(cfg: Config, rows: list[dict[str, Any]], models: list[dict[str, Any]]) -> list[dict]:
