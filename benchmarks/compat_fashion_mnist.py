@@ -63,7 +63,7 @@ def main() -> None:
             "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
             "training": train,
             "tables": {
-                r["query"]["name"]: {
+                r["query"]["name"] + (f"@s{r['query']['seed']}" if r["query"].get("seed") else ""): {
                     k: r[k]
                     for k in (
                         "paragon",

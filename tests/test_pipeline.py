@@ -2,7 +2,8 @@
 
 One full run is shared by the structure and skip tests; a second run with another training seed is killed
 once the gallery stage is recorded as done and then continued; a copy of the first run is rerun with a
-changed retrain seed.
+changed retrain seed. The smoke profile trains every query model for two seeds (run.seeds: [0, 1]), so
+these runs also cover the per-seed stages, rows and the paired comparisons of the report.
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ SHRINK = [
     "nas.study_archs=1", "run.latency_repeats=3", "eval_batch_size=128",
 ]  # fmt: skip
 OTHER_SEED = ["gallery_train.seed=1", "query_train.seed=1", "nas.supernet_train.seed=1", "nas.retrain.seed=1"]
+SEEDS = [0, 1]  # the smoke profile's run.seeds
 STAGES = [
-    "gallery", "baseline-small-independent", "baseline-small-bct", "supernet", "search-R1", "search-R2",
-    "search-R3", "retrain-R1", "retrain-R2", "retrain-R3", "study", "evaluate", "export", "index", "report",
+    "gallery", "baseline-small-independent", "baseline-small-independent@s1", "baseline-small-bct",
+    "baseline-small-bct@s1", "supernet", "search-R1", "search-R2", "search-R3", "retrain-R1", "retrain-R1@s1",
+    "retrain-R2", "retrain-R2@s1", "retrain-R3", "retrain-R3@s1", "study", "evaluate", "export", "index",
+    "report",
 ]  # fmt: skip
+NAMES = ["small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3"))]
 
 
 def command(out: Path, extra: list[str] = ()) -> list[str]:
@@ -135,9 +140,7 @@ def test_report_structure_and_numbers(first_run) -> None:
     results = json.loads((out / "results.json").read_text())
     assert isinstance(results["headline"], str) and results["headline"]
     models = results["query_models"]
-    assert [m["name"] for m in models] == [
-        "small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3"))
-    ]  # fmt: skip
+    assert [m["name"] for m in models] == NAMES
     gallery_macs = results["gallery"]["macs"]
     for m in models:
         assert isinstance(m["macs"], int) and 0 < m["macs"] < gallery_macs
@@ -150,9 +153,8 @@ def test_report_structure_and_numbers(first_run) -> None:
     assert results["cost_reduction"] == headline_model["cost_reduction"]
     assert results["gap_to_paragon"] == headline_model["gap_to_paragon"]
     assert f"{headline_model['cost_reduction']:.0f}x cheaper" in results["headline"]
-    assert f"{headline_model['heterogeneous']['top1']:.2f}" in results["headline"]
-    rows = json.loads((out / "evaluation" / "rows.json").read_text())
-    assert [r["heterogeneous"] for r in rows] == [m["heterogeneous"] for m in models]
+    het, het_std = headline_model["heterogeneous"]["top1"], headline_model["std"]["heterogeneous"]["top1"]
+    assert f"{het:.1f} ± {het_std:.1f} (test split, mean ± std over 2 seeds)" in results["headline"]
 
     md = (out / "report.md").read_text()
     assert md.startswith("# cmpnas report") and results["headline"] in md
@@ -164,6 +166,67 @@ def test_report_structure_and_numbers(first_run) -> None:
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html.replace("data:image/png;base64,", ""))
     assert "<script" not in html and "<link" not in html
+
+
+def test_every_query_model_is_trained_and_evaluated_per_seed(first_run) -> None:
+    out = first_run["out"]
+    rows = json.loads((out / "evaluation" / "rows.json").read_text())
+    assert [(r["query"]["name"], r["query"]["seed"]) for r in rows] == [(n, s) for n in NAMES for s in SEEDS]
+    assert {r["protocol"]["split"] for r in rows} == {"test"}
+    results = json.loads((out / "results.json").read_text())
+    for m in results["query_models"]:
+        mine = [r for r in rows if r["query"]["name"] == m["name"]]
+        assert (m["seeds"], m["n_seeds"], m["split"]) == (SEEDS, 2, "test")
+        assert [p["heterogeneous"] for p in m["per_seed"]] == [r["heterogeneous"] for r in mine]
+        values = [r["heterogeneous"]["top1"] for r in mine]
+        assert m["heterogeneous"]["top1"] == pytest.approx(sum(values) / 2)
+        assert m["std"]["heterogeneous"]["top1"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    # seed 1 trains other weights, in its own folder, with the stage's training seed + 1
+    for name in ("small-independent", "small-bct"):
+        (m,) = [m for m in results["query_models"] if m["name"] == name]
+        assert m["per_seed"][0]["fingerprint"] != m["per_seed"][1]["fingerprint"]
+        manifest = json.loads((out / "baselines" / name / "seed1" / "manifest.json").read_text())
+        assert manifest["inputs"]["train"]["seed"] == 1
+        assert (
+            json.loads((out / "baselines" / name / "manifest.json").read_text())["inputs"]["train"]["seed"]
+            == 0
+        )
+    assert (out / "retrain" / "R1" / "seed1" / "model.safetensors").is_file()
+    md = (out / "report.md").read_text()
+    assert "### Per seed (test split)" in md and " ± " in md
+    assert "## Searches (val split" in md and "## Random-architecture study (val split)" in md
+
+
+def test_report_has_the_paired_comparisons(first_run) -> None:
+    out = first_run["out"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["splits"]["query_models"] == results["splits"]["paired_comparisons"] == "test"
+    assert results["splits"]["searches"] == results["splits"]["study"] == "val"
+    assert {s["split"] for s in results["searches"].values()} == {"val"} and results["study"][
+        "split"
+    ] == "val"
+    pairs = {(c["a"], c["b"]): c for c in results["paired_comparisons"]}
+    r3, r1, r2 = (f"CMP-NAS {r} (searched, BCT)" for r in ("R3", "R1", "R2"))
+    expected = {(r3, r1), (r3, r2), ("small-bct", "small-independent")}
+    searched = next(m for m in results["query_models"] if m["name"] == r3)
+    cheaper = [
+        m for m in results["query_models"] if m["kind"] == "baseline" and m["macs"] <= searched["macs"]
+    ]
+    if cheaper:
+        expected.add((r3, max(cheaper, key=lambda m: m["heterogeneous"]["top1"])["name"]))
+    assert set(pairs) == expected
+    rows = json.loads((out / "evaluation" / "rows.json").read_text())
+    het = {(r["query"]["name"], r["query"]["seed"]): r["heterogeneous"]["top1"] for r in rows}
+    md = (out / "report.md").read_text()
+    section = md.split("## Paired comparisons", 1)[1].split("\n## ", 1)[0]
+    for (a, b), c in pairs.items():
+        diffs = [het[(a, s)] - het[(b, s)] for s in SEEDS]
+        assert c["mean_difference"] == pytest.approx(sum(diffs) / 2)
+        assert c["seeds"] == SEEDS and c["split"] == "test"
+        low, high = c["interval"]
+        assert low <= c["mean_difference"] <= high
+        assert c["verdict"] in ("not distinguishable", f"{a} better", f"{b} better")
+        assert c["sentence"].startswith(f"{a} vs {b}: ") and c["sentence"] in section
 
 
 def test_rerun_skips_every_completed_stage(first_run) -> None:
@@ -210,7 +273,12 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
     shutil.copytree(first_run["out"], out)
     events, _ = run(out, ["nas.retrain.seed=7"])
     statuses = stage_events(events)
-    rerun = {"retrain-R1", "retrain-R2", "retrain-R3", "evaluate", "export", "report"}
+    rerun = {
+        *(f"retrain-{r}{s}" for r in ("R1", "R2", "R3") for s in ("", "@s1")),
+        "evaluate",
+        "export",
+        "report",
+    }
     for s in STAGES:
         assert statuses[s] == (["start", "done"] if s in rerun else ["skipped"]), s
     assert all(state(out)[s]["status"] == "done" for s in STAGES)

@@ -205,6 +205,20 @@ class RunConfig(_Strict):
     )
     build_index: bool = True
     latency_repeats: int = Field(50, ge=1)
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="every query model (baselines, retrains) is trained once per seed s, with its TrainConfig "
+        "seed + s, over the same gallery and supernet; the search runs once. Seed 0 keeps the stage names and "
+        "folders of a single-seed run",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct non-negative integers, e.g. [0, 1, 2]")
+        return v
 
 
 class Config(_Strict):

@@ -6,12 +6,19 @@ run continues where it stopped (and long stages resume from their own checkpoint
 
 Reliability (docs/reliability.md): one run per folder (``RUN/run.lock``); a stage is only skipped when its
 outputs still read back; a corrupt ``run_state.json`` is refused rather than guessed around.
+
+Seeds (``run.seeds``): every query model (each baseline, each retrain) is trained once per seed ``s``
+over the same gallery, supernet and search, with its TrainConfig seed + ``s``. Seed 0 keeps the
+single-seed stage names and folders (``baseline-NAME``, ``baselines/NAME``), so existing runs stay
+valid; seed ``s > 0`` is ``baseline-NAME@s<s>`` in ``baselines/NAME/seed<s>`` (``retrain-R3@s1`` in
+``retrain/R3/seed1``). The search runs once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cmpnas import progress
-from cmpnas.config import CompatConfig, Config, dump_config
+from cmpnas.config import CompatConfig, Config, TrainConfig, dump_config
 from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
 from cmpnas.io import (
@@ -51,6 +58,7 @@ from cmpnas.stages import (
 from cmpnas.stages.common import MODEL_FILE
 
 STATE_FILE = "run_state.json"
+SEED_DIR = re.compile(r"seed\d+")
 
 
 @dataclass
@@ -89,26 +97,49 @@ def _dump(x: Any) -> Any:
     return x.model_dump(mode="json") if hasattr(x, "model_dump") else x
 
 
+# ------------------------------------------------------------------------------------------ seeds
+def seed_suffix(seed: int) -> str:
+    """Stage-name suffix of a seed; seed 0 has none, so single-seed runs keep their stage names."""
+    return "" if seed == 0 else f"@s{seed}"
+
+
+def split_seed(name: str) -> tuple[str, int]:
+    """``"retrain-R3@s2"`` -> ``("retrain-R3", 2)``; a name without a suffix is seed 0."""
+    base, sep, seed = name.rpartition("@s")
+    return (base, int(seed)) if sep and seed.isdigit() else (name, 0)
+
+
+def seed_folder(folder: Path, seed: int) -> Path:
+    """Seed 0 writes where a single-seed run writes; seed s > 0 in ``folder/seed<s>``."""
+    return folder if seed == 0 else folder / f"seed{seed}"
+
+
+def seeded(tcfg: TrainConfig, seed: int) -> TrainConfig:
+    """The training config of seed ``s``: its own seed + s (seed 0 = the config as written)."""
+    return tcfg.model_copy(update={"seed": tcfg.seed + seed})
+
+
 # ------------------------------------------------------------------------------------------ stages
 def _gallery(ctx: RunContext) -> dict[str, Any]:
     return dict(train_gallery(ctx.cfg, ctx.path("gallery"), resume=True, data=ctx.data))
 
 
-def _baseline(index: int) -> Callable[[RunContext], dict[str, Any]]:
+def _baseline(index: int, seed: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
         b = ctx.cfg.run.baselines[index]
         compat = CompatConfig(**{**ctx.cfg.compat.model_dump(), "mode": b.compat})
         res = train_query(
             ctx.cfg,
             ctx.gallery_path,
-            ctx.path("baselines", b.name),
+            seed_folder(ctx.path("baselines", b.name), seed),
             resume=True,
             data=ctx.data,
             model_cfg=b.model,
             compat=compat,
+            train_cfg=seeded(ctx.cfg.query_train, seed),
             name=b.name,
         )
-        return dict(res)
+        return {**res, "seed": seed}
 
     return run
 
@@ -140,25 +171,28 @@ def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
     return run
 
 
-def _retrain(reward: str) -> Callable[[RunContext], dict[str, Any]]:
+def _retrain(reward: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
         arch = ctx.state[f"search-{reward}"]["outputs"]["best"]["arch"]
-        # Two rewards may find the same arch: train it once and point the other entry at it. Only the rewards
-        # retrained before this one (this stage's deps) have records of this run; the first match was trained.
+        # Two rewards may find the same arch: train it once (per seed) and point the other entry at it. Only
+        # the rewards retrained before this one (this stage's deps) have records of this run; the first match
+        # was trained.
         for other in ctx.cfg.run.rewards[: ctx.cfg.run.rewards.index(reward)]:
-            rec = ctx.state.get(f"retrain-{other}")
+            rec = ctx.state.get(f"retrain-{other}{seed_suffix(seed)}")
             if rec and rec.get("outputs", {}).get("arch") == arch:
                 return {**rec["outputs"], "same_as": other}
+        folder = seed_folder(ctx.path("retrain", reward), seed)
         res = retrain(
             ctx.cfg,
             ctx.gallery_path,
             arch,
-            ctx.path("retrain", reward),
+            folder,
             resume=True,
             data=ctx.data,
             name=f"cmpnas-{reward}",
+            train_cfg=seeded(ctx.cfg.nas.retrain, seed),
         )
-        return {**res, "arch": arch, "dir": str(ctx.path("retrain", reward))}
+        return {**res, "arch": arch, "dir": str(folder), "seed": seed}
 
     return run
 
@@ -168,26 +202,34 @@ def _study(ctx: RunContext) -> dict[str, Any]:
     return {k: v for k, v in res.items() if k != "rows"}
 
 
-def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str]]:
-    """(display name, model dir, kind) of every query model of the run, in report order."""
-    rows = [(b.name, ctx.path("baselines", b.name), "baseline") for b in ctx.cfg.run.baselines]
+def _retrain_dir(ctx: RunContext, reward: str, seed: int) -> Path:
+    """Where the model of (reward, seed) is: its own folder, or that of an earlier reward with its arch."""
+    rec = ctx.state.get(f"retrain-{reward}{seed_suffix(seed)}", {}).get("outputs", {})
+    return seed_folder(ctx.path("retrain", rec.get("same_as", reward)), seed)
+
+
+def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str, int]]:
+    """(display name, model dir, kind, seed) of every query model and seed of the run, in report order."""
+    seeds = ctx.cfg.run.seeds
+    rows = [
+        (b.name, seed_folder(ctx.path("baselines", b.name), s), "baseline", s)
+        for b in ctx.cfg.run.baselines
+        for s in seeds
+    ]
     for r in ctx.cfg.run.rewards:
-        rec = ctx.state.get(f"retrain-{r}", {}).get("outputs", {})
-        folder = ctx.path("retrain", rec.get("same_as", r))
-        rows.append((f"CMP-NAS {r} (searched, BCT)", folder, f"searched-{r}"))
+        rows += [(f"CMP-NAS {r} (searched, BCT)", _retrain_dir(ctx, r, s), f"searched-{r}", s) for s in seeds]
     return rows
 
 
 def _evaluate(ctx: RunContext) -> dict[str, Any]:
-    models = [(name, folder / MODEL_FILE, kind) for name, folder, kind in query_model_dirs(ctx)]
+    models = [(name, folder / MODEL_FILE, kind, s) for name, folder, kind, s in query_model_dirs(ctx)]
     res = evaluate_query_models(ctx.cfg, ctx.gallery_path, models, ctx.path("evaluation"), data=ctx.data)
-    return {"rows": "evaluation/rows.json", "n_models": res["n_models"]}
+    return {"rows": "evaluation/rows.json", "n_models": res["n_models"], "n_rows": res["n_rows"]}
 
 
 def _headline_dir(ctx: RunContext) -> Path:
-    r = ctx.cfg.run.headline_reward
-    rec = ctx.state.get(f"retrain-{r}", {}).get("outputs", {})
-    return ctx.path("retrain", rec.get("same_as", r))
+    """The headline reward's model of the first seed (the one exported)."""
+    return _retrain_dir(ctx, ctx.cfg.run.headline_reward, ctx.cfg.run.seeds[0])
 
 
 def _export(ctx: RunContext) -> dict[str, Any]:
@@ -216,14 +258,15 @@ def build_stages(cfg: Config) -> list[StageDef]:
         StageDef("gallery", [], lambda c: [data_part(c), _dump(c.gallery), _dump(c.gallery_train)], _gallery)
     ]
     for i, b in enumerate(cfg.run.baselines):
-        stages.append(
-            StageDef(
-                f"baseline-{b.name}",
-                ["gallery"],
-                lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
-                _baseline(i),
+        for s in cfg.run.seeds:
+            stages.append(
+                StageDef(
+                    f"baseline-{b.name}{seed_suffix(s)}",
+                    ["gallery"],
+                    lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
+                    _baseline(i, s),
+                )
             )
-        )
     nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction]  # noqa: E731
     if cfg.run.rewards or (cfg.run.study and cfg.nas.study_archs > 0):
         stages.append(
@@ -250,10 +293,17 @@ def build_stages(cfg: Config) -> list[StageDef]:
             )
         )
     for r in cfg.run.rewards:
-        deps = [f"search-{r}"] + [f"retrain-{o}" for o in cfg.run.rewards[: cfg.run.rewards.index(r)]]
-        stages.append(
-            StageDef(f"retrain-{r}", deps, lambda c: [_dump(c.nas.retrain), _dump(c.compat)], _retrain(r))
-        )
+        for s in cfg.run.seeds:
+            earlier = cfg.run.rewards[: cfg.run.rewards.index(r)]
+            deps = [f"search-{r}"] + [f"retrain-{o}{seed_suffix(s)}" for o in earlier]
+            stages.append(
+                StageDef(
+                    f"retrain-{r}{seed_suffix(s)}",
+                    deps,
+                    lambda c: [_dump(c.nas.retrain), _dump(c.compat)],
+                    _retrain(r, s),
+                )
+            )
     if cfg.run.study and cfg.nas.study_archs > 0:
         stages.append(
             StageDef(
@@ -280,7 +330,10 @@ def build_stages(cfg: Config) -> list[StageDef]:
     if cfg.run.export_onnx and cfg.run.rewards:
         stages.append(
             StageDef(
-                "export", [f"retrain-{cfg.run.headline_reward}"], lambda c: [c.run.onnx_exporter], _export
+                "export",
+                [f"retrain-{cfg.run.headline_reward}{seed_suffix(cfg.run.seeds[0])}"],
+                lambda c: [c.run.onnx_exporter],
+                _export,
             )
         )
     if cfg.run.build_index:
@@ -294,16 +347,23 @@ def stage_key(stage: StageDef, cfg: Config, state: dict[str, Any]) -> str:
 
 
 def stage_paths(out: Path, name: str) -> list[Path]:
-    """The files and folders a stage writes (what ``--force`` deletes and a skip checks)."""
-    kind, _, arg = name.partition("-")
+    """The files and folders a stage writes (what ``--force`` deletes and a skip checks).
+
+    A query model's seed 0 owns its folder minus the ``seed<s>`` folders of the other seeds.
+    """
+    base, seed = split_seed(name)
+    kind, _, arg = base.partition("-")
     if name in ("gallery", "supernet", "study"):
         return [out / name]
     if kind == "search":  # + candidate metrics shared by the searches (measured on this supernet)
         return [out / kind / arg, out / "search" / "candidates.json"]
-    if kind == "retrain":
-        return [out / kind / arg]
-    if kind == "baseline":
-        return [out / "baselines" / arg]
+    if kind in ("retrain", "baseline"):
+        folder = out / ("baselines" if kind == "baseline" else "retrain") / arg
+        if seed:
+            return [seed_folder(folder, seed)]
+        if not folder.is_dir():
+            return [folder]
+        return [p for p in sorted(folder.iterdir()) if not (p.is_dir() and SEED_DIR.fullmatch(p.name))]
     folders = {"evaluate": "evaluation", "export": "export", "index": "index", "report": "results.json"}
     return [out / folders[name]] if name in folders else []
 

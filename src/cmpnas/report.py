@@ -1,4 +1,10 @@
-"""The run report: results.json, report.md and a self-contained report.html (PNG plots inlined)."""
+"""The run report: results.json, report.md and a self-contained report.html (PNG plots inlined).
+
+Every number says which split it comes from: the query-model table and the paired comparisons are on
+the test split (reported, never used to pick anything); the search rewards and the study are on the
+validation split. With several seeds (``run.seeds``) a query model's numbers are mean ± sample std over
+its seeds, and models are compared paired by seed (``cmpnas.evaluation.stats``).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from cmpnas.config import Config
-from cmpnas.evaluation.compare import markdown_table
+from cmpnas.evaluation.stats import (
+    PairedDifference,
+    Summary,
+    aggregate_model,
+    by_seed,
+    format_mean_std,
+    group_by_model,
+    paired_comparison,
+)
 from cmpnas.io import read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import environment
+
+# Which split each number of results.json comes from (None: no split, e.g. MACs or timings).
+SPLITS = {
+    "headline": "test",
+    "cost_reduction": None,
+    "gap_to_paragon": "test",
+    "paragon": "test",
+    "query_models": "test",
+    "paired_comparisons": "test",
+    "gallery": None,
+    "searches": "val",
+    "study": "val",
+    "stage_seconds": None,
+    "environment": None,
+}
 
 
 def _load(path: Path) -> Any:
@@ -20,22 +49,161 @@ def _load(path: Path) -> Any:
     return read_json(path, fix) if path.exists() else None
 
 
-def headline(rows: list[dict[str, Any]], reward: str) -> tuple[str, dict[str, Any] | None]:
-    """One sentence from the measurements for the headline model (the R-searched query model)."""
-    pick = next((r for r in rows if r["query"].get("kind") == f"searched-{reward}"), None) or (
-        rows[-1] if rows else None
+def _summary(model: dict[str, Any], setting: str, metric: str = "top1") -> Summary:
+    """Mean ± std of one number of an aggregated model (from :func:`aggregate_model`)."""
+    return Summary(model[setting][metric], model["std"][setting][metric], model["n_seeds"])
+
+
+def _pm(model: dict[str, Any], setting: str, metric: str = "top1") -> str:
+    """Mean ± std over seeds as text ("81.9 ± 0.3"), or the value ("81.91") for one seed."""
+    return format_mean_std(_summary(model, setting, metric))
+
+
+def headline(
+    models: list[dict[str, Any]], gallery: dict[str, Any] | None, reward: str
+) -> tuple[str, dict[str, Any] | None]:
+    """One sentence from the measurements (test split) for the headline model (the R-searched query model)."""
+    pick = next((m for m in models if m.get("kind") == f"searched-{reward}"), None) or (
+        models[-1] if models else None
     )
-    if pick is None:
+    if pick is None or gallery is None:
         return "No query model was evaluated.", None
+    n = pick["n_seeds"]
     gap = pick["gap_to_paragon"]["top1"]
-    where = f"within {gap:.2f} points of" if gap >= 0 else f"{-gap:.2f} points above"
+    digits = 2 if n == 1 else 1
+    where = f"within {gap:.{digits}f} points of" if gap >= 0 else f"{-gap:.{digits}f} points above"
+    seeds = "" if n == 1 else f" (test split, mean ± std over {n} seeds)"
     return (
         f"The CMP-NAS {reward} query model is {pick['cost_reduction']:.0f}x cheaper than the gallery model "
-        f"({pick['query']['macs'] / 1e6:.2f} vs {pick['gallery']['macs'] / 1e6:.1f} MMACs); heterogeneous top-1 is "
-        f"{pick['heterogeneous']['top1']:.2f}, {where} the paragon ({pick['paragon']['top1']:.2f}), against "
-        f"{pick['homogeneous']['top1']:.2f} for the query model alone.",
+        f"({pick['macs'] / 1e6:.2f} vs {gallery['macs'] / 1e6:.1f} MMACs); heterogeneous top-1 is "
+        f"{_pm(pick, 'heterogeneous')}{seeds}, {where} the paragon ({pick['paragon']['top1']:.2f}), against "
+        f"{_pm(pick, 'homogeneous')} for the query model alone.",
         pick,
     )
+
+
+def summarize_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """rows.json (one row per model and seed) -> one entry per model: mean, std and each seed's numbers."""
+    out = []
+    for group in group_by_model(rows):
+        model = aggregate_model(group)
+        model["split"] = group[0].get("protocol", {}).get("split", "test")
+        model["fingerprint"] = group[0]["query"]["fingerprint"]
+        model["per_seed"] = [
+            {
+                "seed": int(r["query"].get("seed", 0)),
+                "homogeneous": r["homogeneous"],
+                "heterogeneous": r["heterogeneous"],
+                "gap_to_paragon": r["gap_to_paragon"],
+                "compatible": r["compatible"],
+                "latency_ms_b1": r["query"].get("latency_ms_b1"),
+                "fingerprint": r["query"]["fingerprint"],
+            }
+            for r in group
+        ]
+        out.append(model)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ paired
+def _same_model(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Both names point at the same weights on every seed (two rewards that found one architecture)."""
+    return [r["query"]["fingerprint"] for r in a] == [r["query"]["fingerprint"] for r in b]
+
+
+def _reward_pairs(cfg: Config, head: dict[str, Any], by_kind: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The headline reward's model against each other reward's (R3 vs R1, R3 vs R2)."""
+    others = [by_kind.get(f"searched-{r}") for r in cfg.run.rewards]
+    return [
+        (head["name"], o["name"], f"reward {cfg.run.headline_reward} vs {o['kind'].split('-', 1)[1]}")
+        for o in others
+        if o is not None and o is not head
+    ]
+
+
+def _baseline_pair(head: dict[str, Any], models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The searched model against the best hand-designed baseline that costs at most as many MACs.
+
+    "Best" is on the test split: choosing the strongest competitor can only make the searched model look
+    worse, and no model is trained, kept or exported because of it.
+    """
+    cheaper = [m for m in models if m["kind"] == "baseline" and m["macs"] <= head["macs"]]
+    if not cheaper:
+        return []
+    best = max(cheaper, key=lambda m: m["heterogeneous"]["top1"])
+    why = "searched vs the best hand-designed baseline at <= its MACs (strongest on test: conservative)"
+    return [(head["name"], best["name"], why)]
+
+
+def _compat_pairs(cfg: Config, names: set[str]) -> list[tuple[str, str, str]]:
+    """Each BCT baseline against the independent baseline of the same architecture."""
+    return [
+        (bct.name, ind.name, "BCT vs independent, same architecture")
+        for bct in cfg.run.baselines
+        for ind in cfg.run.baselines
+        if (bct.compat, ind.compat) == ("bct", "independent")
+        and bct.model == ind.model
+        and {bct.name, ind.name} <= names
+    ]
+
+
+def _pairs(cfg: Config, models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(name A, name B, why) of the comparisons the report makes, where both rows exist."""
+    by_kind = {m["kind"]: m for m in models}
+    head = by_kind.get(f"searched-{cfg.run.headline_reward}")
+    pairs = [] if head is None else _reward_pairs(cfg, head, by_kind) + _baseline_pair(head, models)
+    return pairs + _compat_pairs(cfg, {m["name"] for m in models})
+
+
+def paired_comparisons(cfg: Config, rows: list[dict[str, Any]], models: list[dict[str, Any]]) -> list[dict]:
+    """Heterogeneous top-1 (test) of each pair of :func:`_pairs`, paired by seed, with a t interval."""
+    groups = {g[0]["query"]["name"]: g for g in group_by_model(rows)}
+    out = []
+    for a, b, why in _pairs(cfg, models):
+        diff: PairedDifference = paired_comparison(a, by_seed(groups[a]), b, by_seed(groups[b]))
+        entry = {"comparison": why, "metric": "heterogeneous top1", "split": "test", **diff.to_dict()}
+        if _same_model(groups[a], groups[b]):
+            entry["same_model"] = True
+            entry["sentence"] += " (the same model: both rewards found one architecture)"
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tables
+def models_table(models: list[dict[str, Any]]) -> str:
+    """Paragon / homogeneous / heterogeneous per query model: mean ± std over seeds (test split)."""
+    lines = [
+        "| query model | MACs | cost reduction | seeds | paragon top-1 / mAP | homogeneous top-1 / mAP | "
+        "heterogeneous top-1 / mAP | gap to paragon (top-1) | M(q,g) > M(q,q) |",
+        "|---|---:|---:|---:|---|---|---|---:|:---:|",
+    ]
+    for m in models:
+        p = m["paragon"]
+        compatible = "yes" if m["compatible"] else "no"
+        if m["n_seeds"] > 1:
+            compatible += f" ({m['compatible_seeds']}/{m['n_seeds']} seeds)"
+        lines.append(
+            f"| {m['name']} | {m['macs'] / 1e6:.2f} M | {m['cost_reduction']:.1f}x | {m['n_seeds']} | "
+            f"{p['top1']:.2f} / {p['map']:.2f} | {_pm(m, 'homogeneous')} / {_pm(m, 'homogeneous', 'map')} | "
+            f"{_pm(m, 'heterogeneous')} / {_pm(m, 'heterogeneous', 'map')} | {_pm(m, 'gap_to_paragon')} | "
+            f"{compatible} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_table(models: list[dict[str, Any]]) -> str:
+    """Each seed's homogeneous / heterogeneous top-1 and mAP (test split), the rows the means come from."""
+    lines = [
+        "| query model | seed | homogeneous top-1 / mAP | heterogeneous top-1 / mAP |",
+        "|---|---:|---|---|",
+    ]
+    for m in models:
+        for r in m["per_seed"]:
+            h, x = r["homogeneous"], r["heterogeneous"]
+            lines.append(
+                f"| {m['name']} | {r['seed']} | {h['top1']:.2f} / {h['map']:.2f} | {x['top1']:.2f} / {x['map']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _png(fig: Any) -> str:
@@ -48,7 +216,10 @@ def _png(fig: Any) -> str:
 
 
 def _plots(
-    rows: list[dict[str, Any]], searches: dict[str, Any], study: dict[str, Any] | None
+    models: list[dict[str, Any]],
+    gallery: dict[str, Any] | None,
+    searches: dict[str, Any],
+    study: dict[str, Any] | None,
 ) -> dict[str, str]:
     import matplotlib
 
@@ -56,20 +227,30 @@ def _plots(
     import matplotlib.pyplot as plt
 
     plots: dict[str, str] = {}
-    if rows:
+    if models and gallery:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         ax.axhline(
-            rows[0]["paragon"]["top1"],
+            models[0]["paragon"]["top1"],
             color="tab:orange",
             ls="--",
-            label=f"paragon M(g,g) ({rows[0]['gallery']['macs'] / 1e6:.0f} MMACs)",
+            label=f"paragon M(g,g) ({gallery['macs'] / 1e6:.0f} MMACs)",
         )
-        for r in rows:
-            m = r["query"]["macs"] / 1e6
-            ax.scatter(m, r["homogeneous"]["top1"], marker="o", color="tab:blue")
-            ax.scatter(m, r["heterogeneous"]["top1"], marker="^", color="tab:green")
+        for r in models:
+            m = r["macs"] / 1e6
+            for setting, marker, color in (
+                ("homogeneous", "o", "tab:blue"),
+                ("heterogeneous", "^", "tab:green"),
+            ):
+                ax.errorbar(
+                    m,
+                    r[setting]["top1"],
+                    yerr=r["std"][setting]["top1"] or 0.0,
+                    fmt=marker,
+                    color=color,
+                    capsize=2,
+                )
             ax.annotate(
-                r["query"]["name"],
+                r["name"],
                 (m, r["heterogeneous"]["top1"]),
                 fontsize=7,
                 xytext=(3, 3),
@@ -89,9 +270,10 @@ def _plots(
                 )
         ax.set_xscale("log")
         ax.set_xlabel("query model MMACs (log)")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel("top-1 (%), test split")
         ax.legend(fontsize=7)
-        ax.set_title("Accuracy vs cost")
+        n = max(r["n_seeds"] for r in models)
+        ax.set_title("Accuracy vs cost" + (f" (mean ± std over {n} seeds)" if n > 1 else ""))
         plots["accuracy_vs_macs"] = _png(fig)
     if searches:
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -132,63 +314,80 @@ def _plots(
     return plots
 
 
-def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
-    rows = _load(out / "evaluation" / "rows.json") or []
-    searches = {r: _load(out / "search" / r / "search.json") for r in cfg.run.rewards}
-    searches = {k: v for k, v in searches.items() if v}
-    study = _load(out / "study" / "study.json")
-    head, pick = headline(rows, cfg.run.headline_reward)
+def _results(
+    cfg: Config,
+    rows: list[dict[str, Any]],
+    models: list[dict[str, Any]],
+    searches: dict[str, Any],
+    study: dict[str, Any] | None,
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """results.json: the headline, each model's mean ± std and per-seed numbers, the paired comparisons,
+    searches and study, each with the split it comes from (``splits``)."""
+    gallery = rows[0]["gallery"] if rows else None
+    head, pick = headline(models, gallery, cfg.run.headline_reward)
     timings = {k: v.get("seconds") for k, v in state.items() if v.get("status") == "done"}
-    results = {
+    return {
         "headline": head,
+        "splits": SPLITS,
+        "protocol": rows[0].get("protocol") if rows else None,
+        "seeds": list(cfg.run.seeds),
+        "seeds_note": "query models (baselines, retrains) trained once per seed s with their TrainConfig "
+        "seed + s; one gallery, one supernet, one search (the search is not repeated per seed)",
         "cost_reduction": pick["cost_reduction"] if pick else None,
         "gap_to_paragon": pick["gap_to_paragon"] if pick else None,
         "paragon": pick["paragon"] if pick else None,
-        "query_models": [
-            {
-                "name": r["query"]["name"],
-                "kind": r["query"].get("kind"),
-                "macs": r["query"]["macs"],
-                "latency_ms_b1": r["query"].get("latency_ms_b1"),
-                "cost_reduction": r["cost_reduction"],
-                "paragon": r["paragon"],
-                "homogeneous": r["homogeneous"],
-                "heterogeneous": r["heterogeneous"],
-                "gap_to_paragon": r["gap_to_paragon"],
-                "compatible": r["compatible"],
-                "fingerprint": r["query"]["fingerprint"],
-            }
-            for r in rows
-        ],
-        "gallery": rows[0]["gallery"] if rows else None,
+        "query_models": models,
+        "paired_comparisons": paired_comparisons(cfg, rows, models),
+        "gallery": gallery,
         "searches": {
-            k: {"best": v["best"], "n_candidates": v["n_candidates"], "seconds": v["seconds"]}
+            k: {
+                "best": v["best"],
+                "n_candidates": v["n_candidates"],
+                "seconds": v["seconds"],
+                "split": "val",
+            }
             for k, v in searches.items()
         },
-        "study": {k: v for k, v in (study or {}).items() if k != "rows"} or None,
+        "study": ({k: v for k, v in study.items() if k != "rows"} | {"split": "val"}) if study else None,
         "stage_seconds": timings,
         "total_seconds": round(sum(t for t in timings.values() if t), 1),
         "environment": environment(),
     }
-    write_json_atomic(out / "results.json", results)
-    table = markdown_table(rows) if rows else "(no models evaluated)\n"
+
+
+def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], study: dict | None) -> str:
+    models = results["query_models"]
+    n_seeds = len(cfg.run.seeds)
+    seeds = (
+        f"{n_seeds} seeds {list(cfg.run.seeds)}: each query model trained once per seed (its training seed + s) "
+        "over one gallery, one supernet and one search; numbers are mean ± sample std over seeds"
+        if n_seeds > 1
+        else "1 seed: no spread and no intervals (set run.seeds or `cmpnas run --seeds 0,1,2` for both)"
+    )
     md = [
-        f"# cmpnas report\n\n**{head}**\n",
+        f"# cmpnas report\n\n**{results['headline']}**\n",
         f"Data: {cfg.data.name}; protocol: leave-one-out retrieval on the test split "
-        "(every image queries all other images; top-1 = nearest neighbour has the same class).\n",
-        "## Paragon / homogeneous / heterogeneous\n",
-        table,
+        "(every image queries all other images; top-1 = nearest neighbour has the same class). "
+        "Test numbers are reported only: the search rewards and the study use the validation split, and "
+        "nothing is chosen by a test number.\n",
+        f"Seeds: {seeds}.\n",
+        f"## Paragon / homogeneous / heterogeneous (test split, {n_seeds} seed{'s' if n_seeds > 1 else ''})\n",
+        models_table(models) if models else "(no models evaluated)\n",
     ]
-    if rows:
+    if models:
         md.append(
             "Latency (batch 1, torch eager, 1 thread, p50): "
-            + ", ".join(
-                f"{r['query']['name']} {r['query'].get('latency_ms_b1', float('nan')):.2f} ms" for r in rows
-            )
-            + f"; gallery {rows[0]['gallery'].get('latency_ms_b1', float('nan')):.2f} ms.\n"
+            + ", ".join(f"{m['name']} {m['latency_ms_b1']:.2f} ms" for m in models)
+            + f"; gallery {results['gallery'].get('latency_ms_b1', float('nan')):.2f} ms.\n"
         )
+    if models and n_seeds > 1:
+        md += ["### Per seed (test split)\n", per_seed_table(models)]
+    md += _paired_section(results["paired_comparisons"], n_seeds)
     if searches:
-        md.append("## Searches (val split, supernet weights after BN recalibration)\n")
+        md.append(
+            "## Searches (val split, supernet weights after BN recalibration; run once, not per seed)\n"
+        )
         md.append(
             "| reward | best MMACs | hom top-1 | het top-1 | candidates | seconds |\n|---|---:|---:|---:|---:|---:|"
         )
@@ -200,33 +399,73 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
             )
         md.append("")
     if study:
-        md.append("## Random-architecture study (val)\n")
-        for mode in ("bct", "independent"):
-            s = study.get(mode) or {}
-            md.append(
-                f"- {mode}: n={s.get('n')}, het top-1 mean {s.get('het_mean')}, spread {s.get('het_spread')}, "
-                f"Pearson(hom, het) {s.get('pearson_hom_het')}, Kendall {s.get('kendall_hom_het')}, "
-                f"fraction with M(q,g) > M(q,q) {s.get('fraction_compatible')}"
-                + (
-                    f", supernet-vs-standalone Kendall {s.get('kendall_supernet_vs_standalone_het')}"
-                    if mode == "bct"
-                    else ""
-                )
-            )
-        md.append("")
+        md += _study_section(study)
     md.append("## Stage timings (s)\n")
     md.append("| stage | seconds |\n|---|---:|")
-    md += [f"| {k} | {v} |" for k, v in timings.items()]
+    md += [f"| {k} | {v} |" for k, v in results["stage_seconds"].items()]
     md.append(f"\nEnvironment: `{json.dumps(results['environment'])}`\n")
-    markdown = "\n".join(md) + "\n"
+    return "\n".join(md) + "\n"
+
+
+def _paired_section(comparisons: list[dict[str, Any]], n_seeds: int) -> list[str]:
+    """One sentence per comparison: A − B of heterogeneous top-1 (test), its 95 % interval and the verdict."""
+    method = (
+        f"paired by seed over {n_seeds} seeds, 95 % paired-t interval"
+        if n_seeds > 1
+        else "1 seed: no interval can be given"
+    )
+    md = [f"## Paired comparisons (heterogeneous top-1, test split; {method})\n"]
+    if not comparisons:
+        md.append("(no pair of comparable query models in this run)\n")
+        return md
+    md += [f"- {c['sentence']} — {c['comparison']}" for c in comparisons]
+    md.append("")
+    return md
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _study_section(study: dict[str, Any]) -> list[str]:
+    """The random-architecture study (val split): spread, rank agreement and the compatibility fraction."""
+    md = ["## Random-architecture study (val split)\n"]
+    for mode in ("bct", "independent"):
+        s = study.get(mode) or {}
+        line = (
+            f"- {mode}: n={s.get('n')}, het top-1 mean {_fmt(s.get('het_mean'))}, spread {_fmt(s.get('het_spread'))}, "
+            f"Pearson(hom, het) {_fmt(s.get('pearson_hom_het'))}, Kendall {_fmt(s.get('kendall_hom_het'))}, "
+            f"Spearman {_fmt(s.get('spearman_hom_het'))}, "
+            f"fraction with M(q,g) > M(q,q) {_fmt(s.get('fraction_compatible'))}"
+        )
+        if mode == "bct":
+            line += "; supernet vs stand-alone " + ", ".join(
+                f"{what} Kendall {_fmt(s.get(f'kendall_supernet_vs_standalone_{key}'))} / "
+                f"Spearman {_fmt(s.get(f'spearman_supernet_vs_standalone_{key}'))}"
+                for what, key in (("het", "het"), ("hom", "hom"))
+            )
+        md.append(line)
+    md.append("")
+    return md
+
+
+def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
+    rows = _load(out / "evaluation" / "rows.json") or []
+    searches = {r: _load(out / "search" / r / "search.json") for r in cfg.run.rewards}
+    searches = {k: v for k, v in searches.items() if v}
+    study = _load(out / "study" / "study.json")
+    models = summarize_models(rows)
+    results = _results(cfg, rows, models, searches, study, state)
+    write_json_atomic(out / "results.json", results)
+    markdown = _markdown(cfg, results, searches, study)
     write_text_atomic(out / "report.md", markdown)
-    plots = _plots(rows, searches, study)
+    plots = _plots(models, results["gallery"], searches, study)
     write_text_atomic(out / "report.html", _html(markdown, plots))
     return {
         "results": "results.json",
         "report_md": "report.md",
         "report_html": "report.html",
-        "headline": head,
+        "headline": results["headline"],
         "plots": sorted(plots),
     }
 

@@ -245,16 +245,48 @@ def test_study_with_three_archs_computes_its_rank_correlations(chain, tmp_path: 
     bct = [r for r in res["rows"] if r["mode"] == "bct"]
     assert len(bct) == 3 and res["bct"]["n"] == 3
     hom, het = [r["hom_top1"] for r in bct], [r["het_top1"] for r in bct]
-    sup = [r["supernet_het_top1"] for r in bct]
-    assert res["bct"]["kendall_hom_het"] == pytest.approx(_kendall_tau_b(hom, het), nan_ok=True)
-    assert res["bct"]["kendall_supernet_vs_standalone_het"] == pytest.approx(
-        _kendall_tau_b(sup, het), nan_ok=True
-    )
+    sup, sup_hom = [r["supernet_het_top1"] for r in bct], [r["supernet_hom_top1"] for r in bct]
+    for key, x, y in (
+        ("hom_het", hom, het), ("supernet_vs_standalone_het", sup, het), ("supernet_vs_standalone_hom", sup_hom, hom)
+    ):  # fmt: skip
+        assert res["bct"][f"kendall_{key}"] == _or_none(_kendall_tau_b(x, y)), key
+        assert res["bct"][f"spearman_{key}"] == _or_none(_spearman_rho(x, y)), key
     assert res["bct"]["het_spread"] == pytest.approx(max(het) - min(het))
     assert json.loads((tmp_path / "study" / "study.json").read_text())["n_archs"] == 3
+
+
+def _average_ranks(x: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of their positions."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    ranks = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _spearman_rho(x: list[float], y: list[float]) -> float:
+    """Pearson correlation of the average ranks (NaN when one side is constant)."""
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def _or_none(value: float) -> object:
+    """The study stores an undefined correlation as None (JSON has no NaN); compare within 1e-9."""
+    return None if value != value else pytest.approx(value, abs=1e-9)
 
 
 def test_kendall_oracle_on_a_hand_example() -> None:
     assert _kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0
     assert _kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
     assert _kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert _spearman_rho([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert _spearman_rho([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # ranks 1, 2.5, 2.5, 4

@@ -6,6 +6,7 @@ run's table with latencies), or a registered benchmark protocol (``evaluate_prot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from cmpnas import progress
@@ -20,6 +21,9 @@ from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.models.cost import measure_latency_ms
 from cmpnas.models.embedding import load_model
 from cmpnas.stages.common import StageResult, check_gallery, load_data
+
+# (display name, model file, kind) or (display name, model file, kind, seed); seed 0 when left out
+QueryModel = tuple[str, Path, str] | tuple[str, Path, str, int]
 
 
 def evaluate_models(
@@ -61,22 +65,25 @@ def evaluate_models(
 def evaluate_query_models(
     cfg: Config,
     gallery_path: str | Path,
-    models: list[tuple[str, Path, str]],
+    models: Sequence[QueryModel],
     out_dir: str | Path,
     data: DataBundle | None = None,
 ) -> StageResult:
-    """The run's table: every (name, model file, kind) on the test split, with batch-1 latencies -> rows.json."""
+    """The run's table: every (name, model file, kind[, seed]) on the test split, with batch-1 latencies ->
+    rows.json, one row per (model, seed). Reporting only: nothing is picked by these numbers."""
     data = data or load_data(cfg)
     gallery = load_model(gallery_path)
     protocol = LeaveOneOut(data.test)
     cache: dict = {}
     rows = []
     g_lat = measure_latency_ms(gallery, gallery.input_shape(1), repeats=cfg.run.latency_repeats, threads=1)
-    for name, model_file, kind in models:
+    for name, model_file, kind, *seed in models:
         query = load_model(model_file)
         res = compare(gallery, query, protocol, batch_size=cfg.eval_batch_size, gallery_cache=cache)
+        res["protocol"] = {"name": "leave_one_out", "split": "test", "n_images": len(data.test)}
         res["query"]["name"] = name
         res["query"]["kind"] = kind
+        res["query"]["seed"] = int(seed[0]) if seed else 0
         res["query"]["latency_ms_b1"] = measure_latency_ms(
             query, query.input_shape(1), repeats=cfg.run.latency_repeats, threads=1
         )["p50"]
@@ -85,13 +92,16 @@ def evaluate_query_models(
         progress.event(
             "evaluate",
             message=(
-                f"{name}: hom {res['homogeneous']['top1']:.2f} het "
+                f"{name} (seed {res['query']['seed']}): hom {res['homogeneous']['top1']:.2f} het "
                 f"{res['heterogeneous']['top1']:.2f} paragon {res['paragon']['top1']:.2f}"
             ),
         )
     out = Path(out_dir)
     write_json_atomic(out / "rows.json", rows)
-    return StageResult("evaluate", out, {"rows": "rows.json", "n_models": len(rows), "table": rows})
+    n_models = len({r["query"]["name"] for r in rows})
+    return StageResult(
+        "evaluate", out, {"rows": "rows.json", "n_models": n_models, "n_rows": len(rows), "table": rows}
+    )
 
 
 def evaluate_protocol(

@@ -75,6 +75,7 @@ def train_query(
         "data": data.describe(),
         "gallery": {"path": str(gallery_path), "fingerprint": gfp},
         "compat": compat.model_dump(mode="json"),
+        "train": tcfg.model_dump(mode="json"),  # the schedule and seed actually used (per-seed runs)
     }
     return finish(out, stage, model, cfg.model_dump(mode="json"), inputs, result, started)
 
@@ -87,8 +88,10 @@ def retrain(
     resume: bool = False,
     data: DataBundle | None = None,
     name: str = "cmpnas",
+    train_cfg: TrainConfig | None = None,
 ) -> StageResult:
-    """The found architecture trained from scratch with BCT against the frozen gallery."""
+    """The found architecture trained from scratch with BCT against the frozen gallery (``train_cfg``
+    defaults to ``nas.retrain``; the pipeline passes it with a per-seed seed)."""
     mcfg = query_config_for_arch(cfg, arch)
     return train_query(
         cfg,
@@ -97,7 +100,7 @@ def retrain(
         resume=resume,
         data=data,
         model_cfg=mcfg,
-        train_cfg=cfg.nas.retrain,
+        train_cfg=train_cfg or cfg.nas.retrain,
         name=name,
         stage="retrain",
     )
