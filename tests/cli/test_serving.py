@@ -215,7 +215,7 @@ def test_serve_with_two_worker_processes(
             assert r.status_code == 200, r.text
             answers.add(tuple(h["id"] for h in r.json()["results"]))
         assert len(answers) == 1 and len(next(iter(answers))) == 4
-        # whichever worker answers /stats counts every worker's searches (shared within ~0.2 s)
+        # whichever worker answers /stats counts every worker's searches (shared within ~0.5 s)
         for _ in range(100):
             stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
             if stats["queries"] == 6:

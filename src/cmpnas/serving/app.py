@@ -215,7 +215,7 @@ class SearchService:
         self.latencies: deque[float] = deque(maxlen=10_000)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.search_ms = self._warm_up()
-        if self.stats_dir is not None:  # share counters off the request path, a few times a second
+        if self.stats_dir is not None:  # share counters off the request path, twice a second
             threading.Thread(target=self._share_loop, name="cmpnas-stats-share", daemon=True).start()
 
     def _warm_up(self, calls: int = 3) -> float:
@@ -257,7 +257,7 @@ class SearchService:
                 self.latencies.append(latency_ms)
             self._dirty = True
 
-    def _share_loop(self, every_s: float = 0.2) -> None:
+    def _share_loop(self, every_s: float = 0.5) -> None:
         while True:
             time.sleep(every_s)
             if self._dirty:
@@ -267,14 +267,10 @@ class SearchService:
         """Write this worker's counters for the others (atomic: a reader never sees half a file)."""
         if self.stats_dir is None:
             return
-        with self.stats_lock:
+        with self.stats_lock:  # copy under the lock, serialise outside it: requests wait on this lock
             self._dirty = False
-            snapshot = {
-                "pid": os.getpid(),
-                "queries": self.queries,
-                "rejected": self.rejected,
-                "latencies": [round(v, 3) for v in self.latencies],
-            }
+            queries, rejected, latencies = self.queries, self.rejected, list(self.latencies)
+        snapshot = {"pid": os.getpid(), "queries": queries, "rejected": rejected, "latencies": latencies}
         path = self.stats_dir / f"worker-{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(snapshot))
