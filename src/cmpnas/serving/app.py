@@ -437,4 +437,21 @@ def run_server(
         host=host,
         port=port,
         log_level=log_level,
+        **_worker_healthcheck(),
     )
+
+
+WORKER_START_SECONDS = 120
+
+
+def _worker_healthcheck() -> dict[str, Any]:
+    """A worker answers uvicorn's health check only once it has imported the whole package (torch, faiss,
+    onnxruntime: about 5 s on 2 busy cores); uvicorn's default of 5 s then kills and restarts workers that are
+    merely starting, for ever on a loaded machine. Older uvicorn versions have no such check."""
+    import inspect
+
+    import uvicorn
+
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        return {"timeout_worker_healthcheck": WORKER_START_SECONDS}
+    return {}
