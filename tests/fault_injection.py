@@ -136,7 +136,9 @@ class Fault:
         return self.nth or self.rng().randint(1, counts[self.stage])
 
     def delay(self, seconds: dict[str, float]) -> float:
-        return self.rng().uniform(0.05, 0.6) * seconds[self.stage]
+        """5-60 % of the stage's reference duration, capped at 1 s: the reference may have run on a busier
+        machine than this run, and a delay longer than the last stage would let the run finish first."""
+        return self.rng().uniform(0.05, 0.6) * min(seconds[self.stage], 1.0)
 
     def __str__(self) -> str:
         return f"{self.mode}@{self.stage}"
