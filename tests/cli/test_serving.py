@@ -183,7 +183,7 @@ def test_serve_passes_limits_to_the_server(
 def test_serve_with_two_worker_processes(
     tmp_path: Path, flat_index: Path, onnx_query: Path, pattern: Any
 ) -> None:
-    """The real console command with --workers 2 (uvicorn's supervisor + 2 processes) answers searches."""
+    """The real console command with --workers 2 (balancer + 2 processes) answers searches, dealt evenly."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -222,6 +222,8 @@ def test_serve_with_two_worker_processes(
                 break
             time.sleep(0.1)
         assert stats["queries"] == 6 and stats["latency_ms"]["window"] == 6, stats["workers"]
+        # six connections, round-robin: three each (a shared accept queue lets one process take them all)
+        assert sorted(w["queries"] for w in stats["workers"]) == [3, 3], stats["workers"]
         for _ in range(4):  # and keeps doing so, whichever worker answers
             assert httpx.get(f"http://127.0.0.1:{port}/stats").json()["queries"] == 6
     finally:
