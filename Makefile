@@ -3,13 +3,17 @@ VENV ?= .venv
 OUT ?= runs/default
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo full test test-slow lint bench
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/cmpnas run --profile default --out $(OUT)
+
+# The evidence run of issue 11 (<= 90 min on 2 cores, 3 seeds, study and supernet ranking).
+full: setup
+	$(VENV)/bin/cmpnas run --profile full --out runs/full
 
 test:
 	bash scripts/setup.sh --browser

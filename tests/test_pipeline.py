@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from cmpnas.errors import CmpnasError
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
 TRAIN = "{epochs: 1, batch_size: 50, warmup_epochs: 0.1, log_every: 5, threads: 1}"
@@ -38,13 +40,13 @@ SHRINK = [
     "nas.space={stem_channels: 8, stage_repeats: [1, 1], stage_widths: [16, 32], stage_strides: [2, 2], "
     "last_channels: 32, channel_scales: [0.5, 1.0]}",
     "nas.budget_cost_reduction=5",
-    f"nas.supernet_train={TRAIN}", f"nas.retrain={TRAIN}",
+    f"nas.supernet_train={TRAIN}",
     "nas.study_train={epochs: 0.5, batch_size: 50, warmup_epochs: 0.0, log_every: 5, threads: 1}",
     "nas.search={population: 4, generations: 2, parents: 2, mutations: 2, crossovers: 2, recal_images: 64, "
     "recal_batch: 32, val_images: 60}",
     "nas.study_archs=1", "run.latency_repeats=3", "eval_batch_size=128",
 ]  # fmt: skip
-OTHER_SEED = ["gallery_train.seed=1", "query_train.seed=1", "nas.supernet_train.seed=1", "nas.retrain.seed=1"]
+OTHER_SEED = ["gallery_train.seed=1", "query_train.seed=1", "nas.supernet_train.seed=1"]
 SEEDS = [0, 1]  # the smoke profile's run.seeds
 STAGES = [
     "gallery", "baseline-small-independent", "baseline-small-independent@s1", "baseline-small-bct",
@@ -271,10 +273,11 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
     """Stages whose key changed start afresh (their old checkpoints would be foreign); the rest is skipped."""
     out = tmp_path / "run0-copy"
     shutil.copytree(first_run["out"], out)
-    events, _ = run(out, ["nas.retrain.seed=7"])
+    events, _ = run(out, ["query_train.seed=7"])  # the table's one schedule: baselines and retrains
     statuses = stage_events(events)
     rerun = {
         *(f"retrain-{r}{s}" for r in ("R1", "R2", "R3") for s in ("", "@s1")),
+        *(f"baseline-small-{m}{s}" for m in ("independent", "bct") for s in ("", "@s1")),
         "evaluate",
         "export",
         "report",
@@ -282,3 +285,20 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
     for s in STAGES:
         assert statuses[s] == (["start", "done"] if s in rerun else ["skipped"]), s
     assert all(state(out)[s]["status"] == "done" for s in STAGES)
+
+
+# ---------------------------------------------------------------------------------------------- one schedule
+def test_a_retrain_schedule_other_than_the_baselines_is_refused(tmp_path: Path) -> None:
+    """Every row of the table trains on one schedule: a longer retrain would win by its schedule."""
+    from cmpnas.config import Config, TrainConfig
+    from cmpnas.pipeline import check_one_schedule, run_pipeline, table_schedule
+
+    same = Config(query_train=TrainConfig(epochs=1), nas={"retrain": {"epochs": 1}})
+    check_one_schedule(same)  # equal: accepted
+    assert table_schedule(same) == same.query_train
+    check_one_schedule(Config(query_train=TrainConfig(epochs=1)))  # unset: retrains use query_train
+    longer = Config(query_train=TrainConfig(epochs=1), nas={"retrain": {"epochs": 3}})
+    with pytest.raises(CmpnasError, match="nas.retrain differs from query_train") as err:
+        run_pipeline(longer, tmp_path / "run")
+    assert "remove nas.retrain" in err.value.fix
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -92,7 +92,11 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     warmup_epochs: float = Field(0.2, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16 autocast; auto = bf16 where the device computes it natively (CUDA with bf16, a CPU "
+        "with AVX512-BF16 or AMX), fp32 elsewhere: emulated bf16 on an AVX2 CPU trains ~10x slower",
+    )
     channels_last: bool = True
     augment: bool = True
     seed: int = 0
@@ -177,8 +181,22 @@ class NasConfig(_Strict):
     )
     supernet_train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
-    retrain: TrainConfig = Field(default_factory=TrainConfig)
+    retrain: TrainConfig | None = Field(
+        None,
+        description="schedule of `cmpnas retrain` (None = query_train); `cmpnas run` requires it to equal "
+        "query_train: every query model of one table trains on one schedule",
+    )
     study_archs: int = Field(40, ge=0)
+    study_modes: list[Literal["bct", "independent"]] = Field(
+        default_factory=lambda: ["bct", "independent"],
+        description="how the study's archs are trained (the paper's Q1 compares both; Q2 needs only bct)",
+    )
+    ranking_archs: int = Field(
+        0,
+        ge=0,
+        description="archs spread over the search band [sample_band*cap, cap], trained stand-alone with BCT "
+        "(study_train), against the supernet's estimates: how far the search's ranking can be trusted",
+    )
     study_band: float = Field(0.15, gt=0, lt=1, description="study archs within +-band of the budget")
     study_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
 

@@ -136,7 +136,7 @@ def _baseline(index: int, seed: int) -> Callable[[RunContext], dict[str, Any]]:
             data=ctx.data,
             model_cfg=b.model,
             compat=compat,
-            train_cfg=seeded(ctx.cfg.query_train, seed),
+            train_cfg=seeded(table_schedule(ctx.cfg), seed),
             name=b.name,
         )
         return {**res, "seed": seed}
@@ -190,7 +190,7 @@ def _retrain(reward: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
             resume=True,
             data=ctx.data,
             name=f"cmpnas-{reward}",
-            train_cfg=seeded(ctx.cfg.nas.retrain, seed),
+            train_cfg=seeded(table_schedule(ctx.cfg), seed),
         )
         return {**res, "arch": arch, "dir": str(folder), "seed": seed}
 
@@ -251,6 +251,10 @@ def _report(ctx: RunContext) -> dict[str, Any]:
     return write_report(ctx.out, ctx.cfg, ctx.state)
 
 
+def wants_study(cfg: Config) -> bool:
+    return cfg.run.study and (cfg.nas.study_archs > 0 or cfg.nas.ranking_archs > 0)
+
+
 def build_stages(cfg: Config) -> list[StageDef]:
     """The stage graph for this config (optional stages only when enabled and available)."""
     data_part = lambda c: _dump(c.data)  # noqa: E731
@@ -263,12 +267,12 @@ def build_stages(cfg: Config) -> list[StageDef]:
                 StageDef(
                     f"baseline-{b.name}{seed_suffix(s)}",
                     ["gallery"],
-                    lambda c, i=i: [_dump(c.run.baselines[i]), _dump(c.query_train), _dump(c.compat)],
+                    lambda c, i=i: [_dump(c.run.baselines[i]), _dump(table_schedule(c)), _dump(c.compat)],
                     _baseline(i, s),
                 )
             )
     nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction]  # noqa: E731
-    if cfg.run.rewards or (cfg.run.study and cfg.nas.study_archs > 0):
+    if cfg.run.rewards or wants_study(cfg):
         stages.append(
             StageDef(
                 "supernet",
@@ -300,11 +304,11 @@ def build_stages(cfg: Config) -> list[StageDef]:
                 StageDef(
                     f"retrain-{r}{seed_suffix(s)}",
                     deps,
-                    lambda c: [_dump(c.nas.retrain), _dump(c.compat)],
+                    lambda c: [_dump(table_schedule(c)), _dump(c.compat)],
                     _retrain(r, s),
                 )
             )
-    if cfg.run.study and cfg.nas.study_archs > 0:
+    if wants_study(cfg):
         stages.append(
             StageDef(
                 "study",
@@ -314,6 +318,9 @@ def build_stages(cfg: Config) -> list[StageDef]:
                     c.nas.study_band,
                     _dump(c.nas.study_train),
                     _dump(c.nas.search),
+                    c.nas.study_modes,
+                    c.nas.ranking_archs,
+                    c.nas.sample_band,
                 ],
                 _study,
             )
@@ -462,12 +469,29 @@ def _start_state(out: Path, force: list[str], names: list[str]) -> dict[str, Any
     return state
 
 
+def table_schedule(cfg: Config) -> TrainConfig:
+    """The one schedule of every query model in the run's table: baselines and retrains alike."""
+    return cfg.query_train
+
+
+def check_one_schedule(cfg: Config) -> None:
+    """Refuse a run whose retrains would train on another schedule than the baselines (a row could then win
+    by its schedule, not its architecture)."""
+    if cfg.nas.retrain is not None and _dump(cfg.nas.retrain) != _dump(cfg.query_train):
+        raise CmpnasError(
+            "nas.retrain differs from query_train: every query model of one table must train on one schedule "
+            "(baselines use query_train).",
+            "remove nas.retrain from the config (retrains then use query_train) or make the two equal",
+        )
+
+
 def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = None) -> dict[str, Any]:
     """Run (or continue) the whole pipeline; returns the run state.
 
     One run per folder: a second `cmpnas run` on the same folder is refused while this one runs (a lock
     left by a run that died is taken over, with a ``lock`` event).
     """
+    check_one_schedule(cfg)
     out = Path(out_dir)
     make_dirs(out)
     info = init_distributed()

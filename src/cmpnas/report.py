@@ -296,7 +296,7 @@ def _plots(
     if study and study.get("rows"):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         for mode, color in (("bct", "tab:green"), ("independent", "tab:red")):
-            rs = [r for r in study["rows"] if r["mode"] == mode]
+            rs = [r for r in study["rows"] if r["mode"] == mode and r.get("set", "study") == "study"]
             axes[0].scatter(
                 [r["hom_top1"] for r in rs], [r["het_top1"] for r in rs], color=color, label=mode, s=14
             )
@@ -311,6 +311,27 @@ def _plots(
             a.legend(fontsize=7)
         fig.suptitle("Random architectures at equal cost (val)")
         plots["study"] = _png(fig)
+    estimated = [r for r in (study or {}).get("rows", []) if r.get("supernet_het_top1") is not None]
+    if estimated:
+        fig, ax = plt.subplots(figsize=(4.8, 3.8))
+        for arch_set, color in (("ranking", "tab:blue"), ("study", "tab:green")):
+            rs = [r for r in estimated if r.get("set", "study") == arch_set]
+            if rs:
+                ax.scatter(
+                    [r["supernet_het_top1"] for r in rs],
+                    [r["het_top1"] for r in rs],
+                    color=color,
+                    s=14,
+                    label=f"{arch_set} archs ({len(rs)})",
+                )
+        tau = (study.get("ranking") or {}).get("kendall_supernet_vs_standalone_het")
+        ax.set_xlabel("supernet estimate, heterogeneous top-1")
+        ax.set_ylabel("stand-alone (BCT), heterogeneous top-1")
+        ax.set_title(
+            "Supernet vs stand-alone (val)" + (f", ranking set Kendall {tau:.2f}" if tau is not None else "")
+        )
+        ax.legend(fontsize=7)
+        plots["supernet_vs_standalone"] = _png(fig)
     return plots
 
 
@@ -445,6 +466,18 @@ def _study_section(study: dict[str, Any]) -> list[str]:
                 for what, key in (("het", "het"), ("hom", "hom"))
             )
         md.append(line)
+    ranking = study.get("ranking") or {}
+    if ranking.get("n"):
+        lo, hi = ranking["macs_range"]
+        md.append(
+            f"- ranking set: n={ranking['n']} BCT-trained archs over {lo / 1e6:.2f}-{hi / 1e6:.2f} MMACs (the search "
+            "band); supernet vs stand-alone "
+            + ", ".join(
+                f"{what} Kendall {_fmt(ranking.get(f'kendall_supernet_vs_standalone_{key}'))} / "
+                f"Spearman {_fmt(ranking.get(f'spearman_supernet_vs_standalone_{key}'))}"
+                for what, key in (("het", "het"), ("hom", "hom"))
+            )
+        )
     md.append("")
     return md
 

@@ -255,6 +255,35 @@ def test_study_with_three_archs_computes_its_rank_correlations(chain, tmp_path: 
     assert json.loads((tmp_path / "study" / "study.json").read_text())["n_archs"] == 3
 
 
+def test_ranking_set_spreads_over_the_search_band_and_measures_the_supernet(
+    chain, tmp_path: Path, tiny_data, tiny_gallery
+) -> None:
+    """``nas.ranking_archs``: BCT-only archs over [sample_band*cap, cap], none repeated from the study, whose
+    stand-alone top-1 is ranked against the supernet's estimates (τ/ρ against the oracles above)."""
+    from cmpnas.stages import study
+    from cmpnas.stages.common import nas_setup
+
+    cfg = chain["cfg"].model_copy(deep=True)
+    cfg.nas.ranking_archs, cfg.nas.study_modes, cfg.nas.sample_band = 3, ["bct"], 0.5
+    res = study(cfg, tiny_gallery, tmp_path / "study", supernet_path=chain["root"] / "supernet" / SUPERNET_FILE,
+                data=tiny_data, n_archs=1)
+    setup = nas_setup(cfg, tiny_gallery, tiny_data)
+    study_rows = [r for r in res["rows"] if r["set"] == "study"]
+    ranked = [r for r in res["rows"] if r["set"] == "ranking"]
+    assert [r["mode"] for r in study_rows] == ["bct"]  # study_modes: no independent training
+    assert len(ranked) == 3 and all(r["mode"] == "bct" for r in ranked)
+    assert {r["arch_key"] for r in ranked}.isdisjoint(r["arch_key"] for r in study_rows)
+    assert all(0.5 * setup.budget <= r["macs"] <= setup.budget for r in ranked), [r["macs"] for r in ranked]
+    sup, het = [r["supernet_het_top1"] for r in ranked], [r["het_top1"] for r in ranked]
+    assert res["ranking"]["n"] == 3
+    assert res["ranking"]["kendall_supernet_vs_standalone_het"] == _or_none(_kendall_tau_b(sup, het))
+    assert res["ranking"]["spearman_supernet_vs_standalone_het"] == _or_none(_spearman_rho(sup, het))
+    assert res["bct"]["n"] == 1  # the study's own statistics do not mix in the ranking set
+    assert sorted(p.name for p in (tmp_path / "study").iterdir() if p.is_dir()) == [
+        "arch000_bct", "rank000_bct", "rank001_bct", "rank002_bct"
+    ]  # fmt: skip
+
+
 def _average_ranks(x: list[float]) -> list[float]:
     """1-based ranks, ties sharing the mean of their positions."""
     order = sorted(range(len(x)), key=lambda i: x[i])

@@ -212,6 +212,22 @@ def test_bf16_path_runs(tmp_path: Path, data) -> None:
     assert not torch.equal(task.model.head[0].weight, before)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(
+    tmp_path: Path, data, monkeypatch, native: bool
+) -> None:
+    """``auto`` follows the hardware (emulated bf16 trains ~10x slower than fp32 on an AVX2 CPU); explicit
+    settings are never overridden, and the result says what ran."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert loop_module.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert loop_module.resolve_precision("fp32", cpu) == "fp32"
+    assert loop_module.resolve_precision("bf16", cpu) == "bf16"
+    result = run(make_task(), data, tcfg(epochs=0.25, precision="auto"), tmp_path)
+    assert result.precision == ("bf16" if native else "fp32")
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 def test_crash_leaves_the_previous_checkpoint_loadable(tmp_path: Path, data) -> None:
     task = ExplodeAt(make_task(), at=STEPS_PER_EPOCH + 2)  # crash two steps into epoch 2

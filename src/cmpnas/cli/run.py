@@ -19,7 +19,7 @@ def run_cmd(
     config: ConfigOpt = None,
     profile: Annotated[
         str | None,
-        typer.Option("--profile", "-p", help="Packaged profile: smoke, default, paper-deepfashion2, paper-ijbc."),
+        typer.Option("--profile", "-p", help="Packaged profile: smoke, default, full, paper-deepfashion2, paper-ijbc."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (a stage per subfolder).")] = Path(
         "runs/default"

@@ -73,6 +73,7 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
         "final_loss": result.final_loss,
         "resumed_from_step": result.resumed_from_step,
         "gflops_per_second": None if result.gflops_per_second is None else round(result.gflops_per_second, 2),
+        "precision": result.precision,
     }
 
 

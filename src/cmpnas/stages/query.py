@@ -100,7 +100,7 @@ def retrain(
         resume=resume,
         data=data,
         model_cfg=mcfg,
-        train_cfg=train_cfg or cfg.nas.retrain,
+        train_cfg=train_cfg or cfg.nas.retrain or cfg.query_train,
         name=name,
         stage="retrain",
     )

@@ -1,4 +1,5 @@
-"""Stage ``study``: the paper's Q1/Q2, random architectures at equal cost trained with and without BCT.
+"""Stage ``study``: the paper's Q1/Q2, random architectures at equal cost trained with and without BCT,
+and a ranking set spread over the search band that measures how well the supernet ranks architectures.
 
 Everything here is measured on the validation split. Rank agreement (Kendall τ and Spearman ρ) is
 reported between homogeneous and heterogeneous top-1, and between the supernet's estimates and the
@@ -36,26 +37,46 @@ from cmpnas.stages.common import (
 from cmpnas.stages.query import train_query
 
 
-def sample_study_archs(
-    space: Any, budget: float, band: float, n: int, seed: int, embed_dim: int
+def sample_archs(
+    space: Any,
+    lo_macs: float,
+    hi_macs: float,
+    n: int,
+    seed: int,
+    embed_dim: int,
+    exclude: set[str] = frozenset(),
 ) -> list[dict]:
-    """N distinct archs with query MACs within budget*(1 +- band) (bounded rejection sampling)."""
+    """Up to N distinct archs with query MACs in [lo_macs, hi_macs] (bounded rejection sampling)."""
     rng = random.Random(seed)
     hm = space.head_macs(embed_dim)
-    lo, hi = budget * (1 - band) - hm, budget * (1 + band) - hm
     archs: dict[str, dict] = {}
     for _ in range(n * 50):
         if len(archs) >= n:
             break
-        a = space.sample_in_band(rng, lo, hi, max_tries=200)
-        if a is not None:
+        a = space.sample_in_band(rng, lo_macs - hm, hi_macs - hm, max_tries=200)
+        if a is not None and space.arch_key(a) not in exclude:
             archs.setdefault(space.arch_key(a), a)
+    return list(archs.values())
+
+
+def sample_study_archs(
+    space: Any, budget: float, band: float, n: int, seed: int, embed_dim: int
+) -> list[dict]:
+    """N distinct archs with query MACs within budget*(1 +- band)."""
+    archs = sample_archs(space, budget * (1 - band), budget * (1 + band), n, seed, embed_dim)
     if not archs:
         raise CmpnasError(
             f"No architecture of the space lies within {band:.0%} of the budget {budget / 1e6:.2f} MMACs.",
             "widen nas.study_band or change the budget",
         )
-    return list(archs.values())
+    return archs
+
+
+def sample_ranking_archs(
+    space: Any, budget: float, sample_band: float | None, n: int, seed: int, embed_dim: int, exclude: set[str]
+) -> list[dict]:
+    """N distinct archs spread over the band the search samples, [sample_band*budget, budget]."""
+    return sample_archs(space, (sample_band or 0.0) * budget, budget, n, seed, embed_dim, exclude)
 
 
 def supernet_agreement(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -86,9 +107,12 @@ def study(
     setup = nas_setup(cfg, gallery_path, data)
     data, gallery, space, budget = setup.data, setup.gallery, setup.space, setup.budget
     n = cfg.nas.study_archs if n_archs is None else n_archs
-    archs = sample_study_archs(
-        space, budget, cfg.nas.study_band, n, cfg.nas.search.seed + 17, gallery.spec.embed_dim
+    dim = gallery.spec.embed_dim
+    archs = (
+        sample_study_archs(space, budget, cfg.nas.study_band, n, cfg.nas.search.seed + 17, dim) if n else []
     )
+    # (arch, set, modes, folder prefix): the equal-cost study, then the ranking set over the search band
+    jobs = [(a, "study", cfg.nas.study_modes, f"arch{i:03d}") for i, a in enumerate(archs)]
     estimator = None
     if supernet_path is not None:
         supernet, _ = load_supernet(Path(supernet_path), supernet_identity(cfg, data, gallery))
@@ -96,6 +120,16 @@ def study(
         estimator = build_evaluator(
             supernet, gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
         )
+        ranking = sample_ranking_archs(
+            space,
+            budget,
+            cfg.nas.sample_band,
+            cfg.nas.ranking_archs,
+            cfg.nas.search.seed + 29,
+            dim,
+            exclude={space.arch_key(a) for a in archs},
+        )
+        jobs += [(a, "ranking", ["bct"], f"rank{i:03d}") for i, a in enumerate(ranking)]
     rows: list[dict[str, Any]] = []
     rows_path = out / "study_rows.json"
     if rows_path.exists():
@@ -105,13 +139,15 @@ def study(
     done = {(r["arch_key"], r["mode"]) for r in rows}
     cache: dict = {}
     protocol = LeaveOneOut(data.val)
-    for i, arch in enumerate(archs):
+    for i, (arch, arch_set, modes, prefix) in enumerate(jobs):
         key = space.arch_key(arch)
+        if all((key, mode) in done for mode in modes):
+            continue
         est = estimator(arch) if estimator is not None else None
-        for mode in ("bct", "independent"):
+        for mode in modes:
             if (key, mode) in done:
                 continue
-            sub = out / f"arch{i:03d}_{mode}"
+            sub = out / f"{prefix}_{mode}"
             compat = CompatConfig(**{**cfg.compat.model_dump(), "mode": mode})
             train_query(
                 cfg,
@@ -122,7 +158,7 @@ def study(
                 model_cfg=query_config_for_arch(cfg, arch),
                 compat=compat,
                 train_cfg=cfg.nas.study_train,
-                name=f"study{i:03d}-{mode}",
+                name=f"{arch_set}-{prefix}-{mode}",
                 stage="study",
             )
             res = compare(gallery, load_model(sub / "model.safetensors"), protocol, gallery_cache=cache)
@@ -130,6 +166,7 @@ def study(
                 {
                     "arch_key": key,
                     "arch": arch,
+                    "set": arch_set,
                     "mode": mode,
                     "macs": res["query"]["macs"],
                     "hom_top1": res["homogeneous"]["top1"],
@@ -141,11 +178,12 @@ def study(
             )
             write_json_atomic(rows_path, rows)
             progress.event(
-                "study", message=f"study: arch {i + 1}/{len(archs)} {mode} het {rows[-1]['het_top1']:.2f}"
+                "study",
+                message=f"study: {arch_set} arch {i + 1}/{len(jobs)} {mode} het {rows[-1]['het_top1']:.2f}",
             )
 
     def corr(mode: str) -> dict[str, Any]:
-        rs = [r for r in rows if r["mode"] == mode]
+        rs = [r for r in rows if r["mode"] == mode and r.get("set", "study") == "study"]
         hom = [r["hom_top1"] for r in rs]
         het = [r["het_top1"] for r in rs]
         out_: dict[str, Any] = {
@@ -162,12 +200,20 @@ def study(
                 out_.update(supernet_agreement(rs))
         return out_
 
+    ranked = [r for r in rows if r.get("set") == "ranking"]
     summary = {
         "budget_macs": budget,
         "band": cfg.nas.study_band,
         "n_archs": len(archs),
         "bct": corr("bct"),
         "independent": corr("independent"),
+        "ranking": {
+            "n": len(ranked),
+            "macs_range": [min(r["macs"] for r in ranked), max(r["macs"] for r in ranked)]
+            if ranked
+            else None,
+            **(supernet_agreement(ranked) if len(ranked) >= 3 else {}),
+        },
         "rows": rows,
     }
     write_json_atomic(out / "study.json", summary)

@@ -49,6 +49,7 @@ class TrainResult:
     resumed_from_step: int = 0
     gflops_per_second: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    precision: str = "fp32"  # what ran (``auto`` resolved)
 
 
 def epoch_order(n: int, epoch: int, seed: int, info: DistInfo) -> np.ndarray:
@@ -132,6 +133,22 @@ def training_device(info: DistInfo) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (else autocast emulates it, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on hardware with native bf16, else ``fp32``; explicit settings stay as they are."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def train(
@@ -222,7 +239,8 @@ def train(
                 },
             )
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    precision = resolve_precision(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     task.train()
     bar = progress.Bar(total_steps - step, f"{stage}")
     t0 = time.perf_counter()
@@ -311,4 +329,6 @@ def train(
     seconds = time.perf_counter() - t0
     ips = seen / seconds if seconds > 0 else 0.0
     gflops = 3 * 2 * macs_per_image * ips / 1e9 if macs_per_image else None
-    return TrainResult(step, step / steps_per_epoch, seconds, ips, loss_value, resumed_from, gflops, history)
+    return TrainResult(
+        step, step / steps_per_epoch, seconds, ips, loss_value, resumed_from, gflops, history, precision
+    )
