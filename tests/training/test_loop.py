@@ -14,6 +14,7 @@ from torch import nn
 
 from cmpnas.config import TrainConfig
 from cmpnas.data.synthetic import make_synthetic_bundle
+from cmpnas.devices import resolve_precision
 from cmpnas.distributed import DistInfo
 from cmpnas.errors import CmpnasError
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec
@@ -221,9 +222,9 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
-    assert loop_module.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-    assert loop_module.resolve_precision("fp32", cpu) == "fp32"
-    assert loop_module.resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
     result = run(make_task(), data, tcfg(epochs=0.25, precision="auto"), tmp_path)
     assert result.precision == ("bf16" if native else "fp32")
 

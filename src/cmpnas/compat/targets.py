@@ -16,6 +16,7 @@ from cmpnas.compat.losses import CompatLosses, build_compat_losses, needs_of
 from cmpnas.compat.synthesize import extend_classifier, synthesize_classifier
 from cmpnas.config import CompatConfig, Config
 from cmpnas.data.base import DataBundle
+from cmpnas.devices import resolve_precision
 from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_path
@@ -36,6 +37,7 @@ def gallery_train_embeddings(
     not reuse the embeddings of other images.
     """
     fp = fingerprint(gallery)
+    precision = resolve_precision(precision, next(gallery.parameters()).device)
     key = f"{fp}_{data.train_fingerprint()}_{precision}"
     path = cache_dir / f"train_embeddings_{key}.pt" if cache_dir else None
     cached = _read_cache(path) if path is not None and path.exists() else None

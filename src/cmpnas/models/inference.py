@@ -10,6 +10,7 @@ from torch import nn
 
 from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import normalize_batch
+from cmpnas.devices import resolve_precision
 
 
 @torch.inference_mode()
@@ -24,14 +25,15 @@ def embed(
 ) -> torch.Tensor:
     """Embeddings [N, D] (float32, un-normalised) of a whole dataset, in order.
 
-    ``precision="bf16"`` runs the forward under bf16 autocast (about 2x faster on CPUs with bf16
-    support); used for cached training targets, not for reported metrics.
+    ``precision="bf16"`` runs the forward under bf16 autocast (about 2x faster on CPUs with native bf16,
+    ``"auto"`` uses it only there); used for cached training targets, not for reported metrics.
     """
     spec = getattr(model, "spec", None)
     mean = mean if mean is not None else spec.mean
     std = std if std is not None else spec.std
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     out = []

@@ -26,6 +26,7 @@ from cmpnas import progress
 from cmpnas.config import TrainConfig
 from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import augment_batch, normalize_batch
+from cmpnas.devices import resolve_precision
 from cmpnas.distributed import DistInfo, init_distributed
 from cmpnas.errors import CmpnasError, Terminated
 from cmpnas.io import append_jsonl, read_jsonl, write_text_atomic
@@ -133,22 +134,6 @@ def training_device(info: DistInfo) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 in hardware (else autocast emulates it, slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on hardware with native bf16, else ``fp32``; explicit settings stay as they are."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
 
 
 def train(
