@@ -26,6 +26,11 @@ class IndexKind(str, Enum):
     ivfpq = "ivfpq"
 
 
+class BackendKind(str, Enum):
+    faiss = "faiss"
+    milvus = "milvus"
+
+
 class ExporterKind(str, Enum):
     auto = "auto"
     dynamo = "dynamo"
@@ -70,11 +75,14 @@ def index_cmd(
     gallery_model: Annotated[
         Path, typer.Option("--gallery-model", help="gallery model .safetensors that embeds the gallery")
     ],
-    out: Annotated[Path, typer.Option("--out", help="index folder to create (an existing index there is rebuilt)")],
+    out: Annotated[
+        Path, typer.Option("--out", help="index folder to create (an existing index there is rebuilt)")
+    ],
     images: Annotated[
         Path | None,
         typer.Option(
-            "--images", help="folder of gallery images (walked recursively; a sub-folder name becomes the label)"
+            "--images",
+            help="folder of gallery images (walked recursively; a sub-folder name becomes the label)",
         ),
     ] = None,
     csv_file: Annotated[
@@ -95,19 +103,25 @@ def index_cmd(
     kind: Annotated[
         IndexKind | None,
         typer.Option(
-            "--index", help="flat = exact inner product (default); ivf, hnsw, ivfpq = approximate, for large galleries"
+            "--index",
+            help="flat = exact inner product (default); ivf, hnsw, ivfpq = approximate, for large galleries",
         ),
     ] = None,
     nlist: Annotated[
         int | None,
-        typer.Option("--nlist", min=1, help="ivf/ivfpq: number of k-means cells (default ~4*sqrt(N), clamped to N/39)"),
+        typer.Option(
+            "--nlist", min=1, help="ivf/ivfpq: number of k-means cells (default ~4*sqrt(N), clamped to N/39)"
+        ),
     ] = None,
     nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="ivf/ivfpq: cells visited per query")] = 8,
     hnsw_m: Annotated[int, typer.Option("--hnsw-m", min=2, help="hnsw: links per node")] = 32,
-    ef_construction: Annotated[int, typer.Option("--ef-construction", min=1, help="hnsw: build beam width")] = 40,
+    ef_construction: Annotated[
+        int, typer.Option("--ef-construction", min=1, help="hnsw: build beam width")
+    ] = 40,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="hnsw: search beam width")] = 64,
     pq_m: Annotated[
-        int | None, typer.Option("--pq-m", min=1, help="ivfpq: sub-quantisers (must divide dim; default dim/4)")
+        int | None,
+        typer.Option("--pq-m", min=1, help="ivfpq: sub-quantisers (must divide dim; default dim/4)"),
     ] = None,
     pq_bits: Annotated[int, typer.Option("--pq-bits", min=1, max=16, help="ivfpq: bits per sub-code")] = 8,
     append: Annotated[
@@ -117,9 +131,31 @@ def index_cmd(
             help="add the images to an existing index (same gallery model; ids already present are skipped)",
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images embedded per forward pass")] = 256,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="images embedded per forward pass")
+    ] = 256,
+    backend: Annotated[
+        BackendKind | None,
+        typer.Option(
+            "--backend",
+            help="faiss = an index file in the folder (default); milvus = a Milvus collection (Milvus Lite file "
+            "or cluster, see --uri)",
+        ),
+    ] = None,
+    uri: Annotated[
+        str | None,
+        typer.Option(
+            "--uri",
+            help="milvus: a Milvus Lite *.db file (default OUT/milvus.db, embedded) or http://HOST:19530 (a cluster)",
+        ),
+    ] = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", help="milvus: collection name (default 'gallery')")
+    ] = None,
 ) -> None:
-    """Embed gallery images with the gallery model into a FAISS index folder (atomic)."""
+    """Embed gallery images with the gallery model into an index folder: FAISS (atomic) or Milvus (resumable).
+
+    Under ``torchrun --nproc_per_node=N`` every rank embeds its own slice of the images."""
     chosen = [x is not None for x in (images, csv_file, dataset)]
     if sum(chosen) != 1:
         raise CmpnasError(
@@ -146,14 +182,27 @@ def index_cmd(
         pq_m=pq_m,
         pq_bits=pq_bits,
     )
+    if backend is not BackendKind.milvus and (uri is not None or collection is not None):
+        raise CmpnasError("--uri and --collection are Milvus settings.", "add --backend milvus, or drop them")
     bar, update = _progress_bar("embedding gallery", progress.human())
     with bar:
         manifest = index_gallery(
-            gallery_model, source, out, params, append=append, batch_size=batch_size, progress=update
+            gallery_model,
+            source,
+            out,
+            params,
+            append=append,
+            batch_size=batch_size,
+            progress=update,
+            backend=backend.value if backend else None,
+            uri=uri,
+            collection=collection,
         )
     last = manifest["sources"][-1]
+    milvus = manifest.get("milvus")
+    where = f" in Milvus collection '{milvus['collection']}' at {milvus['uri']}" if milvus else ""
     message = (
-        f"index {out}: {manifest['count']} items ({manifest['index']['type']}, dim {manifest['dim']}, "
+        f"index {out}: {manifest['count']} items ({manifest['index']['type']}{where}, dim {manifest['dim']}, "
         f"gallery {manifest['gallery_fingerprint']}); added {last['added']}, skipped "
         f"{last['skipped_unreadable']} unreadable and {last['skipped_duplicate_ids']} duplicate ids"
     )
@@ -237,7 +286,9 @@ def export_cmd(
     lat = report["latency_ms"] or {}
     for batch in ("batch_1", "batch_32"):
         if batch in lat:
-            cells = ", ".join(f"{name} p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for name, v in lat[batch].items())
+            cells = ", ".join(
+                f"{name} p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for name, v in lat[batch].items()
+            )
             lines.append(f"  {batch} (ms): {cells}")
     if progress.human():
         typer.echo("\n".join(lines))
@@ -273,7 +324,9 @@ def serve_cmd(
     workers: Annotated[
         int,
         typer.Option(
-            "--workers", min=1, help="server processes on the port (each loads the model and index); about one core each"
+            "--workers",
+            min=1,
+            help="server processes on the port (each loads the model and index); about one core each",
         ),
     ] = 1,
 ) -> None:

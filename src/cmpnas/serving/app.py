@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from cmpnas import __version__
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.export import load_encoder
-from cmpnas.serving.index import GalleryIndex, apply_search_params, check_compatible
+from cmpnas.serving.index import GalleryIndex, check_compatible
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # ~6300x6300; well below PIL's own bomb threshold (89M warns, 179M fails)
@@ -327,6 +327,7 @@ class SearchService:
             "index": {
                 "path": str(self.index.path),
                 "count": len(self.index),
+                "backend": self.index.backend,
                 "dim": self.index.dim,
                 "type": manifest["index"]["type"],
                 "params": manifest["index"]["params"],
@@ -362,18 +363,19 @@ def create_app(
     ef_search: int | None = None,
     threads: int | None = None,
     stats_dir: str | None = None,
+    milvus_uri: str | None = None,
 ) -> FastAPI:
     """Load index + query model once (refusing incompatible pairs) and return the FastAPI app.
 
     ``threads`` sets the intra-op threads of torch, ONNX Runtime and FAISS (None = their defaults). One
     query is embedded and searched at a time, so 1 thread loses little, and it avoids OpenMP barrier stalls
     when the machine is busy (measured here under load: FAISS flat 10k single query 20-30 ms with 2 threads,
-    1 ms with 1).
+    1 ms with 1). ``milvus_uri`` overrides where a Milvus index's collection is served from.
     """
     if max_k < 1 or max_upload_bytes < 1 or max_pixels < 1:
         raise CmpnasError("max_k, max_upload_bytes and max_pixels must be positive.", "pass positive limits")
-    index = GalleryIndex.load(index_dir)
-    apply_search_params(index.index, nprobe, ef_search)
+    index = GalleryIndex.load(index_dir, milvus_uri=milvus_uri)
+    index.set_search_params(nprobe, ef_search)
     if threads is not None:  # process-wide (torch, faiss OpenMP): the server owns its process
         import faiss
         import torch
@@ -432,7 +434,7 @@ def create_app(
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or unreadable item"}},
     )
     def thumb(item_id: str) -> Response:
-        png = service.thumbnail(item_id) if item_id in index.row_of else None
+        png = service.thumbnail(item_id) if index.has(item_id) else None
         if png is None:
             raise HTTPException(404, f"No readable gallery item with id '{item_id}'.")
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
@@ -445,7 +447,9 @@ def create_app(
         openapi_extra={
             "requestBody": {
                 "content": {
-                    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/Body_search_search_post"}},
+                    "multipart/form-data": {
+                        "schema": {"$ref": "#/components/schemas/Body_search_search_post"}
+                    },
                     "image/*": {"schema": {"type": "string", "format": "binary"}},
                 }
             }
@@ -521,6 +525,20 @@ def app_from_env() -> FastAPI:
     return create_app(kwargs.pop("index_dir"), kwargs.pop("query_model_path"), **kwargs)
 
 
+def _shared_milvus_uri(index: GalleryIndex) -> str | None:
+    """A Milvus Lite file opens in one process only: the parent (which opened it to check the index) serves
+    it over gRPC and the worker processes connect to that address. None for FAISS and Milvus clusters."""
+    if index.backend != "milvus":
+        return None
+    from cmpnas.serving.milvus_store import is_lite
+
+    if not is_lite(index.store.uri):
+        return None
+    from milvus_lite.server_manager import server_manager_instance
+
+    return server_manager_instance.start_and_get_uri(index.store.uri)
+
+
 def run_server(
     index_dir: str | Path,
     query_model_path: str | Path,
@@ -545,11 +563,14 @@ def run_server(
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
+    shared_uri = _shared_milvus_uri(app.state.service.index)
     del app  # checked; each worker loads its own copy
     from cmpnas.serving.balancer import serve_balanced
 
     stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
     config = {"index_dir": str(index_dir), "query_model_path": str(query_model_path), "stats_dir": stats_dir}
+    if shared_uri is not None:
+        config["milvus_uri"] = shared_uri
     serve_balanced(
         "cmpnas.serving.app:app_from_env",
         {SERVE_CONFIG_ENV: json.dumps({**config, **limits})},
