@@ -16,7 +16,7 @@ from cmpnas.data.sources import csv_source, dataset_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
 from cmpnas.serving.index import IndexParams, query_images
-from cmpnas.stages import export_model, index_gallery
+from cmpnas.stages import evaluate_index, export_model, index_gallery
 
 
 class IndexKind(str, Enum):
@@ -68,6 +68,27 @@ def _progress_bar(label: str, show: bool) -> tuple[Any, Any]:
         bar.update(task, completed=done, total=total)
 
     return bar, update
+
+
+def _source(
+    images: Path | None,
+    csv_file: Path | None,
+    dataset: str | None,
+    split: str,
+    dataset_root: str | None,
+    limit: int | None,
+    what: str = "gallery",
+) -> Any:
+    """The one image source of a command: a folder, a CSV or a built-in dataset split."""
+    if sum(x is not None for x in (images, csv_file, dataset)) != 1:
+        raise CmpnasError(
+            f"Give exactly one {what} source.", "pass one of --images DIR, --csv FILE, --dataset NAME"
+        )
+    if images is not None:
+        return folder_source(images)
+    if csv_file is not None:
+        return csv_source(csv_file)
+    return dataset_source(str(dataset), split, dataset_root, limit)
 
 
 @logged
@@ -156,17 +177,7 @@ def index_cmd(
     """Embed gallery images with the gallery model into an index folder: FAISS (atomic) or Milvus (resumable).
 
     Under ``torchrun --nproc_per_node=N`` every rank embeds its own slice of the images."""
-    chosen = [x is not None for x in (images, csv_file, dataset)]
-    if sum(chosen) != 1:
-        raise CmpnasError(
-            "Give exactly one gallery source.", "pass one of --images DIR, --csv FILE, --dataset NAME"
-        )
-    if images is not None:
-        source = folder_source(images)
-    elif csv_file is not None:
-        source = csv_source(csv_file)
-    else:
-        source = dataset_source(str(dataset), split, dataset_root, limit)
+    source = _source(images, csv_file, dataset, split, dataset_root, limit)
     if append and kind is not None:
         raise CmpnasError(
             "--index cannot be combined with --append (the existing index keeps its type).",
@@ -352,8 +363,42 @@ def serve_cmd(
     )
 
 
+@logged
+def evaluate_index_cmd(
+    index_dir: IndexDirOpt,
+    query_model: QueryModelOpt,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="folder of labelled query images (sub-folder = label)")
+    ] = None,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="CSV with path,label rows")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="built-in dataset: fashion_mnist")] = None,
+    split: Annotated[str, typer.Option("--split", help="dataset split of the queries")] = "test",
+    dataset_root: Annotated[
+        str | None, typer.Option("--dataset-root", help="folder with the dataset files")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="only the first N dataset images")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="results per query")] = 10,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for index_results.json")] = None,
+    allow_incompatible: AllowIncompatibleOpt = False,
+) -> None:
+    """Top-1 / Recall@k / precision@k of a query model against a built index (FAISS or Milvus); a query that
+    is itself in the index does not count its own hit."""
+    source = _source(images, csv_file, dataset, split, dataset_root, limit, what="query")
+    res = evaluate_index(index_dir, query_model, source, out, k=k, allow_incompatible=allow_incompatible)
+    if progress.human():
+        metrics = ", ".join(f"{name} {value:.2f}" for name, value in res["metrics"].items())
+        typer.echo(
+            f"{res['queries']} queries against {res['backend']} index {index_dir} ({res['mode']}): {metrics}"
+        )
+    else:
+        progress.event("done", **res)
+
+
 def register(app: typer.Typer) -> None:
     app.command("index")(index_cmd)
     app.command("query")(query_cmd)
+    app.command("evaluate-index")(evaluate_index_cmd)
     app.command("export")(export_cmd)
     app.command("serve")(serve_cmd)
