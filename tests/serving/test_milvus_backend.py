@@ -237,4 +237,4 @@ def test_evaluate_from_an_index_gives_the_same_numbers_on_both_backends(
     for i, it in enumerate(kept):
         scores[i, ids.index(it.id)] = -np.inf  # leave one out
     top1 = [index.items[j].label for j in scores.argmax(1)]
-    assert a["metrics"]["top1"] == pytest.approx(100 * np.mean([t == it.label for t, it in zip(top1, kept)]))
+    assert a["metrics"]["top1"] == pytest.approx(100 * np.mean([t == it.label for t, it in zip(top1, kept, strict=True)]))
