@@ -2,10 +2,12 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/serving.py [--out benchmarks/results/serving.json]
         [--gallery-model G.safetensors --query-model Q.safetensors] [--requests 2000 --concurrency 8]
+        [--backend faiss|milvus]
 
 Without models it makes small random ones (the numbers measure the machinery, not retrieval quality).
 Steps, all on this machine and bounded in count and time:
-1. index the Fashion-MNIST test set (10k; synthetic images if the data is missing) with the gallery model;
+1. index the Fashion-MNIST test set (10k; synthetic images if the data is missing) with the gallery model,
+   into FAISS or (``--backend milvus``) a Milvus Lite collection;
 2. export the query model to ONNX and check that ONNX and torch give the same top-10 for held-out queries;
 3. start ``cmpnas serve --workers W`` on 127.0.0.1 (a subprocess) and send N requests at concurrency C
    (stop after N requests or the time cap): throughput, client-side p50/p99, error count, the answering
@@ -102,6 +104,8 @@ def top10_agreement(
     pil = [Image.fromarray(q, mode="L") for q in queries]
     a = index.search(load_encoder(query_model).embed_images(pil), 10)
     b = index.search(load_encoder(onnx_path).embed_images(pil), 10)
+    if hasattr(index.store, "close"):  # a Milvus Lite file: let the server process open it
+        index.store.close()
     same = sum([h["id"] for h in x] == [h["id"] for h in y] for x, y in zip(a, b, strict=True))
     diff = max(
         abs(h["score"] - g["score"]) for x, y in zip(a, b, strict=True) for h, g in zip(x, y, strict=True)
@@ -380,10 +384,22 @@ def main() -> None:
         "--search-sizes", type=int, nargs="+", default=[10_000, 100_000], help="search-only sizes"
     )
     ap.add_argument("--body", choices=["raw", "multipart"], default="raw", help="request body format")
+    ap.add_argument(
+        "--backend",
+        choices=["faiss", "milvus"],
+        default="faiss",
+        help="index backend (milvus: Milvus Lite file)",
+    )
     ap.add_argument("--runs", type=int, default=3, help="repeat the main load test (targets: every run)")
-    ap.add_argument("--p99-target-ms", type=float, default=30.0, help="p99 target each run is checked against")
-    ap.add_argument("--rps-target", type=float, default=600.0, help="throughput target each run is checked against")
-    ap.add_argument("--soak-s", type=float, default=0.0, help="then a soak of this many seconds, RSS at start/end")
+    ap.add_argument(
+        "--p99-target-ms", type=float, default=30.0, help="p99 target each run is checked against"
+    )
+    ap.add_argument(
+        "--rps-target", type=float, default=600.0, help="throughput target each run is checked against"
+    )
+    ap.add_argument(
+        "--soak-s", type=float, default=0.0, help="then a soak of this many seconds, RSS at start/end"
+    )
     args = ap.parse_args()
     if (args.gallery_model is None) != (args.query_model is None):
         ap.error("pass both --gallery-model and --query-model, or neither")
@@ -419,8 +435,9 @@ def main() -> None:
         source, held_out, name = gallery_source(args.gallery_size)
         log(f"indexing {len(source.items)} {name} images with the gallery model")
         t0 = time.perf_counter()
-        manifest = build_index(gallery_model, source, work / "index")
+        manifest = build_index(gallery_model, source, work / "index", backend=args.backend)
         result["index"] = {
+            "backend": args.backend,
             "dataset": name,
             "count": manifest["count"],
             "dim": manifest["dim"],
@@ -447,14 +464,18 @@ def main() -> None:
             load_test(url, png_payloads(held_out[:20]), 40, 2, 30)  # warm-up, not reported
             runs = []
             for run in range(args.runs):
-                log(f"load test {run + 1}/{args.runs}: {args.requests} requests at concurrency {args.concurrency}")
+                log(
+                    f"load test {run + 1}/{args.runs}: {args.requests} requests at concurrency {args.concurrency}"
+                )
                 runs.append(
                     load_test(
                         url, png_payloads(held_out), args.requests, args.concurrency, args.time_cap, args.body
                     )
                 )
-                log(f"  {runs[-1]['throughput_rps']} req/s, p99 {runs[-1]['latency_ms']['p99']:.1f} ms, "
-                    f"{runs[-1]['errors']} errors")
+                log(
+                    f"  {runs[-1]['throughput_rps']} req/s, p99 {runs[-1]['latency_ms']['p99']:.1f} ms, "
+                    f"{runs[-1]['errors']} errors"
+                )
             result["load_test"] = dict(runs[0])
             result["load_test_runs"] = runs
             result["targets"] = {

@@ -97,3 +97,14 @@ def onnx_query(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("onnx") / "query.onnx"
     export_onnx(models.query, out, exporter="legacy", measure=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def milvus_index(models: Models, gallery_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same gallery as ``flat_index`` in a Milvus Lite collection (the file inside the index folder)."""
+    from cmpnas.data.sources import folder_source
+    from cmpnas.serving.index import build_index
+
+    out = tmp_path_factory.mktemp("indexes") / "milvus"
+    build_index(models.gallery, folder_source(gallery_dir), out, backend="milvus")
+    return out

@@ -381,7 +381,7 @@ def indexed_like_their_8bit_twins(ctx: Ctx, outcome: Outcome) -> None:
     index = GalleryIndex.load(ctx.work.parent / "idx")
     assert outcome.code == 0 and len(index) == 4
     assert index.manifest["sources"][-1]["skipped_unreadable"] == 0
-    vector = {it.id: index.index.reconstruct(i) for i, it in enumerate(index.items)}
+    vector = {it.id: index.store.index.reconstruct(i) for i, it in enumerate(index.items)}
     np.testing.assert_allclose(vector["grey16.png"], vector["grey8.png"], atol=1e-5)
     assert float(vector["cmyk.jpg"] @ vector["rgb.png"]) > 0.99  # JPEG is lossy: nearly, not exactly
 

@@ -239,6 +239,17 @@ class RunConfig(_Strict):
         return v
 
 
+class IndexConfig(_Strict):
+    """Where the pipeline's ``index`` stage puts the gallery: one setting moves it to a Milvus cluster."""
+
+    backend: Literal["faiss", "milvus"] = "faiss"
+    uri: str | None = Field(
+        None,
+        description="milvus: a Milvus Lite *.db file (default: inside the index folder) or http://HOST:19530",
+    )
+    collection: str | None = Field(None, description="milvus: collection name (default 'gallery')")
+
+
 class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     gallery: ModelConfig = Field(default_factory=ModelConfig)
@@ -250,6 +261,7 @@ class Config(_Strict):
     compat: CompatConfig = Field(default_factory=CompatConfig)
     nas: NasConfig = Field(default_factory=NasConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     eval_batch_size: int = Field(512, ge=1)
 
 

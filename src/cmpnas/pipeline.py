@@ -243,7 +243,7 @@ def _export(ctx: RunContext) -> dict[str, Any]:
 
 
 def _index(ctx: RunContext) -> dict[str, Any]:
-    res = index_dataset(ctx.gallery_path, ctx.cfg.data, "test", ctx.path("index"))
+    res = index_dataset(ctx.gallery_path, ctx.cfg.data, "test", ctx.path("index"), store=ctx.cfg.index)
     return {"index": "index", **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
 
 
@@ -344,7 +344,7 @@ def build_stages(cfg: Config) -> list[StageDef]:
             )
         )
     if cfg.run.build_index:
-        stages.append(StageDef("index", ["gallery"], lambda c: [], _index))
+        stages.append(StageDef("index", ["gallery"], lambda c: [_dump(c.index)], _index))
     stages.append(StageDef("report", [s.name for s in stages], lambda c: [], _report))
     return stages
 

@@ -32,12 +32,24 @@ def run(cli: typer.Typer, *args: Any) -> Any:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def test_registers_four_commands_with_help(cli: typer.Typer) -> None:
-    for name in ("index", "query", "export", "serve"):
+def test_registers_five_commands_with_help(cli: typer.Typer) -> None:
+    for name in ("index", "query", "evaluate-index", "export", "serve"):
         r = run(cli, name, "--help")
         assert r.exit_code == 0, r.output
     assert "--allow-incompatible" in run(cli, "query", "--help").output
     assert "--ef-search" in run(cli, "index", "--help").output
+    assert "--backend" in run(cli, "index", "--help").output
+
+
+def test_evaluate_index_command(cli: typer.Typer, flat_index: Path, gallery_dir: Path, models: Any) -> None:
+    r = run(cli, "evaluate-index", "--index", flat_index, "--query-model", models.query, "--images", gallery_dir,
+            "-k", 5)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "36 queries against faiss index" in r.output and "(heterogeneous)" in r.output and "top5" in r.output
+    r = run(cli, "evaluate-index", "--index", flat_index, "--query-model", models.query)
+    assert isinstance(r.exception, CmpnasError) and "exactly one query source" in str(r.exception)
+    r = run(cli, "index", "--gallery-model", models.gallery, "--images", gallery_dir, "--out", "x", "--uri", "a.db")
+    assert isinstance(r.exception, CmpnasError) and "--uri and --collection are Milvus" in str(r.exception)
 
 
 def test_index_then_query_json_and_table(

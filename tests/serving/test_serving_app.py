@@ -254,3 +254,28 @@ def test_raw_image_body_gives_the_same_answer_as_multipart(client: TestClient, p
     assert not_image.status_code == 400 and "could not be read" in not_image.json()["detail"]
     wrong_type = client.post("/search", content=data, headers={"Content-Type": "text/plain"})
     assert wrong_type.status_code == 422 and "Content-Type: image/png" in wrong_type.json()["detail"]
+
+
+def test_the_raw_fast_path_and_the_endpoint_give_the_same_answers(client: TestClient, pattern: Any) -> None:
+    """``RawSearch`` answers plain raw uploads itself; any other query string goes through FastAPI's route
+    (an unknown parameter is ignored there): same JSON apart from the latency, same counters, same errors."""
+    data, png = encode(pattern("stripes", 3)), {"Content-Type": "image/png"}
+    before = client.get("/stats").json()["queries"]
+    fast = client.post("/search?k=4", content=data, headers=png)
+    routed = client.post("/search?k=4&via=route", content=data, headers=png)
+    assert fast.status_code == routed.status_code == 200
+    strip = lambda r: {k: v for k, v in r.json().items() if k != "latency_ms"}  # noqa: E731
+    assert strip(fast) == strip(routed) and len(fast.json()["results"]) == 4
+    assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    assert client.get("/stats").json()["queries"] == before + 2
+    for query in ("k=0", "k=abc"):  # not plainly valid: the route's canonical 422
+        r = client.post(f"/search?{query}", content=data, headers=png)
+        assert r.status_code == 422, (query, r.text)
+    repeated = client.post("/search?k=5&k=6", content=data, headers=png)  # the route's rule: the last wins
+    assert repeated.status_code == 200 and len(repeated.json()["results"]) == 6
+    bad = client.post("/search", content=b"not an image", headers=png)  # taken, rejected by the service
+    assert bad.status_code == 400 and bad.json()["detail"] == routed_detail(client, b"not an image")
+
+
+def routed_detail(client: TestClient, body: bytes) -> str:
+    return client.post("/search?via=route", content=body, headers={"Content-Type": "image/png"}).json()["detail"]

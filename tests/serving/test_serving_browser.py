@@ -31,16 +31,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server_url(flat_index: Path, onnx_query: Path) -> Iterator[str]:
-    """uvicorn in a thread on 127.0.0.1 (ONNX query model, as on a device), stopped after the test."""
+@pytest.fixture(params=["flat_index", "milvus_index"])
+def server_url(request: pytest.FixtureRequest, onnx_query: Path) -> Iterator[str]:
+    """uvicorn in a thread on 127.0.0.1 (ONNX query model, as on a device), stopped after the test; the
+    gallery index on FAISS and on Milvus Lite (the same page, the same answers)."""
     import uvicorn
 
     from cmpnas.serving.app import create_app
 
+    index = request.getfixturevalue(request.param)
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(flat_index, onnx_query), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(index, onnx_query), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -41,9 +41,9 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 def test_folder_index_has_items_labels_and_manifest(flat_index: Path, models: Any) -> None:
     index = GalleryIndex.load(flat_index)
     assert len(index) == len(CLASSES) * PER_CLASS  # the corrupt file is skipped, not indexed
-    assert index.index.ntotal == len(index)
+    assert index.store.index.ntotal == len(index)
     assert {it.label for it in index.items} == set(CLASSES)
-    assert "stripes/000.png" in index.row_of
+    assert "stripes/000.png" in index.store.row_of
     manifest = json.loads((flat_index / "manifest.json").read_text())
     assert manifest["gallery_fingerprint"] == models.gallery_fp
     assert manifest["dim"] == 16 and manifest["normalisation"] == "l2" and manifest["count"] == 36

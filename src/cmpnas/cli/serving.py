@@ -16,7 +16,7 @@ from cmpnas.data.sources import csv_source, dataset_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
 from cmpnas.serving.index import IndexParams, query_images
-from cmpnas.stages import export_model, index_gallery
+from cmpnas.stages import evaluate_index, export_model, index_gallery
 
 
 class IndexKind(str, Enum):
@@ -24,6 +24,11 @@ class IndexKind(str, Enum):
     ivf = "ivf"
     hnsw = "hnsw"
     ivfpq = "ivfpq"
+
+
+class BackendKind(str, Enum):
+    faiss = "faiss"
+    milvus = "milvus"
 
 
 class ExporterKind(str, Enum):
@@ -65,16 +70,40 @@ def _progress_bar(label: str, show: bool) -> tuple[Any, Any]:
     return bar, update
 
 
+def _source(
+    images: Path | None,
+    csv_file: Path | None,
+    dataset: str | None,
+    split: str,
+    dataset_root: str | None,
+    limit: int | None,
+    what: str = "gallery",
+) -> Any:
+    """The one image source of a command: a folder, a CSV or a built-in dataset split."""
+    if sum(x is not None for x in (images, csv_file, dataset)) != 1:
+        raise CmpnasError(
+            f"Give exactly one {what} source.", "pass one of --images DIR, --csv FILE, --dataset NAME"
+        )
+    if images is not None:
+        return folder_source(images)
+    if csv_file is not None:
+        return csv_source(csv_file)
+    return dataset_source(str(dataset), split, dataset_root, limit)
+
+
 @logged
 def index_cmd(
     gallery_model: Annotated[
         Path, typer.Option("--gallery-model", help="gallery model .safetensors that embeds the gallery")
     ],
-    out: Annotated[Path, typer.Option("--out", help="index folder to create (an existing index there is rebuilt)")],
+    out: Annotated[
+        Path, typer.Option("--out", help="index folder to create (an existing index there is rebuilt)")
+    ],
     images: Annotated[
         Path | None,
         typer.Option(
-            "--images", help="folder of gallery images (walked recursively; a sub-folder name becomes the label)"
+            "--images",
+            help="folder of gallery images (walked recursively; a sub-folder name becomes the label)",
         ),
     ] = None,
     csv_file: Annotated[
@@ -95,19 +124,25 @@ def index_cmd(
     kind: Annotated[
         IndexKind | None,
         typer.Option(
-            "--index", help="flat = exact inner product (default); ivf, hnsw, ivfpq = approximate, for large galleries"
+            "--index",
+            help="flat = exact inner product (default); ivf, hnsw, ivfpq = approximate, for large galleries",
         ),
     ] = None,
     nlist: Annotated[
         int | None,
-        typer.Option("--nlist", min=1, help="ivf/ivfpq: number of k-means cells (default ~4*sqrt(N), clamped to N/39)"),
+        typer.Option(
+            "--nlist", min=1, help="ivf/ivfpq: number of k-means cells (default ~4*sqrt(N), clamped to N/39)"
+        ),
     ] = None,
     nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="ivf/ivfpq: cells visited per query")] = 8,
     hnsw_m: Annotated[int, typer.Option("--hnsw-m", min=2, help="hnsw: links per node")] = 32,
-    ef_construction: Annotated[int, typer.Option("--ef-construction", min=1, help="hnsw: build beam width")] = 40,
+    ef_construction: Annotated[
+        int, typer.Option("--ef-construction", min=1, help="hnsw: build beam width")
+    ] = 40,
     ef_search: Annotated[int, typer.Option("--ef-search", min=1, help="hnsw: search beam width")] = 64,
     pq_m: Annotated[
-        int | None, typer.Option("--pq-m", min=1, help="ivfpq: sub-quantisers (must divide dim; default dim/4)")
+        int | None,
+        typer.Option("--pq-m", min=1, help="ivfpq: sub-quantisers (must divide dim; default dim/4)"),
     ] = None,
     pq_bits: Annotated[int, typer.Option("--pq-bits", min=1, max=16, help="ivfpq: bits per sub-code")] = 8,
     append: Annotated[
@@ -117,20 +152,32 @@ def index_cmd(
             help="add the images to an existing index (same gallery model; ids already present are skipped)",
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images embedded per forward pass")] = 256,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="images embedded per forward pass")
+    ] = 256,
+    backend: Annotated[
+        BackendKind | None,
+        typer.Option(
+            "--backend",
+            help="faiss = an index file in the folder (default); milvus = a Milvus collection (Milvus Lite file "
+            "or cluster, see --uri)",
+        ),
+    ] = None,
+    uri: Annotated[
+        str | None,
+        typer.Option(
+            "--uri",
+            help="milvus: a Milvus Lite *.db file (default OUT/milvus.db, embedded) or http://HOST:19530 (a cluster)",
+        ),
+    ] = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", help="milvus: collection name (default 'gallery')")
+    ] = None,
 ) -> None:
-    """Embed gallery images with the gallery model into a FAISS index folder (atomic)."""
-    chosen = [x is not None for x in (images, csv_file, dataset)]
-    if sum(chosen) != 1:
-        raise CmpnasError(
-            "Give exactly one gallery source.", "pass one of --images DIR, --csv FILE, --dataset NAME"
-        )
-    if images is not None:
-        source = folder_source(images)
-    elif csv_file is not None:
-        source = csv_source(csv_file)
-    else:
-        source = dataset_source(str(dataset), split, dataset_root, limit)
+    """Embed gallery images with the gallery model into an index folder: FAISS (atomic) or Milvus (resumable).
+
+    Under ``torchrun --nproc_per_node=N`` every rank embeds its own slice of the images."""
+    source = _source(images, csv_file, dataset, split, dataset_root, limit)
     if append and kind is not None:
         raise CmpnasError(
             "--index cannot be combined with --append (the existing index keeps its type).",
@@ -146,14 +193,27 @@ def index_cmd(
         pq_m=pq_m,
         pq_bits=pq_bits,
     )
+    if backend is not BackendKind.milvus and (uri is not None or collection is not None):
+        raise CmpnasError("--uri and --collection are Milvus settings.", "add --backend milvus, or drop them")
     bar, update = _progress_bar("embedding gallery", progress.human())
     with bar:
         manifest = index_gallery(
-            gallery_model, source, out, params, append=append, batch_size=batch_size, progress=update
+            gallery_model,
+            source,
+            out,
+            params,
+            append=append,
+            batch_size=batch_size,
+            progress=update,
+            backend=backend.value if backend else None,
+            uri=uri,
+            collection=collection,
         )
     last = manifest["sources"][-1]
+    milvus = manifest.get("milvus")
+    where = f" in Milvus collection '{milvus['collection']}' at {milvus['uri']}" if milvus else ""
     message = (
-        f"index {out}: {manifest['count']} items ({manifest['index']['type']}, dim {manifest['dim']}, "
+        f"index {out}: {manifest['count']} items ({manifest['index']['type']}{where}, dim {manifest['dim']}, "
         f"gallery {manifest['gallery_fingerprint']}); added {last['added']}, skipped "
         f"{last['skipped_unreadable']} unreadable and {last['skipped_duplicate_ids']} duplicate ids"
     )
@@ -237,7 +297,9 @@ def export_cmd(
     lat = report["latency_ms"] or {}
     for batch in ("batch_1", "batch_32"):
         if batch in lat:
-            cells = ", ".join(f"{name} p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for name, v in lat[batch].items())
+            cells = ", ".join(
+                f"{name} p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for name, v in lat[batch].items()
+            )
             lines.append(f"  {batch} (ms): {cells}")
     if progress.human():
         typer.echo("\n".join(lines))
@@ -273,7 +335,9 @@ def serve_cmd(
     workers: Annotated[
         int,
         typer.Option(
-            "--workers", min=1, help="server processes on the port (each loads the model and index); about one core each"
+            "--workers",
+            min=1,
+            help="server processes on the port (each loads the model and index); about one core each",
         ),
     ] = 1,
 ) -> None:
@@ -299,8 +363,42 @@ def serve_cmd(
     )
 
 
+@logged
+def evaluate_index_cmd(
+    index_dir: IndexDirOpt,
+    query_model: QueryModelOpt,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="folder of labelled query images (sub-folder = label)")
+    ] = None,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="CSV with path,label rows")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="built-in dataset: fashion_mnist")] = None,
+    split: Annotated[str, typer.Option("--split", help="dataset split of the queries")] = "test",
+    dataset_root: Annotated[
+        str | None, typer.Option("--dataset-root", help="folder with the dataset files")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="only the first N dataset images")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="results per query")] = 10,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for index_results.json")] = None,
+    allow_incompatible: AllowIncompatibleOpt = False,
+) -> None:
+    """Top-1 / Recall@k / precision@k of a query model against a built index (FAISS or Milvus); a query that
+    is itself in the index does not count its own hit."""
+    source = _source(images, csv_file, dataset, split, dataset_root, limit, what="query")
+    res = evaluate_index(index_dir, query_model, source, out, k=k, allow_incompatible=allow_incompatible)
+    if progress.human():
+        metrics = ", ".join(f"{name} {value:.2f}" for name, value in res["metrics"].items())
+        typer.echo(
+            f"{res['queries']} queries against {res['backend']} index {index_dir} ({res['mode']}): {metrics}"
+        )
+    else:
+        progress.event("done", **res)
+
+
 def register(app: typer.Typer) -> None:
     app.command("index")(index_cmd)
     app.command("query")(query_cmd)
+    app.command("evaluate-index")(evaluate_index_cmd)
     app.command("export")(export_cmd)
     app.command("serve")(serve_cmd)

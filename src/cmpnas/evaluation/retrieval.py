@@ -23,6 +23,7 @@ Memory stays bounded for 70k x 70k: queries are processed in blocks of at most `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -511,3 +512,22 @@ def retrieval_metrics(
         sim_block = query[start:stop] @ gallery.T
         per_query.add_block(start, sim_block, q_labels[start:stop], g_labels, exclude_self)
     return per_query.summarize(ks, lone_queries)
+
+
+def ranked_label_metrics(
+    query_labels: Sequence[str], hit_labels: Sequence[Sequence[str]], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Metrics of ranked result lists (e.g. what an index returned), in percent: ``top{k}`` (Recall@k: a hit
+    of the query's label among the first k) and ``precision@{k}`` (the fraction of the first k with it).
+
+    For rankings that come from a search engine rather than from embeddings (``knn`` ranks embeddings).
+    """
+    if len(query_labels) != len(hit_labels):
+        raise ValueError(f"{len(query_labels)} query labels but {len(hit_labels)} result lists")
+    n = max(1, len(query_labels))
+    out: dict[str, float] = {}
+    for k in ks:
+        hits = [[h == q for h in row[:k]] for q, row in zip(query_labels, hit_labels, strict=True)]
+        out[f"top{k}"] = 100.0 * sum(any(r) for r in hits) / n
+        out[f"precision@{k}"] = 100.0 * sum(sum(r) / k for r in hits) / n
+    return out

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from cmpnas import __version__
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.export import load_encoder
-from cmpnas.serving.index import GalleryIndex, apply_search_params, check_compatible
+from cmpnas.serving.index import GalleryIndex, check_compatible
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # ~6300x6300; well below PIL's own bomb threshold (89M warns, 179M fails)
@@ -125,6 +125,74 @@ class BodySizeLimit:
 
     def _message(self) -> str:
         return f"Request body is larger than {self.max_bytes} bytes."
+
+
+class RawSearch:
+    """``POST /search`` with the image bytes as the body, answered without FastAPI's request parsing.
+
+    Taken here only when everything is plainly valid: ``Content-Type: image/*`` (or octet-stream), a declared
+    Content-Length within the upload limit, and no query parameter but an in-range integer ``k``. FastAPI's
+    parameter machinery cost about a third of a worker's CPU per search (profiled under load); the search
+    itself, its errors (``UploadRejected`` -> ``{"detail"}``), its counters and its answer are the service's,
+    shared with the endpoint. Anything else — multipart, a bad ``k``, a missing length — goes to the app,
+    which gives the canonical responses.
+    """
+
+    def __init__(self, app: Any, service: SearchService, max_k: int, default_k: int, max_bytes: int) -> None:
+        self.app, self.service = app, service
+        self.max_k, self.default_k, self.max_bytes = max_k, default_k, max_bytes
+
+    def _k(self, query: bytes) -> int | None:
+        if not query:
+            return self.default_k
+        name, sep, value = query.partition(b"=")
+        if name != b"k" or not sep or not value.isdigit() or len(value) > 6:
+            return None
+        k = int(value)
+        return k if 1 <= k <= self.max_k else None
+
+    def _takes(self, scope: dict) -> tuple[str, int] | None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/search":
+            return None
+        want = self._k(scope.get("query_string", b""))
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        length = headers.get(b"content-length", b"")
+        if (
+            want is None
+            or not content_type.lower().startswith(RAW_CONTENT_TYPES)
+            or not length.isdigit()
+            or int(length) > self.max_bytes
+        ):
+            return None
+        return content_type, want
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        taken = self._takes(scope)
+        if taken is None:
+            await self.app(scope, receive, send)
+            return
+        content_type, want = taken
+        t0 = time.perf_counter()
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            hits = await self.service.answer_async(bytes(body), content_type, want)
+        except UploadRejected as exc:
+            self.service.record(None)
+            await _send_json(send, exc.status, exc.message)
+            return
+        latency = (time.perf_counter() - t0) * 1000
+        self.service.record(latency)
+        payload = self.service.response_body(hits, want, latency)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 async def _send_json(send: Any, status: int, detail: str) -> None:
@@ -249,6 +317,18 @@ class SearchService:
         except CmpnasError as exc:
             raise UploadRejected(400, str(exc)) from None
 
+    async def answer_async(self, data: bytes, content_type: str | None, k: int) -> list[dict[str, Any]]:
+        """``answer`` on the event loop for small uploads and fast models, else in the thread pool."""
+        if self.runs_inline(len(data)):
+            return self.answer(data, content_type, k)
+        return await run_in_threadpool(self.answer, data, content_type, k)
+
+    def response_body(self, hits: list[dict[str, Any]], k: int, latency_ms: float) -> bytes:
+        """The JSON of a ``SearchResponse`` (built and validated once, serialised once)."""
+        results = [Hit(**h, thumb=f"/thumb/{quote(h['id'])}") for h in hits]
+        answer = SearchResponse(results=results, k=k, latency_ms=round(latency_ms, 3), mode=self.mode)
+        return answer.model_dump_json().encode()
+
     def record(self, latency_ms: float | None) -> None:
         with self.stats_lock:
             if latency_ms is None:
@@ -327,6 +407,7 @@ class SearchService:
             "index": {
                 "path": str(self.index.path),
                 "count": len(self.index),
+                "backend": self.index.backend,
                 "dim": self.index.dim,
                 "type": manifest["index"]["type"],
                 "params": manifest["index"]["params"],
@@ -362,18 +443,19 @@ def create_app(
     ef_search: int | None = None,
     threads: int | None = None,
     stats_dir: str | None = None,
+    milvus_uri: str | None = None,
 ) -> FastAPI:
     """Load index + query model once (refusing incompatible pairs) and return the FastAPI app.
 
     ``threads`` sets the intra-op threads of torch, ONNX Runtime and FAISS (None = their defaults). One
     query is embedded and searched at a time, so 1 thread loses little, and it avoids OpenMP barrier stalls
     when the machine is busy (measured here under load: FAISS flat 10k single query 20-30 ms with 2 threads,
-    1 ms with 1).
+    1 ms with 1). ``milvus_uri`` overrides where a Milvus index's collection is served from.
     """
     if max_k < 1 or max_upload_bytes < 1 or max_pixels < 1:
         raise CmpnasError("max_k, max_upload_bytes and max_pixels must be positive.", "pass positive limits")
-    index = GalleryIndex.load(index_dir)
-    apply_search_params(index.index, nprobe, ef_search)
+    index = GalleryIndex.load(index_dir, milvus_uri=milvus_uri)
+    index.set_search_params(nprobe, ef_search)
     if threads is not None:  # process-wide (torch, faiss OpenMP): the server owns its process
         import faiss
         import torch
@@ -405,6 +487,7 @@ def create_app(
     )
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(RawSearch, service=service, max_k=max_k, default_k=default_k, max_bytes=max_upload_bytes)
 
     @app.exception_handler(CmpnasError)
     async def _cmpnas_error(_: Request, exc: CmpnasError) -> JSONResponse:
@@ -432,7 +515,7 @@ def create_app(
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or unreadable item"}},
     )
     def thumb(item_id: str) -> Response:
-        png = service.thumbnail(item_id) if item_id in index.row_of else None
+        png = service.thumbnail(item_id) if index.has(item_id) else None
         if png is None:
             raise HTTPException(404, f"No readable gallery item with id '{item_id}'.")
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
@@ -445,7 +528,9 @@ def create_app(
         openapi_extra={
             "requestBody": {
                 "content": {
-                    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/Body_search_search_post"}},
+                    "multipart/form-data": {
+                        "schema": {"$ref": "#/components/schemas/Body_search_search_post"}
+                    },
                     "image/*": {"schema": {"type": "string", "format": "binary"}},
                 }
             }
@@ -471,19 +556,14 @@ def create_app(
             if not 1 <= want <= max_k:
                 raise UploadRejected(422, f"k must be between 1 and {max_k} (got {want}).")
             data, content_type = await _upload(request, file, max_upload_bytes)
-            if service.runs_inline(len(data)):
-                hits = service.answer(data, content_type, want)
-            else:  # a big image or a slow model: keep the event loop free for other requests
-                hits = await run_in_threadpool(service.answer, data, content_type, want)
+            hits = await service.answer_async(data, content_type, want)
         except UploadRejected as exc:
             service.record(None)
             raise HTTPException(exc.status, exc.message) from None
         latency = (time.perf_counter() - t0) * 1000
         service.record(latency)
-        results = [Hit(**h, thumb=f"/thumb/{quote(h['id'])}") for h in hits]
-        answer = SearchResponse(results=results, k=want, latency_ms=round(latency, 3), mode=mode)
-        # already validated by construction: serialise once instead of FastAPI's second validation pass
-        return Response(answer.model_dump_json(), media_type="application/json")
+        # validated by construction: serialised once instead of FastAPI's second validation pass
+        return Response(service.response_body(hits, want, latency), media_type="application/json")
 
     return app
 
@@ -521,6 +601,20 @@ def app_from_env() -> FastAPI:
     return create_app(kwargs.pop("index_dir"), kwargs.pop("query_model_path"), **kwargs)
 
 
+def _shared_milvus_uri(index: GalleryIndex) -> str | None:
+    """A Milvus Lite file opens in one process only: the parent (which opened it to check the index) serves
+    it over gRPC and the worker processes connect to that address. None for FAISS and Milvus clusters."""
+    if index.backend != "milvus":
+        return None
+    from cmpnas.serving.milvus_store import is_lite
+
+    if not is_lite(index.store.uri):
+        return None
+    from milvus_lite.server_manager import server_manager_instance
+
+    return server_manager_instance.start_and_get_uri(index.store.uri)
+
+
 def run_server(
     index_dir: str | Path,
     query_model_path: str | Path,
@@ -545,11 +639,14 @@ def run_server(
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
+    shared_uri = _shared_milvus_uri(app.state.service.index)
     del app  # checked; each worker loads its own copy
     from cmpnas.serving.balancer import serve_balanced
 
     stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
     config = {"index_dir": str(index_dir), "query_model_path": str(query_model_path), "stats_dir": stats_dir}
+    if shared_uri is not None:
+        config["milvus_uri"] = shared_uri
     serve_balanced(
         "cmpnas.serving.app:app_from_env",
         {SERVE_CONFIG_ENV: json.dumps({**config, **limits})},

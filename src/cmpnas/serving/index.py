@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,11 +43,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cmpnas import __version__
+from cmpnas import __version__, progress
 from cmpnas.data.sources import GallerySource, Item, load_item_image, open_image
 from cmpnas.data.transforms import pil_to_uint8
+from cmpnas.distributed import DistInfo, barrier, init_distributed
 from cmpnas.errors import CmpnasError
-from cmpnas.io import atomic_dir, check_output_path, read_json, write_json_atomic
+from cmpnas.io import atomic_dir, atomic_path, check_output_path, make_dirs, read_json, write_json_atomic
 from cmpnas.serving.export import Encoder, load_encoder
 
 INDEX_FORMAT = "cmpnas.gallery_index.v1"
@@ -157,13 +159,97 @@ def embed_source(
     return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept, skipped
 
 
+# --------------------------------------------------------------------------------------------- the stores
+class FaissStore:
+    """The embedded default: a FAISS index in the folder, rows in ``items.csv`` order."""
+
+    name = "faiss"
+
+    def __init__(self, index: faiss.Index, items: list[Item]) -> None:
+        self.index, self.items = index, items
+        self.row_of = {it.id: i for i, it in enumerate(items)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item(self, item_id: str) -> Item | None:
+        row = self.row_of.get(item_id)
+        return None if row is None else self.items[row]
+
+    def present(self, ids: Sequence[str]) -> set[str]:
+        return {i for i in ids if i in self.row_of}
+
+    def set_search_params(self, params: dict[str, Any]) -> None:
+        apply_search_params(self.index, params.get("nprobe"), params.get("ef_search"))
+
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        return np.stack([self.index.reconstruct(self.row_of[i]) for i in ids]).astype(np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        scores, rows = self.index.search(queries, k)
+        return [
+            [
+                {"id": self.items[r].id, "score": float(s), "label": self.items[r].label}
+                for s, r in zip(srow, rrow, strict=True)
+                if r >= 0
+            ]
+            for srow, rrow in zip(scores, rows, strict=True)
+        ]
+
+
+def _load_faiss(p: Path, manifest: dict[str, Any]) -> FaissStore:
+    try:
+        index = faiss.read_index(str(p / "index.faiss"))
+    except RuntimeError as exc:
+        raise CmpnasError(
+            f"Cannot read '{p / 'index.faiss'}' ({str(exc)[:160]}).", "rebuild the index"
+        ) from None
+    items = read_items(p / "items.csv")
+    if index.ntotal != len(items) or index.d != manifest["dim"]:
+        raise CmpnasError(
+            f"Index '{p}' is inconsistent: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
+            f"items.csv {len(items)} items, manifest.json dim {manifest['dim']} (a truncated or mixed-up "
+            "file).",
+            "rebuild the index",
+        )
+    return FaissStore(index, items)
+
+
+def _load_milvus(p: Path, manifest: dict[str, Any], uri: str | None = None) -> Any:
+    from cmpnas.serving.milvus_store import MilvusStore, resolve_uri
+
+    where = manifest.get("milvus") or {}
+    store = MilvusStore(uri or resolve_uri(where.get("uri"), p), where.get("collection", ""))
+    guard = store.guard()
+    if guard["gallery_fingerprint"] != manifest["gallery_fingerprint"] or int(guard["dim"]) != int(
+        manifest["dim"]
+    ):
+        raise CmpnasError(
+            f"Index folder '{p}' and Milvus collection '{store.collection}' disagree: the folder says gallery "
+            f"{manifest['gallery_fingerprint']} (dim {manifest['dim']}), the collection holds embeddings of "
+            f"{guard['gallery_fingerprint']} (dim {guard['dim']}).",
+            "rebuild the index folder from the collection's gallery model, or point it at the right collection",
+        )
+    return store
+
+
+# How an index folder's store is opened, by ``manifest["backend"]``: a new backend is one loader here.
+STORE_LOADERS: dict[str, Callable[..., Any]] = {"faiss": _load_faiss, "milvus": _load_milvus}
+BACKENDS = tuple(STORE_LOADERS)
+
+
 # --------------------------------------------------------------------------------------------- the index
 class GalleryIndex:
-    """A loaded index folder: FAISS index + items + manifest. Search takes L2-normalised float32 queries."""
+    """A loaded index folder: manifest + its store (FAISS in the folder, or a Milvus collection). Search takes
+    L2-normalised float32 queries and returns ``{"id", "score", "label"}`` hits, best first, on either store."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], index: faiss.Index, items: list[Item]) -> None:
-        self.path, self.manifest, self.index, self.items = path, manifest, index, items
-        self.row_of = {it.id: i for i, it in enumerate(items)}
+    def __init__(self, path: Path, manifest: dict[str, Any], store: Any) -> None:
+        self.path, self.manifest, self.store = path, manifest, store
+        self.count = len(store)  # fixed while loaded (an append or backfill writes a new index to swap in)
+
+    @property
+    def backend(self) -> str:
+        return str(self.store.name)
 
     @property
     def gallery_fingerprint(self) -> str:
@@ -173,11 +259,38 @@ class GalleryIndex:
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
+    @property
+    def items(self) -> list[Item]:
+        """Every item in store order (FAISS: row order). On Milvus this reads the whole collection."""
+        if isinstance(self.store, FaissStore):
+            return self.store.items
+        ids = self.store.all_ids()
+        return [self.store.item(i) for i in ids]
+
     def __len__(self) -> int:
-        return len(self.items)
+        return self.count
+
+    def has(self, item_id: str) -> bool:
+        return self.store.item(item_id) is not None
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Query-time knobs over the stored defaults (``None`` keeps the stored value)."""
+        stored = self.manifest.get("index", {}).get("params", {})
+        params = {
+            **stored,
+            **{k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None},
+        }
+        if self.backend == "milvus":
+            from cmpnas.serving.milvus_store import search_params_for
+
+            self.store.set_search_params(search_params_for(params))
+        else:
+            self.store.set_search_params(params)
 
     @classmethod
-    def load(cls, path: str | Path) -> GalleryIndex:
+    def load(cls, path: str | Path, milvus_uri: str | None = None) -> GalleryIndex:
+        """Open an index folder; ``milvus_uri`` overrides where its Milvus collection is served from (the
+        server processes of ``serve --workers`` share one Milvus Lite server started by their parent)."""
         p = Path(path)
         manifest_path = p / "manifest.json"
         if not manifest_path.is_file():
@@ -200,23 +313,23 @@ class GalleryIndex:
             raise CmpnasError(
                 f"'{manifest_path}' is incomplete (no {', '.join(missing)}).", "rebuild the index"
             )
-        try:
-            index = faiss.read_index(str(p / "index.faiss"))
-        except RuntimeError as exc:
+        if manifest.get("status", "complete") != "complete":
             raise CmpnasError(
-                f"Cannot read '{p / 'index.faiss'}' ({str(exc)[:160]}).", "rebuild the index"
-            ) from None
-        items = read_items(p / "items.csv")
-        if index.ntotal != len(items) or index.d != manifest["dim"]:
-            raise CmpnasError(
-                f"Index '{p}' is inconsistent: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
-                f"items.csv {len(items)} items, manifest.json dim {manifest['dim']} (a truncated or mixed-up "
-                "file).",
-                "rebuild the index",
+                f"Index '{p}' is still being built (or its build was killed).",
+                "re-run the same cmpnas index command: it continues where it stopped",
             )
-        params = manifest.get("index", {}).get("params", {})
-        apply_search_params(index, params.get("nprobe"), params.get("ef_search"))
-        return cls(p, manifest, index, items)
+        backend = manifest.get("backend", "faiss")
+        if backend not in STORE_LOADERS:
+            raise CmpnasError(
+                f"Index '{p}' uses an unknown backend '{backend}'.", f"use one of {', '.join(BACKENDS)}"
+            )
+        if backend == "milvus":
+            store = _load_milvus(p, manifest, milvus_uri)
+        else:
+            store = STORE_LOADERS[backend](p, manifest)
+        index = cls(p, manifest, store)
+        index.set_search_params()
+        return index
 
     def search(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         """Top-k per query row: [{"id", "score", "label"}], best first."""
@@ -226,23 +339,15 @@ class GalleryIndex:
                 f"Query embeddings have shape {q.shape}, the index expects dim {self.dim}.",
                 "use a query model with the gallery model's embedding dim",
             )
-        k = max(1, min(int(k), len(self.items)))
-        scores, rows = self.index.search(q, k)
-        return [
-            [
-                {"id": self.items[r].id, "score": float(s), "label": self.items[r].label}
-                for s, r in zip(srow, rrow, strict=True)
-                if r >= 0
-            ]
-            for srow, rrow in zip(scores, rows, strict=True)
-        ]
+        k = max(1, min(int(k), len(self)))
+        return self.store.search(q, k)
 
     def thumbnail_image(self, item_id: str) -> Image.Image | None:
         """The gallery image behind ``item_id`` (from disk, or re-rendered from the dataset), or None."""
-        row = self.row_of.get(item_id)
-        if row is None:
+        item = self.store.item(item_id)
+        if item is None:
             return None
-        return load_item_image(item_id, self.items[row].path, self.manifest.get("sources", []))
+        return load_item_image(item_id, item.path, self.manifest.get("sources", []))
 
 
 def read_items(path: Path) -> list[Item]:
@@ -286,6 +391,30 @@ def _check_out_dir(out: Path, append: bool) -> None:
         )
 
 
+@dataclass
+class _Build:
+    """What every backend's builder gets: the encoder, the rows still to embed, this rank."""
+
+    out: Path
+    gallery_model: Path
+    encoder: Encoder
+    source: GallerySource
+    rows: list[int]  # source rows to add, in source order (ids not yet in the index, duplicates dropped)
+    duplicates: int
+    params: IndexParams
+    append: bool
+    existing: dict[str, Any] | None  # the index folder's manifest (append / resume)
+    batch_size: int
+    progress: Progress | None
+    info: DistInfo
+    started: float
+    options: dict[str, Any]  # backend options (milvus: uri, collection)
+
+    def my_rows(self) -> list[int]:
+        """This rank's disjoint, deterministic slice of the rows (all of them in one process)."""
+        return self.rows[self.info.rank :: self.info.world_size]
+
+
 def build_index(
     gallery_model: str | Path,
     source: GallerySource,
@@ -295,29 +424,43 @@ def build_index(
     append: bool = False,
     batch_size: int = 256,
     progress: Progress | None = None,
+    backend: str | None = None,
+    uri: str | None = None,
+    collection: str | None = None,
 ) -> dict[str, Any]:
     """Embed ``source`` with the gallery model into the index folder ``out``; returns the manifest.
 
-    With ``append`` the existing index keeps its type and training; items whose id is already present
-    are skipped (so re-running an append is harmless). Nothing at ``out`` changes unless the build completes.
+    ``backend``: ``faiss`` (default; the index is a file in the folder, replaced atomically) or ``milvus``
+    (``uri``: a Milvus Lite ``*.db`` file, default ``OUT/milvus.db``, or ``http://host:19530``; the folder
+    holds the manifest that points at the collection). With ``append`` the existing index keeps its type;
+    ids already present are skipped, so re-running an append — or a killed Milvus build — is harmless.
+    Under ``torchrun`` every rank embeds its own slice of the images; one rank or N give the same index.
     """
     out = Path(out)
+    info = init_distributed()
     _check_out_dir(out, append)
+    existing = _existing_manifest(out) if out.is_dir() else None
+    chosen = backend or (existing or {}).get("backend", "faiss") if append else (backend or "faiss")
+    if chosen not in BUILDERS:
+        raise CmpnasError(f"Unknown index backend '{chosen}'.", f"use one of {', '.join(BUILDERS)}")
+    if append and existing is not None and existing.get("backend", "faiss") != chosen:
+        raise CmpnasError(
+            f"Index '{out}' uses the {existing.get('backend', 'faiss')} backend, not {chosen}.",
+            "append with the index's own backend (drop --backend)",
+        )
     encoder = load_encoder(gallery_model)
     if encoder.kind != "torch":
         raise CmpnasError(
             "The gallery model must be a cmpnas .safetensors checkpoint.",
             "pass --gallery-model GALLERY.safetensors (ONNX files are for query models)",
         )
-    t0 = time.time()
-    existing: GalleryIndex | None = GalleryIndex.load(out) if append else None
-    if existing is not None and existing.gallery_fingerprint != encoder.fingerprint:
+    if append and existing is not None and existing["gallery_fingerprint"] != encoder.fingerprint:
         raise CmpnasError(
-            f"Index '{out}' was built with gallery model {existing.gallery_fingerprint}, "
+            f"Index '{out}' was built with gallery model {existing['gallery_fingerprint']}, "
             f"not {encoder.fingerprint}.",
             "append with the same gallery model, or build a new index",
         )
-    known = set(existing.row_of) if existing else set()
+    known = _known_ids(out, existing) if append and chosen == "faiss" else set()
     rows, seen, duplicates = [], set(known), 0
     for i, it in enumerate(source.items):
         if it.id in seen:
@@ -325,35 +468,125 @@ def build_index(
             continue
         seen.add(it.id)
         rows.append(i)
-    vectors, kept, skipped = embed_source(encoder, source, rows, batch_size, progress)
-    new_items = [source.items[r] for r in kept]
+    job = _Build(
+        out, Path(gallery_model), encoder, source, rows, duplicates, params or IndexParams(), append, existing,
+        batch_size, progress, info, time.time(), {"uri": uri, "collection": collection},
+    )  # fmt: skip
+    return BUILDERS[chosen](job)
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / "manifest.json"
+    return read_json(path, "rebuild the index") if path.is_file() else None
+
+
+def _known_ids(out: Path, existing: dict[str, Any] | None) -> set[str]:
+    if existing is None:
+        return set()
+    return set(GalleryIndex.load(out).store.row_of)
+
+
+def _gallery_fields(job: _Build) -> dict[str, Any]:
+    enc = job.encoder
+    return {
+        "gallery_model": str(job.gallery_model.resolve()),
+        "gallery_fingerprint": enc.fingerprint,
+        "gallery_spec": {
+            k: getattr(enc.spec, k)
+            for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
+        },
+        # the chain of gallery models these embeddings are comparable with, newest first
+        "lineage": [enc.fingerprint, *([enc.compatible_with] if enc.compatible_with else [])],
+        "dim": enc.dim,
+        "normalisation": "l2",
+        "metric": "inner_product",
+    }
+
+
+def _source_record(job: _Build, added: int, skipped: list[str]) -> dict[str, Any]:
+    return {
+        **job.source.description,
+        "added": added,
+        "skipped_unreadable": len(skipped),
+        "skipped_duplicate_ids": job.duplicates,
+        "skipped_examples": skipped[:20],
+    }
+
+
+def _shard_dir(job: _Build) -> Path:
+    return job.out.parent / f".{job.out.name}.shards"
+
+
+def _write_shard(job: _Build, vectors: np.ndarray, kept: list[int], skipped: list[str]) -> None:
+    make_dirs(_shard_dir(job))
+    with atomic_path(_shard_dir(job) / f"rank{job.info.rank}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                vectors=vectors,
+                kept=np.asarray(kept, dtype=np.int64),
+                skipped=np.asarray(skipped, dtype=str),
+            )
+
+
+def _read_shards(job: _Build, ranks: range) -> tuple[np.ndarray, list[int], list[str]]:
+    """The given ranks' shard files merged back into source order (then the shard folder is removed)."""
+    parts = [np.load(_shard_dir(job) / f"rank{r}.npz") for r in ranks]
+    rows = np.concatenate([p["kept"] for p in parts]) if parts else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    dim = job.encoder.dim
+    vecs = (
+        np.concatenate([p["vectors"].reshape(-1, dim) for p in parts])[order] if parts else np.zeros((0, dim))
+    )
+    position = {job.source.items[r].id: r for r in job.rows}
+    skipped = sorted((x for p in parts for x in p["skipped"].tolist()), key=lambda i: position.get(i, -1))
+    shutil.rmtree(_shard_dir(job), ignore_errors=True)
+    return vecs.astype(np.float32), rows[order].tolist(), skipped
+
+
+def _embed_all_ranks(job: _Build) -> tuple[np.ndarray, list[int], list[str]] | None:
+    """Embed this rank's slice; under torchrun rank 0 gets every rank's vectors back in source order
+    (through shard files beside the index), the other ranks get None."""
+    vectors, kept, skipped = embed_source(
+        job.encoder, job.source, job.my_rows(), job.batch_size, job.progress
+    )
+    if not job.info.enabled:
+        return vectors, kept, skipped
+    _write_shard(job, vectors, kept, skipped)
+    barrier(job.info)
+    if not job.info.is_main:
+        return None
+    return _read_shards(job, range(job.info.world_size))
+
+
+def _build_faiss(job: _Build) -> dict[str, Any]:
+    embedded = _embed_all_ranks(job)
+    if embedded is None:  # another rank: rank 0 writes the index; wait for it, then read what it wrote
+        barrier(job.info)
+        return read_json(job.out / "manifest.json", "rebuild the index")
+    vectors, kept, skipped = embedded
+    new_items = [job.source.items[r] for r in kept]
+    existing = GalleryIndex.load(job.out) if job.append else None
     if existing is None and not new_items:
+        barrier(job.info)
         raise CmpnasError(
             "None of the gallery images could be read.",
             "check the files (skipped: " + ", ".join(skipped[:5]) + ")",
         )
-
     if existing is not None:
-        index, items = existing.index, existing.items + new_items
+        index, items = existing.store.index, existing.store.items + new_items
         manifest = dict(existing.manifest)
         effective = IndexParams(**manifest["index"]["params"])
     else:
-        effective = (params or IndexParams()).resolved(len(new_items), encoder.dim)
-        index, items = _new_faiss_index(effective, encoder.dim, vectors), new_items
+        effective = job.params.resolved(len(new_items), job.encoder.dim)
+        index, items = _new_faiss_index(effective, job.encoder.dim, vectors), new_items
         manifest = {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
     if len(vectors):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     manifest.update(
         {
-            "gallery_model": str(Path(gallery_model).resolve()),
-            "gallery_fingerprint": encoder.fingerprint,
-            "gallery_spec": {
-                k: getattr(encoder.spec, k)
-                for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
-            },
-            "dim": encoder.dim,
-            "normalisation": "l2",
-            "metric": "inner_product",
+            **_gallery_fields(job),
+            "backend": "faiss",
             "count": len(items),
             "index": {
                 "type": effective.kind,
@@ -361,26 +594,114 @@ def build_index(
                 "faiss_class": type(index).__name__,
             },
             "updated_at": _now(),
-            "build_seconds": round(time.time() - t0, 3),
+            "build_seconds": round(time.time() - job.started, 3),
             "cmpnas_version": __version__,
             "faiss_version": faiss.__version__,
+            "ranks": job.info.world_size,
         }
     )
-    manifest["sources"] = [
-        *manifest.get("sources", []),
-        {
-            **source.description,
-            "added": len(new_items),
-            "skipped_unreadable": len(skipped),
-            "skipped_duplicate_ids": duplicates,
-            "skipped_examples": skipped[:20],
-        },
-    ]
-    with atomic_dir(out) as tmp:
+    manifest["sources"] = [*manifest.get("sources", []), _source_record(job, len(new_items), skipped)]
+    with atomic_dir(job.out) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
         _write_items(tmp / "items.csv", items)
         write_json_atomic(tmp / "manifest.json", manifest)
+    barrier(job.info)
     return manifest
+
+
+def _build_milvus(job: _Build) -> dict[str, Any]:
+    """Upsert batch by batch (a killed build continues where it stopped: ids already stored are skipped).
+
+    A cluster (``http://``) takes writes from every rank; a Milvus Lite file opens in one process only, so
+    under torchrun the other ranks hand their vectors to rank 0 through shard files."""
+    from cmpnas.serving.milvus_store import DEFAULT_COLLECTION, MilvusStore, is_lite, resolve_uri
+
+    where = (job.existing or {}).get("milvus", {}) if job.existing else {}
+    given = job.options.get("uri")
+    uri = resolve_uri(given if given is not None else where.get("uri"), job.out)
+    collection = job.options.get("collection") or where.get("collection") or DEFAULT_COLLECTION
+    lite = is_lite(uri)
+    writes_here = job.info.is_main or not lite
+    fields = _gallery_fields(job)
+    manifest: dict[str, Any] = dict(
+        job.existing or {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
+    )
+    if job.info.is_main:
+        make_dirs(job.out)  # the index folder holds the manifest (and a Milvus Lite file by default)
+        store = MilvusStore(uri, collection)
+        if store.exists():
+            guard = store.guard()
+            if guard["gallery_fingerprint"] != job.encoder.fingerprint:
+                raise CmpnasError(
+                    f"Milvus collection '{collection}' at '{uri}' holds embeddings of gallery model "
+                    f"{guard['gallery_fingerprint']}, not {job.encoder.fingerprint}.",
+                    "index into a new collection (--collection NAME), or use that collection's gallery model",
+                )
+        elif job.append:
+            raise CmpnasError(
+                f"--append: Milvus collection '{collection}' does not exist at '{uri}'.",
+                "build it first without --append",
+            )
+        else:
+            effective = job.params.resolved(max(1, len(job.rows)), job.encoder.dim)
+            store.create(job.encoder.dim, {**fields, "format": INDEX_FORMAT}, asdict(effective))
+            manifest["index"] = {"type": effective.kind, "params": asdict(effective)}
+        stored_uri = "milvus.db" if lite and Path(uri) == (job.out / "milvus.db").resolve() else uri
+        manifest.update(
+            {
+                **fields,
+                "backend": "milvus",
+                "milvus": {"uri": stored_uri, "collection": collection},
+                "status": "building",
+            }
+        )
+        write_json_atomic(job.out / "manifest.json", manifest)
+    barrier(job.info)  # the collection and the building manifest exist
+    if not writes_here:  # a Lite file under torchrun: embed this slice, hand it to rank 0
+        _write_shard(job, *embed_source(job.encoder, job.source, job.my_rows(), job.batch_size))
+        barrier(job.info)  # shards written
+        barrier(job.info)  # rank 0 has stored them and written the manifest
+        return read_json(job.out / "manifest.json", "rebuild the index")
+    store = store if job.info.is_main else MilvusStore(uri, collection)
+    mine = job.my_rows()
+    added, skipped = 0, []
+    for start in range(0, len(mine), job.batch_size):
+        chunk = mine[start : start + job.batch_size]
+        present = store.present([job.source.items[r].id for r in chunk])
+        todo = [r for r in chunk if job.source.items[r].id not in present]
+        vectors, kept, bad = embed_source(job.encoder, job.source, todo, job.batch_size)
+        store.upsert([job.source.items[r] for r in kept], vectors, job.encoder.fingerprint)
+        added, skipped = added + len(kept), skipped + bad
+        done = min(start + job.batch_size, len(mine))
+        if job.progress is not None:
+            job.progress(done, len(mine))
+        progress.event(
+            "index", status="batch", done=done, total=len(mine), message=f"index: {done}/{len(mine)}"
+        )
+    barrier(job.info)  # every rank has stored (cluster) or written its shard (Lite)
+    if lite and job.info.enabled and job.info.is_main:
+        vectors, kept, bad = _read_shards(job, range(1, job.info.world_size))
+        store.upsert([job.source.items[r] for r in kept], vectors, job.encoder.fingerprint)
+        added, skipped = added + len(kept), skipped + bad
+    if job.info.is_main:
+        manifest.update(
+            {
+                "count": len(store),
+                "status": "complete",
+                "updated_at": _now(),
+                "build_seconds": round(time.time() - job.started, 3),
+                "cmpnas_version": __version__,
+                "ranks": job.info.world_size,
+            }
+        )
+        earlier = manifest.get("sources", []) if job.append else []  # a re-run of a build replaces its record
+        manifest["sources"] = [*earlier, _source_record(job, added, skipped)]
+        write_json_atomic(job.out / "manifest.json", manifest)
+    barrier(job.info)
+    return read_json(job.out / "manifest.json", "rebuild the index")
+
+
+BUILDERS: dict[str, Callable[[_Build], dict[str, Any]]] = {"faiss": _build_faiss, "milvus": _build_milvus}
 
 
 def _now() -> str:
@@ -445,7 +766,7 @@ def query_images(
 ) -> dict[str, Any]:
     """Embed ``images`` with the query model and search the index (refusing incompatible models)."""
     index = GalleryIndex.load(index_dir)
-    apply_search_params(index.index, nprobe, ef_search)
+    index.set_search_params(nprobe, ef_search)
     encoder = load_encoder(query_model)
     mode = check_compatible(index, encoder, allow_incompatible)
     pil = [open_query_image(p) for p in images]

@@ -7,7 +7,7 @@ returning a :class:`StageResult` (also what ``cmpnas <command>`` and ``cmpnas ru
 from __future__ import annotations
 
 from cmpnas.stages.common import StageResult, load_data
-from cmpnas.stages.evaluate import evaluate_models, evaluate_protocol, evaluate_query_models
+from cmpnas.stages.evaluate import evaluate_index, evaluate_models, evaluate_protocol, evaluate_query_models
 from cmpnas.stages.export import export_model
 from cmpnas.stages.gallery import train_gallery
 from cmpnas.stages.index import index_dataset, index_gallery
@@ -19,6 +19,7 @@ from cmpnas.stages.supernet import train_supernet
 __all__ = [
     "StageResult",
     "evaluate_models",
+    "evaluate_index",
     "evaluate_protocol",
     "evaluate_query_models",
     "export_model",

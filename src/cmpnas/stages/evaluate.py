@@ -1,7 +1,8 @@
 """Stage ``evaluate``: paragon / homogeneous / heterogeneous of query models against the gallery model.
 
 Leave-one-out on a split of the config's data (``evaluate_models``, ``evaluate_query_models`` for a
-run's table with latencies), or a registered benchmark protocol (``evaluate_protocol``).
+run's table with latencies), a registered benchmark protocol (``evaluate_protocol``), or a query model
+against a built index on either backend (``evaluate_index``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from pathlib import Path
 from cmpnas import progress
 from cmpnas.config import Config
 from cmpnas.data.base import DataBundle
+from cmpnas.data.sources import GallerySource
 from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
 from cmpnas.evaluation.compare import compare, markdown_table
 from cmpnas.evaluation.evaluate import LeaveOneOut
 from cmpnas.evaluation.protocols import run_protocol_evaluation
+from cmpnas.evaluation.retrieval import ranked_label_metrics
 from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.models.cost import measure_latency_ms
 from cmpnas.models.embedding import load_model
+from cmpnas.serving.export import load_encoder
+from cmpnas.serving.index import GalleryIndex, check_compatible, embed_source
 from cmpnas.stages.common import StageResult, check_gallery, load_data
 
 # (display name, model file, kind) or (display name, model file, kind, seed); seed 0 when left out
@@ -129,3 +134,48 @@ def evaluate_protocol(
         split=split,
     )
     return StageResult("evaluate", Path(out_dir), res)
+
+
+def evaluate_index(
+    index_dir: str | Path,
+    query_model: str | Path,
+    queries: GallerySource,
+    out_dir: str | Path | None = None,
+    k: int = 10,
+    allow_incompatible: bool = False,
+) -> StageResult:
+    """A query model against a built index (FAISS or Milvus): every labelled query image is embedded and
+    searched; a query that is itself in the index does not count its own hit (leave-one-out). The metrics
+    come from the ranking the index returns, so both backends must give the same numbers."""
+    index = GalleryIndex.load(index_dir)
+    encoder = load_encoder(query_model)
+    mode = check_compatible(index, encoder, allow_incompatible)
+    labels, results, skipped = [], [], 0
+    for start in range(0, len(queries.items), 256):
+        rows = list(range(start, min(len(queries.items), start + 256)))
+        vectors, kept, bad = embed_source(encoder, queries, rows)
+        skipped += len(bad)
+        if not kept:
+            continue
+        hits = index.search(vectors, k + 1)
+        for r, row in zip(kept, hits, strict=True):
+            own = queries.items[r].id
+            labels.append(queries.items[r].label)
+            results.append([h["label"] for h in row if h["id"] != own][:k])
+    if not labels:
+        raise CmpnasError("None of the query images could be read.", "check the query images")
+    ks = tuple(x for x in (1, 5, 10) if x <= k) or (k,)
+    summary = {
+        "index": str(index_dir),
+        "backend": index.backend,
+        "gallery_fingerprint": index.gallery_fingerprint,
+        "query_model": encoder.describe(),
+        "mode": mode,
+        "queries": len(labels),
+        "skipped_unreadable": skipped,
+        "queries_source": queries.description,
+        "metrics": ranked_label_metrics(labels, results, ks),
+    }
+    if out_dir is not None:
+        write_json_atomic(Path(out_dir) / "index_results.json", summary)
+    return StageResult("evaluate-index", Path(out_dir) if out_dir else Path(index_dir), summary)
