@@ -65,7 +65,18 @@ def _client(uri: str) -> Any:
     if is_lite(uri):  # Milvus Lite answers one call pymilvus makes (AllocTimestamp) with "not implemented":
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # harmless, but logged as a traceback
     try:
-        return MilvusClient(uri)
+        try:
+            return MilvusClient(uri)
+        except Exception:
+            if not is_lite(uri):
+                raise
+            # Connecting to this process's Milvus Lite server for the file can fail after other processes
+            # came and went (seen in the test session after a torchrun child: cause not pinned down):
+            # start a fresh server for the file and connect again.
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(uri)
+            return MilvusClient(uri)
     except Exception as exc:  # connection refused, locked Lite file, bad address: one line, not a stack
         raise CmpnasError(
             f"Cannot open Milvus at '{uri}' ({type(exc).__name__}: {str(exc)[:160]}).",
