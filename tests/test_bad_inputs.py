@@ -544,6 +544,13 @@ ROWS: list[Row] = [
         lambda c: Cli(["index", "--gallery-model", c.nets.gallery, "--images", c.image("g/a.png").parent,
                        "--out", c.write("afile", "x") / "idx"]),
         ("afile", "is a file, not a folder")),
+    Row("index-uri-without-milvus",
+        lambda c: Cli(["index", "--gallery-model", c.nets.gallery, "--images", c.image("g/a.png").parent,
+                       "--out", c.work / "idx", "--uri", c.work / "a.db"]),
+        ("--uri and --collection are Milvus settings", "--backend milvus")),
+    Row("evaluate-index-no-query-source",
+        lambda c: Cli(["evaluate-index", "--index", c.work / "idx", "--query-model", c.nets.query]),
+        ("exactly one query source", "--images DIR")),
     Row("index-cmyk-and-16bit-accepted", cmyk_and_16bit_folder, (), status=0, accepted=True,
         check=indexed_like_their_8bit_twins),
     # --- models -----------------------------------------------------------------------------------
