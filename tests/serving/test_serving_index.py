@@ -318,3 +318,19 @@ def test_interrupted_swap_points_at_the_previous_index(tmp_path: Path) -> None:
     (tmp_path / ".idx.old-1234abcd").mkdir()  # the state a crash between the two renames leaves
     with pytest.raises(CmpnasError, match=r"rename '.*\.idx\.old-1234abcd' back"):
         GalleryIndex.load(tmp_path / "idx")
+
+
+def test_a_rebuild_replaces_a_corrupt_index(models: Any, gallery_dir: Path, tmp_path: Path) -> None:
+    """Without --append the folder is replaced whatever it holds: a corrupt manifest is no reason to refuse."""
+    from cmpnas.data.sources import folder_source
+
+    out = tmp_path / "idx"
+    build_index(models.gallery, folder_source(gallery_dir), out)
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(CmpnasError, match="rebuild the index"):
+        GalleryIndex.load(out)
+    assert build_index(models.gallery, folder_source(gallery_dir), out)["count"] == 36
+    assert len(GalleryIndex.load(out)) == 36
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(CmpnasError, match="rebuild the index"):  # an append needs the manifest
+        build_index(models.gallery, folder_source(gallery_dir), out, append=True)

@@ -439,7 +439,9 @@ def build_index(
     out = Path(out)
     info = init_distributed()
     _check_out_dir(out, append)
-    existing = _existing_manifest(out) if out.is_dir() else None
+    # the folder's manifest matters to an append, and to a Milvus build that may continue a killed one; a
+    # FAISS rebuild replaces the folder whatever it holds (even a corrupt index)
+    existing = _existing_manifest(out, required=append) if append or backend == "milvus" else None
     chosen = backend or (existing or {}).get("backend", "faiss") if append else (backend or "faiss")
     if chosen not in BUILDERS:
         raise CmpnasError(f"Unknown index backend '{chosen}'.", f"use one of {', '.join(BUILDERS)}")
@@ -475,9 +477,16 @@ def build_index(
     return BUILDERS[chosen](job)
 
 
-def _existing_manifest(out: Path) -> dict[str, Any] | None:
+def _existing_manifest(out: Path, required: bool) -> dict[str, Any] | None:
     path = out / "manifest.json"
-    return read_json(path, "rebuild the index") if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, "rebuild the index")
+    except CmpnasError:
+        if required:
+            raise
+        return None  # unreadable: a new build starts afresh
 
 
 def _known_ids(out: Path, existing: dict[str, Any] | None) -> set[str]:
@@ -616,16 +625,15 @@ def _build_milvus(job: _Build) -> dict[str, Any]:
     under torchrun the other ranks hand their vectors to rank 0 through shard files."""
     from cmpnas.serving.milvus_store import DEFAULT_COLLECTION, MilvusStore, is_lite, resolve_uri
 
-    where = (job.existing or {}).get("milvus", {}) if job.existing else {}
+    previous = job.existing if job.existing and job.existing.get("backend") == "milvus" else None
+    where = (previous or {}).get("milvus", {})
     given = job.options.get("uri")
     uri = resolve_uri(given if given is not None else where.get("uri"), job.out)
     collection = job.options.get("collection") or where.get("collection") or DEFAULT_COLLECTION
     lite = is_lite(uri)
     writes_here = job.info.is_main or not lite
     fields = _gallery_fields(job)
-    manifest: dict[str, Any] = dict(
-        job.existing or {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
-    )
+    manifest: dict[str, Any] = dict(previous or {"format": INDEX_FORMAT, "created_at": _now(), "sources": []})
     if job.info.is_main:
         make_dirs(job.out)  # the index folder holds the manifest (and a Milvus Lite file by default)
         store = MilvusStore(uri, collection)
