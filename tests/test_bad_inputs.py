@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +38,8 @@ from fixtures_protocols import (
     make_deepfashion2_fixture,
     make_ijbc_fixture,
 )
-from fixtures_serving import Models, flat_index, gallery_dir, models  # noqa: F401 (fixtures)
+from fixtures_serving import Models, flat_index, gallery_dir, models, png_header_only  # noqa: F401 (fixtures)
+from fixtures_serving import png_bytes as encode
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -170,28 +168,6 @@ class Ctx:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but holds one tiny IDAT: a decompression bomb's header."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-        return struct.pack(">I", len(data)) + tag + data + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
 def grey_pair() -> tuple[Image.Image, Image.Image]:
     """The same picture as an 8-bit and as a 16-bit grayscale image (value v -> v * 257)."""
     yy, xx = np.mgrid[0:40, 0:40]
