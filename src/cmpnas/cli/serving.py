@@ -52,6 +52,28 @@ NprobeOpt = Annotated[int | None, typer.Option("--nprobe", min=1, help="override
 EfSearchOpt = Annotated[int | None, typer.Option("--ef-search", min=1, help="override hnsw search beam")]
 
 
+# The one image source of `index` and `evaluate-index`: a folder, a CSV or a built-in dataset split.
+ImagesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--images", help="folder of images (walked recursively; a sub-folder name becomes the label)"
+    ),
+]
+CsvOpt = Annotated[
+    Path | None, typer.Option("--csv", help="CSV with path,label rows (paths relative to the CSV)")
+]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="built-in dataset: fashion_mnist")]
+SplitOpt = Annotated[str, typer.Option("--split", help="dataset split: test or train")]
+DatasetRootOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset-root",
+        help="folder with the dataset files (default: the usual places, incl. Debian's dataset-fashion-mnist)",
+    ),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="only the first N dataset images")]
+
+
 def _progress_bar(label: str, show: bool) -> tuple[Any, Any]:
     """A rich progress bar (a no-op when hidden) and the (done, total) callback that drives it."""
     bar = Progress(
@@ -99,28 +121,12 @@ def index_cmd(
     out: Annotated[
         Path, typer.Option("--out", help="index folder to create (an existing index there is rebuilt)")
     ],
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images",
-            help="folder of gallery images (walked recursively; a sub-folder name becomes the label)",
-        ),
-    ] = None,
-    csv_file: Annotated[
-        Path | None, typer.Option("--csv", help="CSV with path,label rows (paths relative to the CSV)")
-    ] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="built-in dataset: fashion_mnist")] = None,
-    split: Annotated[str, typer.Option("--split", help="dataset split to index: test or train")] = "test",
-    dataset_root: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset-root",
-            help="folder with the dataset files (default: the usual places, incl. Debian's dataset-fashion-mnist)",
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="index only the first N dataset images")
-    ] = None,
+    images: ImagesOpt = None,
+    csv_file: CsvOpt = None,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    dataset_root: DatasetRootOpt = None,
+    limit: LimitOpt = None,
     kind: Annotated[
         IndexKind | None,
         typer.Option(
@@ -367,18 +373,12 @@ def serve_cmd(
 def evaluate_index_cmd(
     index_dir: IndexDirOpt,
     query_model: QueryModelOpt,
-    images: Annotated[
-        Path | None, typer.Option("--images", help="folder of labelled query images (sub-folder = label)")
-    ] = None,
-    csv_file: Annotated[Path | None, typer.Option("--csv", help="CSV with path,label rows")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="built-in dataset: fashion_mnist")] = None,
-    split: Annotated[str, typer.Option("--split", help="dataset split of the queries")] = "test",
-    dataset_root: Annotated[
-        str | None, typer.Option("--dataset-root", help="folder with the dataset files")
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="only the first N dataset images")
-    ] = None,
+    images: ImagesOpt = None,
+    csv_file: CsvOpt = None,
+    dataset: DatasetOpt = None,
+    split: SplitOpt = "test",
+    dataset_root: DatasetRootOpt = None,
+    limit: LimitOpt = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="results per query")] = 10,
     out: Annotated[Path | None, typer.Option("--out", help="folder for index_results.json")] = None,
     allow_incompatible: AllowIncompatibleOpt = False,

@@ -409,6 +409,7 @@ class _Build:
     info: DistInfo
     started: float
     options: dict[str, Any]  # backend options (milvus: uri, collection)
+    loaded: GalleryIndex | None = None  # the FAISS index an append adds to (loaded once)
 
     def my_rows(self) -> list[int]:
         """This rank's disjoint, deterministic slice of the rows (all of them in one process)."""
@@ -462,8 +463,8 @@ def build_index(
             f"not {encoder.fingerprint}.",
             "append with the same gallery model, or build a new index",
         )
-    known = _known_ids(out, existing) if append and chosen == "faiss" else set()
-    rows, seen, duplicates = [], set(known), 0
+    loaded = GalleryIndex.load(out) if append and chosen == "faiss" and existing is not None else None
+    rows, seen, duplicates = [], set(loaded.store.row_of) if loaded else set(), 0
     for i, it in enumerate(source.items):
         if it.id in seen:
             duplicates += 1
@@ -472,7 +473,7 @@ def build_index(
         rows.append(i)
     job = _Build(
         out, Path(gallery_model), encoder, source, rows, duplicates, params or IndexParams(), append, existing,
-        batch_size, progress, info, time.time(), {"uri": uri, "collection": collection},
+        batch_size, progress, info, time.time(), {"uri": uri, "collection": collection}, loaded,
     )  # fmt: skip
     return BUILDERS[chosen](job)
 
@@ -487,12 +488,6 @@ def _existing_manifest(out: Path, required: bool) -> dict[str, Any] | None:
         if required:
             raise
         return None  # unreadable: a new build starts afresh
-
-
-def _known_ids(out: Path, existing: dict[str, Any] | None) -> set[str]:
-    if existing is None:
-        return set()
-    return set(GalleryIndex.load(out).store.row_of)
 
 
 def _gallery_fields(job: _Build) -> dict[str, Any]:
@@ -575,7 +570,7 @@ def _build_faiss(job: _Build) -> dict[str, Any]:
         return read_json(job.out / "manifest.json", "rebuild the index")
     vectors, kept, skipped = embedded
     new_items = [job.source.items[r] for r in kept]
-    existing = GalleryIndex.load(job.out) if job.append else None
+    existing = job.loaded
     if existing is None and not new_items:
         barrier(job.info)
         raise CmpnasError(
