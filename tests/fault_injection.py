@@ -80,10 +80,11 @@ class ReplaceWatcher:
             self.stage = fields.get("stage") if fields.get("status") == "start" else None
 
     def before_replace(self) -> None:
-        if self.stage is None:
+        if self.stage is None and self.kill_stage != "*":  # "*": count every rename (commands without stages)
             return
-        self.counts[self.stage] += 1
-        if self.stage == self.kill_stage and self.counts[self.stage] == self.nth:
+        stage = self.stage if self.kill_stage != "*" else "*"
+        self.counts[stage] += 1
+        if stage == self.kill_stage and self.counts[stage] == self.nth:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def install(self, setattr_: Callable[[Any, str, Any], None]) -> None:

@@ -346,6 +346,15 @@ def serve_cmd(
             help="server processes on the port (each loads the model and index); about one core each",
         ),
     ] = 1,
+    watch_index: Annotated[
+        float,
+        typer.Option(
+            "--watch-index",
+            min=0.0,
+            help="seconds between checks for a rewritten index (append, backfill, transform-index, rebuild), "
+            "which is then swapped in without dropping requests; 0 = never",
+        ),
+    ] = 2.0,
 ) -> None:
     """Serve the index over HTTP: POST /search, GET /healthz, /stats, /docs and a web page at /."""
     message = f"serving {index_dir} with {query_model} on http://{host}:{port}/"
@@ -366,6 +375,7 @@ def serve_cmd(
         ef_search=ef_search,
         threads=threads,
         workers=workers,
+        watch_index_s=watch_index,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -48,6 +49,7 @@ THUMB_SIZE = 112
 # to the thread pool, so they never stall other requests.
 INLINE_MAX_BYTES = 256 * 1024
 INLINE_MAX_MS = 5.0
+log = logging.getLogger("cmpnas.serving")
 
 
 class Hit(BaseModel):
@@ -61,7 +63,7 @@ class SearchResponse(BaseModel):
     results: list[Hit]
     k: int
     latency_ms: float = Field(description="server time: decode + embed + search")
-    mode: str = Field(description="homogeneous | heterogeneous | incompatible-override")
+    mode: str = Field(description="homogeneous | heterogeneous | lineage (compatible with an older generation of the index's chain) | incompatible-override")
 
 
 class UploadRejected(Exception):
@@ -270,6 +272,7 @@ class SearchService:
         stats_dir: str | Path | None = None,
     ) -> None:
         self.index, self.encoder, self.mode, self.limits = index, encoder, mode, limits
+        self.swaps = 0
         # With several worker processes each one shares its counters through a file in ``stats_dir`` so
         # that /stats, answered by any one worker, reports all of them.
         self.stats_dir = Path(stats_dir) if stats_dir else None
@@ -300,6 +303,44 @@ class SearchService:
                 return float("inf")
             best = min(best, (time.perf_counter() - t0) * 1000)
         return best
+
+    def swap_index(self, index: GalleryIndex, allow_incompatible: bool = False) -> None:
+        """Serve ``index`` from the next search on: checked against the query model first (a refused index
+        leaves the old one serving), swapped under the search lock, so a search in flight finishes on the
+        index it started with and none sees half of each."""
+        mode = check_compatible(index, self.encoder, allow_incompatible)
+        with self.lock:
+            self.index, self.mode = index, mode
+            self.swaps += 1
+        self.thumbnail.cache_clear()
+
+    def watch_index(self, reload: Any, every_s: float, allow_incompatible: bool = False) -> None:
+        """Poll the index folder's manifest; when it changes (a rebuild, an append, a backfill or a transform
+        swapped a new folder into place), ``reload()`` the index and swap it in. A new index that cannot be
+        loaded or is refused keeps the old one serving (reported once per change)."""
+
+        def stamp() -> tuple[int, int, int] | None:
+            try:
+                st = (self.index.path / "manifest.json").stat()
+            except OSError:
+                return None  # mid-swap: the folder is being renamed into place
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+        def loop() -> None:
+            seen = stamp()
+            while True:
+                time.sleep(every_s)
+                now = stamp()
+                if now is None or now == seen:
+                    continue
+                seen = now
+                try:
+                    self.swap_index(reload(), allow_incompatible)
+                    log.info("index %s reloaded (%d items)", self.index.path, len(self.index))
+                except CmpnasError as exc:
+                    log.warning("index %s changed but was not swapped in: %s", self.index.path, exc)
+
+        threading.Thread(target=loop, name="cmpnas-index-watch", daemon=True).start()
 
     def runs_inline(self, upload_bytes: int) -> bool:
         return upload_bytes <= INLINE_MAX_BYTES and self.search_ms <= INLINE_MAX_MS
@@ -412,6 +453,10 @@ class SearchService:
                 "type": manifest["index"]["type"],
                 "params": manifest["index"]["params"],
                 "gallery_fingerprint": self.index.gallery_fingerprint,
+                "lineage": self.index.lineage,
+                "items_by_model": self.index.model_counts(),
+                "updated_at": manifest.get("updated_at"),
+                "swaps": self.swaps,
             },
             "query_model": self.encoder.describe(),
             "mode": self.mode,
@@ -444,13 +489,15 @@ def create_app(
     threads: int | None = None,
     stats_dir: str | None = None,
     milvus_uri: str | None = None,
+    watch_index_s: float = 2.0,
 ) -> FastAPI:
     """Load index + query model once (refusing incompatible pairs) and return the FastAPI app.
 
     ``threads`` sets the intra-op threads of torch, ONNX Runtime and FAISS (None = their defaults). One
     query is embedded and searched at a time, so 1 thread loses little, and it avoids OpenMP barrier stalls
     when the machine is busy (measured here under load: FAISS flat 10k single query 20-30 ms with 2 threads,
-    1 ms with 1). ``milvus_uri`` overrides where a Milvus index's collection is served from.
+    1 ms with 1). ``milvus_uri`` overrides where a Milvus index's collection is served from. Every
+    ``watch_index_s`` seconds (0 = never) the index folder is checked and a rewritten index swapped in.
     """
     if max_k < 1 or max_upload_bytes < 1 or max_pixels < 1:
         raise CmpnasError("max_k, max_upload_bytes and max_pixels must be positive.", "pass positive limits")
@@ -473,6 +520,14 @@ def create_app(
         "threads": threads,
     }
     service = SearchService(index, encoder, mode, limits, stats_dir)
+    if watch_index_s > 0:
+
+        def reload() -> GalleryIndex:
+            fresh = GalleryIndex.load(index_dir, milvus_uri=milvus_uri)
+            fresh.set_search_params(nprobe, ef_search)
+            return fresh
+
+        service.watch_index(reload, watch_index_s, allow_incompatible)
     page = _page()
     # The model, the index and the imported libraries live as long as the process: move them out of the
     # collector's generations, so a full collection during a search does not walk them (a p99 spike).
@@ -503,7 +558,7 @@ def create_app(
 
     @app.get("/healthz", summary="Liveness: the index and model are loaded")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "count": len(index), "mode": mode}
+        return {"status": "ok", "count": len(service.index), "mode": service.mode}
 
     @app.get("/stats", summary="Index size, model fingerprints, query count, latency percentiles")
     def stats() -> dict[str, Any]:
@@ -515,7 +570,7 @@ def create_app(
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or unreadable item"}},
     )
     def thumb(item_id: str) -> Response:
-        png = service.thumbnail(item_id) if index.has(item_id) else None
+        png = service.thumbnail(item_id) if service.index.has(item_id) else None
         if png is None:
             raise HTTPException(404, f"No readable gallery item with id '{item_id}'.")
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
@@ -635,10 +690,11 @@ def run_server(
 
     if workers < 1:
         raise CmpnasError(f"workers must be >= 1, got {workers}.", "pass --workers 1 or more")
-    app = create_app(index_dir, query_model_path, **limits)
     if workers == 1:
+        app = create_app(index_dir, query_model_path, **limits)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
+    app = create_app(index_dir, query_model_path, **{**limits, "watch_index_s": 0})  # the check; workers watch
     shared_uri = _shared_milvus_uri(app.state.service.index)
     del app  # checked; each worker loads its own copy
     from cmpnas.serving.balancer import serve_balanced

@@ -3,8 +3,10 @@
 An index is a folder::
 
     INDEX/index.faiss     FAISS index over L2-normalised float32 embeddings (inner product = cosine)
-    INDEX/items.csv       one row per vector, in FAISS row order: id, path, label
-    INDEX/manifest.json   gallery model fingerprint, dim, normalisation, count, index type + params, times
+    INDEX/items.csv       one row per vector, in FAISS row order: id, path, label, model (the fingerprint of
+                          the gallery model that embedded it; an index may hold several compatible generations)
+    INDEX/manifest.json   gallery model fingerprint, lineage (the chain of compatible gallery models, newest
+                          first), dim, normalisation, count, index type + params, times
 
 It is built in a hidden temporary folder beside INDEX and moved into place only when complete
 (:func:`cmpnas.io.atomic_dir`), so a killed build leaves the previous index (or none), never half of one,
@@ -165,8 +167,8 @@ class FaissStore:
 
     name = "faiss"
 
-    def __init__(self, index: faiss.Index, items: list[Item]) -> None:
-        self.index, self.items = index, items
+    def __init__(self, index: faiss.Index, items: list[Item], models: list[str]) -> None:
+        self.index, self.items, self.models = index, items, models
         self.row_of = {it.id: i for i, it in enumerate(items)}
 
     def __len__(self) -> int:
@@ -183,7 +185,12 @@ class FaissStore:
         apply_search_params(self.index, params.get("nprobe"), params.get("ef_search"))
 
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        if isinstance(self.index, faiss.IndexIVF) and not self.index.direct_map.type:
+            self.index.make_direct_map()  # IVF lists are searched by cell: map ids to slots to read them
         return np.stack([self.index.reconstruct(self.row_of[i]) for i in ids]).astype(np.float32)
+
+    def model_of(self, ids: Sequence[str]) -> list[str]:
+        return [self.models[self.row_of[i]] for i in ids]
 
     def search(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         scores, rows = self.index.search(queries, k)
@@ -204,7 +211,7 @@ def _load_faiss(p: Path, manifest: dict[str, Any]) -> FaissStore:
         raise CmpnasError(
             f"Cannot read '{p / 'index.faiss'}' ({str(exc)[:160]}).", "rebuild the index"
         ) from None
-    items = read_items(p / "items.csv")
+    items, models = read_items(p / "items.csv", default_model=manifest["gallery_fingerprint"])
     if index.ntotal != len(items) or index.d != manifest["dim"]:
         raise CmpnasError(
             f"Index '{p}' is inconsistent: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
@@ -212,7 +219,7 @@ def _load_faiss(p: Path, manifest: dict[str, Any]) -> FaissStore:
             "file).",
             "rebuild the index",
         )
-    return FaissStore(index, items)
+    return FaissStore(index, items, models)
 
 
 def _load_milvus(p: Path, manifest: dict[str, Any], uri: str | None = None) -> Any:
@@ -221,9 +228,12 @@ def _load_milvus(p: Path, manifest: dict[str, Any], uri: str | None = None) -> A
     where = manifest.get("milvus") or {}
     store = MilvusStore(uri or resolve_uri(where.get("uri"), p), where.get("collection", ""))
     guard = store.guard()
-    if guard["gallery_fingerprint"] != manifest["gallery_fingerprint"] or int(guard["dim"]) != int(
-        manifest["dim"]
-    ):
+    # a backfill names the new model in the collection's guard, then in the folder's manifest: a kill between
+    # the two leaves them one upgrade apart, which is still the same chain (the re-run finishes the job)
+    same_chain = guard["gallery_fingerprint"] == manifest["gallery_fingerprint"] or manifest[
+        "gallery_fingerprint"
+    ] in (guard.get("lineage") or [])
+    if not same_chain or int(guard["dim"]) != int(manifest["dim"]):
         raise CmpnasError(
             f"Index folder '{p}' and Milvus collection '{store.collection}' disagree: the folder says gallery "
             f"{manifest['gallery_fingerprint']} (dim {manifest['dim']}), the collection holds embeddings of "
@@ -258,6 +268,20 @@ class GalleryIndex:
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
+
+    @property
+    def lineage(self) -> list[str]:
+        """The gallery models whose embedding spaces this index is comparable with, newest first."""
+        return list(self.manifest.get("lineage") or [self.gallery_fingerprint])
+
+    def model_counts(self) -> dict[str, int] | None:
+        """How many items each gallery model embedded (FAISS; None on Milvus, where it is a field query)."""
+        if not isinstance(self.store, FaissStore):
+            return None
+        counts: dict[str, int] = {}
+        for m in self.store.models:
+            counts[m] = counts.get(m, 0) + 1
+        return counts
 
     @property
     def items(self) -> list[Item]:
@@ -350,7 +374,9 @@ class GalleryIndex:
         return load_item_image(item_id, item.path, self.manifest.get("sources", []))
 
 
-def read_items(path: Path) -> list[Item]:
+def read_items(path: Path, default_model: str = "") -> tuple[list[Item], list[str]]:
+    """The item table and, per item, the fingerprint of the model that embedded it (indexes written before
+    the ``model`` column existed were embedded by one model: ``default_model``)."""
     if not path.is_file():
         raise CmpnasError(f"Item table '{path}' is missing.", "rebuild the index")
     try:
@@ -365,15 +391,16 @@ def read_items(path: Path) -> list[Item]:
         ) from None
     if any(r["id"] is None or r["label"] is None for r in rows):  # a row cut short (truncated file)
         raise CmpnasError(f"Item table '{path}' is truncated.", "rebuild the index")
-    return [Item(r["id"], r["path"], r["label"]) for r in rows]
+    items = [Item(r["id"], r["path"], r["label"]) for r in rows]
+    return items, [r.get("model") or default_model for r in rows]
 
 
-def _write_items(path: Path, items: Sequence[Item]) -> None:
+def _write_items(path: Path, items: Sequence[Item], models: Sequence[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["id", "path", "label"])
-        for it in items:
-            writer.writerow([it.id, it.path, it.label])
+        writer.writerow(["id", "path", "label", "model"])
+        for it, model in zip(items, models, strict=True):
+            writer.writerow([it.id, it.path, it.label, model])
 
 
 def _check_out_dir(out: Path, append: bool) -> None:
@@ -457,12 +484,8 @@ def build_index(
             "The gallery model must be a cmpnas .safetensors checkpoint.",
             "pass --gallery-model GALLERY.safetensors (ONNX files are for query models)",
         )
-    if append and existing is not None and existing["gallery_fingerprint"] != encoder.fingerprint:
-        raise CmpnasError(
-            f"Index '{out}' was built with gallery model {existing['gallery_fingerprint']}, "
-            f"not {encoder.fingerprint}.",
-            "append with the same gallery model, or build a new index",
-        )
+    if append and existing is not None:
+        lineage_after(existing, encoder, str(out))  # refuses a gallery model the index cannot take
     loaded = GalleryIndex.load(out) if append and chosen == "faiss" and existing is not None else None
     rows, seen, duplicates = [], set(loaded.store.row_of) if loaded else set(), 0
     for i, it in enumerate(source.items):
@@ -490,6 +513,29 @@ def _existing_manifest(out: Path, required: bool) -> dict[str, Any] | None:
         return None  # unreadable: a new build starts afresh
 
 
+def lineage_after(manifest: dict[str, Any] | None, encoder: Encoder, where: str = "the index") -> list[str]:
+    """The index's chain of compatible gallery models once ``encoder`` writes into it, newest first.
+
+    A new index starts at the model (and the model it was trained compatible with, if any); the model that
+    built an index keeps its chain; a model trained compatible with the index's newest model (``cmpnas
+    upgrade-gallery``) becomes the new head. Any other model is refused: its embeddings are not comparable.
+    """
+    if manifest is None:
+        return [encoder.fingerprint, *([encoder.compatible_with] if encoder.compatible_with else [])]
+    chain = list(manifest.get("lineage") or [manifest["gallery_fingerprint"]])
+    if encoder.fingerprint == chain[0]:
+        return chain
+    if encoder.compatible_with == chain[0]:
+        return [encoder.fingerprint, *chain]
+    raise CmpnasError(
+        f"Gallery model {encoder.fingerprint} (trained compatible with {encoder.compatible_with or 'none'}) "
+        f"cannot write into {where}, whose newest gallery model is {chain[0]}: the embeddings would not be "
+        "comparable.",
+        f"use gallery {chain[0]} or a model upgraded from it (cmpnas upgrade-gallery --old ...), or build a "
+        "new index",
+    )
+
+
 def _gallery_fields(job: _Build) -> dict[str, Any]:
     enc = job.encoder
     return {
@@ -500,7 +546,7 @@ def _gallery_fields(job: _Build) -> dict[str, Any]:
             for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
         },
         # the chain of gallery models these embeddings are comparable with, newest first
-        "lineage": [enc.fingerprint, *([enc.compatible_with] if enc.compatible_with else [])],
+        "lineage": lineage_after(job.existing if job.append else None, enc, str(job.out)),
         "dim": enc.dim,
         "normalisation": "l2",
         "metric": "inner_product",
@@ -577,13 +623,16 @@ def _build_faiss(job: _Build) -> dict[str, Any]:
             "None of the gallery images could be read.",
             "check the files (skipped: " + ", ".join(skipped[:5]) + ")",
         )
+    fresh_models = [job.encoder.fingerprint] * len(new_items)
     if existing is not None:
         index, items = existing.store.index, existing.store.items + new_items
+        models = existing.store.models + fresh_models
         manifest = dict(existing.manifest)
         effective = IndexParams(**manifest["index"]["params"])
     else:
         effective = job.params.resolved(len(new_items), job.encoder.dim)
         index, items = _new_faiss_index(effective, job.encoder.dim, vectors), new_items
+        models = fresh_models
         manifest = {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
     if len(vectors):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -607,7 +656,7 @@ def _build_faiss(job: _Build) -> dict[str, Any]:
     manifest["sources"] = [*manifest.get("sources", []), _source_record(job, len(new_items), skipped)]
     with atomic_dir(job.out) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
-        _write_items(tmp / "items.csv", items)
+        _write_items(tmp / "items.csv", items, models)
         write_json_atomic(tmp / "manifest.json", manifest)
     barrier(job.info)
     return manifest
@@ -634,7 +683,10 @@ def _build_milvus(job: _Build) -> dict[str, Any]:
         store = MilvusStore(uri, collection)
         if store.exists():
             guard = store.guard()
-            if guard["gallery_fingerprint"] != job.encoder.fingerprint:
+            upgrade = job.append and job.encoder.compatible_with == guard["gallery_fingerprint"]
+            if upgrade:  # an upgraded gallery model appends: the collection's guard moves to the new head
+                store.set_guard({**guard, **fields, "format": INDEX_FORMAT})
+            elif guard["gallery_fingerprint"] != job.encoder.fingerprint:
                 raise CmpnasError(
                     f"Milvus collection '{collection}' at '{uri}' holds embeddings of gallery model "
                     f"{guard['gallery_fingerprint']}, not {job.encoder.fingerprint}.",
@@ -713,12 +765,14 @@ def _now() -> str:
 
 # --------------------------------------------------------------------------------------------- compatibility
 def check_compatible(index: GalleryIndex, encoder: Encoder, allow_incompatible: bool = False) -> str:
-    """'homogeneous' (query model = gallery model), 'heterogeneous' (trained compatible with it), or refuse.
+    """'homogeneous' (query model = the index's newest gallery model), 'heterogeneous' (trained compatible
+    with it), 'lineage' (the query model is, or is compatible with, an older gallery model of the index's
+    chain: an upgrade kept the spaces comparable), or refuse.
 
     With ``allow_incompatible`` a mismatch returns 'incompatible-override' instead of raising; a different
     embedding dim is always refused (the vectors cannot be compared at all).
     """
-    gallery = index.gallery_fingerprint
+    gallery, lineage = index.gallery_fingerprint, index.lineage
     if encoder.dim != index.dim:
         raise CmpnasError(
             f"Query model {encoder.fingerprint} embeds into {encoder.dim} dims, index '{index.path}' "
@@ -729,12 +783,15 @@ def check_compatible(index: GalleryIndex, encoder: Encoder, allow_incompatible: 
         return "homogeneous"
     if encoder.compatible_with == gallery:
         return "heterogeneous"
+    if encoder.fingerprint in lineage or encoder.compatible_with in lineage:
+        return "lineage"
     if allow_incompatible:
         return "incompatible-override"
+    chain = gallery if len(lineage) == 1 else f"{gallery} (compatible chain: {' <- '.join(lineage)})"
     raise CmpnasError(
         f"Query model {encoder.fingerprint} was trained compatible with gallery model "
         f"{encoder.compatible_with or '(none recorded)'}, but index '{index.path}' was built with gallery "
-        f"model {gallery}; their embeddings are not comparable.",
+        f"model {chain}; their embeddings are not comparable.",
         f"query with a model trained against gallery {gallery} (or the gallery model itself), rebuild the "
         "index with the matching gallery model, or pass --allow-incompatible if you know better",
     )

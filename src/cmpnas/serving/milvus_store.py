@@ -147,6 +147,12 @@ class MilvusStore:
         self.client.load_collection(self.collection)  # a collection opened by a new process starts released
         return guard
 
+    def set_guard(self, guard: dict[str, Any]) -> None:
+        """Replace the collection's cmpnas metadata (an upgraded gallery model became the newest generation)."""
+        self.client.alter_collection_properties(
+            self.collection, properties={GUARD_PROPERTY: json.dumps(guard, sort_keys=True)}
+        )
+
     def set_search_params(self, params: dict[str, Any]) -> None:
         self.search_params = {k: v for k, v in params.items() if v is not None}
 
@@ -173,6 +179,11 @@ class MilvusStore:
     def item(self, item_id: str) -> Item | None:
         rows = self.client.get(self.collection, ids=[item_id], output_fields=["id", "label", "path"])
         return Item(rows[0]["id"], rows[0]["path"], rows[0]["label"]) if rows else None
+
+    def model_of(self, ids: Sequence[str]) -> list[str]:
+        """The fingerprint of the gallery model that embedded each of ``ids``."""
+        rows = {r["id"]: r["model"] for r in self.client.get(self.collection, ids=list(ids), output_fields=["model"])}
+        return [rows[i] for i in ids]
 
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """The stored vectors of ``ids``, in that order (tests, migrations)."""

@@ -15,6 +15,7 @@ from cmpnas.stages.query import retrain, train_query
 from cmpnas.stages.search import search
 from cmpnas.stages.study import study
 from cmpnas.stages.supernet import train_supernet
+from cmpnas.stages.upgrade import evaluate_upgrade, train_transformation, upgrade_gallery
 
 __all__ = [
     "StageResult",
@@ -22,6 +23,7 @@ __all__ = [
     "evaluate_index",
     "evaluate_protocol",
     "evaluate_query_models",
+    "evaluate_upgrade",
     "export_model",
     "index_dataset",
     "index_gallery",
@@ -32,4 +34,6 @@ __all__ = [
     "train_gallery",
     "train_query",
     "train_supernet",
+    "train_transformation",
+    "upgrade_gallery",
 ]

@@ -1,0 +1,139 @@
+"""Benchmark (not a test): a gallery-model upgrade on Fashion-MNIST — the BCT paper's compatibility table, with
+independent training as the control, FCT, and the backfill curve in both orders.
+
+  v1       the default profile's gallery model: resnet_small (stem 32, widths 64/128/256), 1.25 epochs, plain CE
+           (``--v1`` reuses a trained one, e.g. runs/full/gallery/model.safetensors: the full profile trains the
+           same model with the same seed)
+  v2       the same backbone trained for ``--v2-epochs`` (default 2.0), with BCT against v1
+           (``cmpnas upgrade-gallery``); the only difference from v1 is the longer schedule
+  control  v2's exact recipe without the compatibility term (``--independent``): M(control, old) should collapse
+  small    a query model trained with BCT against v1 (``--small``; else MobileNetV2 x0.35, the default profile's
+           query_train)
+  FCT      a transformation v1 -> control fitted on both models' embeddings of ``--fct-images`` training images
+
+Everything is evaluated once, on the test split (leave-one-out retrieval, 10,000 images); no setting here was
+chosen by looking at these numbers (v2's schedule is fixed in advance). Resumable: finished models are reused,
+an interrupted training continues from its checkpoint.
+
+Usage: python benchmarks/upgrade.py [--v1 G] [--small Q] [--work DIR] [--v2-epochs 2.0]
+Writes benchmarks/results/upgrade.json and benchmarks/results/upgrade_backfill.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trained(out: Path, train: Any) -> Path:
+    """``out/model.safetensors``, trained by ``train(resume)`` unless it is already there."""
+    model = out / "model.safetensors"
+    if not model.exists():
+        train(resume=(out / "checkpoint.pt").exists())
+    return model
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top1 = {(r["query"], r["gallery"]): r["top1"] for r in res["table"]}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for order, style in (("uncertainty", "o-"), ("random", "s--")):
+        pts = res["backfill_curve"][order]
+        ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {order}")
+    ax.axhline(top1[("old", "old")], color="grey", lw=1, ls=":", label=f"M(v1, v1) {top1[('old', 'old')]:.1f}")
+    ax.axhline(top1[("new", "new")], color="black", lw=1, ls="-.", label=f"M(v2, v2) {top1[('new', 'new')]:.1f}")
+    ax.set_xlabel("gallery re-embedded by v2 (%)")
+    ax.set_ylabel("top-1 (%), v2 queries, test split")
+    ax.set_title("Backfilling a v1 index with the BCT-upgraded v2")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--v1", type=Path, default=None, help="trained v1 gallery model (else trained here)")
+    ap.add_argument("--small", type=Path, default=None, help="query model trained with BCT against v1")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "upgrade-benchmark")
+    ap.add_argument("--v2-epochs", type=float, default=2.0)
+    ap.add_argument("--fct-images", type=int, default=15000)
+    args = ap.parse_args()
+
+    from cmpnas.config import load_config
+    from cmpnas.stages import evaluate_upgrade, train_gallery, train_query, train_transformation, upgrade_gallery
+    from cmpnas.stages.common import load_data
+
+    started = time.time()
+    cfg = load_config(REPO / "configs" / "default.yaml", [])
+    data = load_data(cfg)
+    work = args.work
+    v1 = args.v1 or _trained(work / "v1", lambda resume: train_gallery(cfg, work / "v1", resume=resume, data=data))
+    cfg2 = load_config(REPO / "configs" / "default.yaml", [f"gallery_train.epochs={args.v2_epochs}"])
+    seconds: dict[str, float] = {}
+    for name, independent in (("v2", False), ("control", True)):
+        t0 = time.time()
+        _trained(
+            work / name,
+            lambda resume, name=name, independent=independent: upgrade_gallery(
+                cfg2, v1, work / name, resume=resume, data=data, independent=independent
+            ),
+        )
+        seconds[name] = round(time.time() - t0, 1)
+    small = args.small or _trained(
+        work / "small", lambda resume: train_query(cfg, v1, work / "small", resume=resume, data=data)
+    )
+    fct_cfg = load_config(REPO / "configs" / "default.yaml", [f"data.subset_train={args.fct_images}"])
+    t0 = time.time()
+    fct = train_transformation(fct_cfg, v1, work / "control" / "model.safetensors", work / "fct")
+    seconds["fct"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    res = evaluate_upgrade(
+        cfg,
+        v1,
+        work / "v2" / "model.safetensors",
+        work / "evaluate",
+        small=small,
+        independent=work / "control" / "model.safetensors",
+        transformation=work / "fct" / "transformation.safetensors",
+        data=data,
+        split="test",
+    )
+    seconds["evaluate"] = round(time.time() - t0, 1)
+    png = RESULTS / "upgrade_backfill.png"
+    plot(dict(res), png)
+    write_result(
+        "upgrade",
+        {
+            "models": {
+                "v1": {"path": str(v1), "recipe": "default profile gallery: resnet_small, 1.25 epochs, CE"},
+                "v2": {"recipe": f"same backbone, {args.v2_epochs} epochs, BCT against v1 (upgrade-gallery)"},
+                "control": {"recipe": f"same as v2 without the compat term (--independent), {args.v2_epochs} epochs"},
+                "small": {"path": str(small), "recipe": "MobileNetV2 x0.35, BCT against v1"},
+                "fct": {k: fct[k] for k in ("old", "new", "train_cosine_identity", "train_cosine")}
+                | {"images": args.fct_images, "into": "control"},
+            },
+            "result": dict(res),
+            "plot": str(png.relative_to(REPO)),
+            "seconds": seconds,
+            "wall_time_s": round(time.time() - started, 1),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
