@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from cmpnas.evaluation.stats import (
 )
 from cmpnas.io import read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import environment
+from cmpnas.progress import format_seconds
 
 # Which split each number of results.json comes from (None: no split, e.g. MACs or timings).
 SPLITS = {
@@ -421,11 +422,26 @@ def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], st
         md.append("")
     if study:
         md += _study_section(study)
-    md.append("## Stage timings (s)\n")
-    md.append("| stage | seconds |\n|---|---:|")
-    md += [f"| {k} | {v} |" for k, v in results["stage_seconds"].items()]
-    md.append(f"\nEnvironment: `{json.dumps(results['environment'])}`\n")
+    md.append("## Stage timings\n")
+    md.append("| stage | time |\n|---|---:|")
+    md += [f"| {k} | {format_seconds(v)} |" for k, v in results["stage_seconds"].items() if v is not None]
+    md.append(f"| **total** | **{format_seconds(results['total_seconds'])}** |\n")
+    md += _environment_section(results["environment"])
     return "\n".join(md) + "\n"
+
+
+ENVIRONMENT_ROWS = (
+    ("CPU", "cpu"), ("torch threads", "threads"), ("platform", "platform"), ("python", "python"),
+    ("cmpnas", "cmpnas"), ("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"),
+    ("numpy", "numpy"), ("faiss", "faiss"), ("onnxruntime", "onnxruntime"),
+)  # fmt: skip
+
+
+def _environment_section(env: dict[str, Any]) -> list[str]:
+    md = ["## Environment\n", "| | |\n|---|---|"]
+    md += [f"| {label} | {env[key]} |" for label, key in ENVIRONMENT_ROWS if env.get(key) is not None]
+    md.append("")
+    return md
 
 
 def _paired_section(comparisons: list[dict[str, Any]], n_seeds: int) -> list[str]:
@@ -444,40 +460,59 @@ def _paired_section(comparisons: list[dict[str, Any]], n_seeds: int) -> list[str
     return md
 
 
-def _fmt(x: Any) -> str:
-    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+def _num(x: Any, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _study_section(study: dict[str, Any]) -> list[str]:
-    """The random-architecture study (val split): spread, rank agreement and the compatibility fraction."""
-    md = ["## Random-architecture study (val split)\n"]
+    """The random-architecture study (val split) as tables: Q1 (is architecture a lever at equal cost? the spread
+    of heterogeneous top-1), Q2 (does the homogeneous rank predict the heterogeneous one? Kendall τ), and how
+    well the supernet ranks architectures against the same ones trained stand-alone."""
+    band = study.get("band")
+    budget = study.get("budget_macs")
+    where = f" at {budget / 1e6:.2f} MMACs ± {100 * band:.0f} %" if budget and band is not None else ""
+    md = [
+        "## Random-architecture study (val split)\n",
+        f"Random architectures{where}, each trained stand-alone on the study schedule. Q1: the spread of "
+        "heterogeneous top-1 says whether the architecture is a lever at equal cost. Q2: Kendall τ between the "
+        "homogeneous and the heterogeneous rank says whether a compatibility-agnostic search would pick the "
+        "compatible architecture.\n",
+        "| training | archs | het top-1 mean ± std | het top-1 range (max − min) | τ(hom, het) | ρ(hom, het) | "
+        "M(q,g) > M(q,q) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for mode in ("bct", "independent"):
         s = study.get(mode) or {}
-        line = (
-            f"- {mode}: n={s.get('n')}, het top-1 mean {_fmt(s.get('het_mean'))}, spread {_fmt(s.get('het_spread'))}, "
-            f"Pearson(hom, het) {_fmt(s.get('pearson_hom_het'))}, Kendall {_fmt(s.get('kendall_hom_het'))}, "
-            f"Spearman {_fmt(s.get('spearman_hom_het'))}, "
-            f"fraction with M(q,g) > M(q,q) {_fmt(s.get('fraction_compatible'))}"
-        )
-        if mode == "bct":
-            line += "; supernet vs stand-alone " + ", ".join(
-                f"{what} Kendall {_fmt(s.get(f'kendall_supernet_vs_standalone_{key}'))} / "
-                f"Spearman {_fmt(s.get(f'spearman_supernet_vs_standalone_{key}'))}"
-                for what, key in (("het", "het"), ("hom", "hom"))
-            )
-        md.append(line)
-    ranking = study.get("ranking") or {}
-    if ranking.get("n"):
-        lo, hi = ranking["macs_range"]
+        if not s.get("n"):
+            continue
+        het = [r["het_top1"] for r in study.get("rows", []) if r["mode"] == mode and r.get("set", "study") == "study"]
+        std = f" ± {statistics.stdev(het):.1f}" if len(het) > 1 else ""
         md.append(
-            f"- ranking set: n={ranking['n']} BCT-trained archs over {lo / 1e6:.2f}-{hi / 1e6:.2f} MMACs (the search "
-            "band); supernet vs stand-alone "
-            + ", ".join(
-                f"{what} Kendall {_fmt(ranking.get(f'kendall_supernet_vs_standalone_{key}'))} / "
-                f"Spearman {_fmt(ranking.get(f'spearman_supernet_vs_standalone_{key}'))}"
-                for what, key in (("het", "het"), ("hom", "hom"))
-            )
+            f"| {mode} | {s['n']} | {_num(s.get('het_mean'))}{std} | {_num(s.get('het_spread'))} | "
+            f"{_num(s.get('kendall_hom_het'), 2)} | {_num(s.get('spearman_hom_het'), 2)} | "
+            f"{100 * s.get('fraction_compatible', 0):.0f} % |"
         )
+    rows = []
+    for label, s in (("study archs (BCT)", study.get("bct") or {}), ("ranking set", study.get("ranking") or {})):
+        if not s.get("n") or s.get("kendall_supernet_vs_standalone_het") is None:
+            continue
+        span = s.get("macs_range")
+        label += f" ({span[0] / 1e6:.2f}-{span[1] / 1e6:.2f} MMACs)" if span else ""
+        rows.append(
+            f"| {label} | {s['n']} | {_num(s.get('kendall_supernet_vs_standalone_het'), 2)} | "
+            f"{_num(s.get('spearman_supernet_vs_standalone_het'), 2)} | "
+            f"{_num(s.get('kendall_supernet_vs_standalone_hom'), 2)} | "
+            f"{_num(s.get('spearman_supernet_vs_standalone_hom'), 2)} |"
+        )
+    if rows:
+        md += [
+            "",
+            "Supernet estimate (after BN recalibration) against the same architecture trained stand-alone with "
+            "BCT, rank agreement (goal: τ ≥ 0.5 on heterogeneous top-1):\n",
+            "| architectures | n | het τ | het ρ | hom τ | hom ρ |",
+            "|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
     md.append("")
     return md
 
