@@ -42,29 +42,6 @@ def _trained(out: Path, train: Any) -> Path:
     return model
 
 
-def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top1 = {(r["query"], r["gallery"]): r["top1"] for r in res["table"]}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for order, style in (("uncertainty", "o-"), ("random", "s--")):
-        pts = res["backfill_curve"][order]
-        ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {order}")
-    ax.axhline(top1[("old", "old")], color="grey", lw=1, ls=":", label=f"M(v1, v1) {top1[('old', 'old')]:.1f}")
-    ax.axhline(top1[("new", "new")], color="black", lw=1, ls="-.", label=f"M(v2, v2) {top1[('new', 'new')]:.1f}")
-    ax.set_xlabel("gallery re-embedded by v2 (%)")
-    ax.set_ylabel("top-1 (%), v2 queries, test split")
-    ax.set_title("Backfilling a v1 index with the BCT-upgraded v2")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--v1", type=Path, default=None, help="trained v1 gallery model (else trained here)")
@@ -75,7 +52,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from cmpnas.config import load_config
-    from cmpnas.stages import evaluate_upgrade, train_gallery, train_query, train_transformation, upgrade_gallery
+    from cmpnas.stages import (
+        evaluate_upgrade,
+        train_gallery,
+        train_query,
+        train_transformation,
+        upgrade_gallery,
+    )
     from cmpnas.stages.common import load_data
 
     started = time.time()
@@ -114,8 +97,10 @@ def main() -> None:
         split="test",
     )
     seconds["evaluate"] = round(time.time() - t0, 1)
+    from cmpnas.report import backfill_figure
+
     png = RESULTS / "upgrade_backfill.png"
-    plot(dict(res), png)
+    backfill_figure(dict(res)).savefig(png, dpi=120)
     write_result(
         "upgrade",
         {

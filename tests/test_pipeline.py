@@ -52,7 +52,7 @@ STAGES = [
     "gallery", "baseline-small-independent", "baseline-small-independent@s1", "baseline-small-bct",
     "baseline-small-bct@s1", "supernet", "search-R1", "search-R2", "search-R3", "retrain-R1", "retrain-R1@s1",
     "retrain-R2", "retrain-R2@s1", "retrain-R3", "retrain-R3@s1", "study", "evaluate", "export", "index",
-    "report",
+    "upgrade-gallery", "upgrade-control", "evaluate-upgrade", "report",
 ]  # fmt: skip
 NAMES = ["small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3"))]
 
@@ -161,10 +161,18 @@ def test_report_structure_and_numbers(first_run) -> None:
     md = (out / "report.md").read_text()
     assert md.startswith("# cmpnas report") and results["headline"] in md
     assert "| small-bct |" in md
+    # the smoke profile's gallery upgrade: the table (v2 with BCT, the control without), the curve, the plot
+    upgrade = results["upgrade"]
+    assert set(upgrade["bct_criterion"]) == {"new", "independent"} and upgrade["split"] == "test"
+    assert {(r["query"], r["gallery"]) for r in upgrade["table"]} >= {("new", "old"), ("small", "new")}
+    assert "## Gallery-model upgrade" in md and "BCT criterion M(new, old) > M(old, old)" in md
+    v2 = json.loads((out / "upgrade" / "v2" / "manifest.json").read_text())
+    assert v2["inputs"]["gallery"]["fingerprint"] == state(out)["gallery"]["outputs"]["fingerprint"]
 
     html = (out / "report.html").read_text()
     pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(pngs) >= 2  # accuracy vs MACs, search progress (and the study)
+    assert len(pngs) >= 3  # accuracy vs MACs, search progress, the backfill curve (and the study)
+    assert 'alt="backfill_curve"' in html
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html.replace("data:image/png;base64,", ""))
     assert "<script" not in html and "<link" not in html
@@ -280,6 +288,7 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
         *(f"baseline-small-{m}{s}" for m in ("independent", "bct") for s in ("", "@s1")),
         "evaluate",
         "export",
+        "evaluate-upgrade",  # its query model is retrain-R3's
         "report",
     }
     for s in STAGES:

@@ -209,6 +209,17 @@ class BaselineConfig(_Strict):
     compat: Literal["independent", "bct"] = "bct"
 
 
+class UpgradeConfig(_Strict):
+    """A gallery-model upgrade in `cmpnas run` (docs/upgrades.md): a new gallery model trained with the run's compat
+    objective against the run's gallery, the same without it (the control), and the BCT compatibility table with
+    the backfill curve."""
+
+    gallery: ModelConfig | None = Field(None, description="the new gallery model; None = the run's gallery config")
+    gallery_train: TrainConfig = Field(description="the new gallery model's schedule")
+    control: bool = Field(True, description="also train the control (no compat term): M(control, old) should collapse")
+    split: Literal["val", "test"] = "test"
+
+
 class RunConfig(_Strict):
     """What `cmpnas run` does beyond the core stages."""
 
@@ -222,6 +233,7 @@ class RunConfig(_Strict):
         description="auto = torch's dynamo exporter (needs onnxscript), falling back to the legacy one",
     )
     build_index: bool = True
+    upgrade: UpgradeConfig | None = None
     latency_repeats: int = Field(50, ge=1)
     seeds: list[int] = Field(
         default_factory=lambda: [0],

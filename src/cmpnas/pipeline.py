@@ -56,6 +56,7 @@ from cmpnas.stages import (
     train_supernet,
 )
 from cmpnas.stages.common import MODEL_FILE
+from cmpnas.stages.upgrade import evaluate_upgrade, upgrade_gallery
 
 STATE_FILE = "run_state.json"
 SEED_DIR = re.compile(r"seed\d+")
@@ -247,6 +248,60 @@ def _index(ctx: RunContext) -> dict[str, Any]:
     return {"index": "index", **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
 
 
+UPGRADE_FOLDERS = {"upgrade-gallery": "upgrade/v2", "upgrade-control": "upgrade/control", "evaluate-upgrade": "upgrade/evaluate"}
+
+
+def _upgrade(control: bool) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        up = ctx.cfg.run.upgrade
+        cfg = ctx.cfg.model_copy(update={"gallery": up.gallery or ctx.cfg.gallery, "gallery_train": up.gallery_train})
+        name = "upgrade-control" if control else "upgrade-gallery"
+        res = upgrade_gallery(
+            cfg, ctx.gallery_path, ctx.path(UPGRADE_FOLDERS[name]), resume=True, data=ctx.data, independent=control
+        )
+        return dict(res)
+
+    return run
+
+
+def _upgrade_small(ctx: RunContext) -> Path | None:
+    """The query model of the upgrade table: the headline searched model, else the first BCT baseline."""
+    if ctx.cfg.run.rewards:
+        return _headline_dir(ctx) / MODEL_FILE
+    bct = [b for b in ctx.cfg.run.baselines if b.compat == "bct"]
+    return ctx.path("baselines", bct[0].name, MODEL_FILE) if bct else None
+
+
+def _evaluate_upgrade(ctx: RunContext) -> dict[str, Any]:
+    up = ctx.cfg.run.upgrade
+    res = evaluate_upgrade(
+        ctx.cfg,
+        ctx.gallery_path,
+        ctx.path(UPGRADE_FOLDERS["upgrade-gallery"], MODEL_FILE),
+        ctx.path(UPGRADE_FOLDERS["evaluate-upgrade"]),
+        small=_upgrade_small(ctx),
+        independent=ctx.path(UPGRADE_FOLDERS["upgrade-control"], MODEL_FILE) if up.control else None,
+        data=ctx.data,
+        split=up.split,
+    )
+    return {"results": f"{UPGRADE_FOLDERS['evaluate-upgrade']}/results.json", "bct_criterion": res["bct_criterion"]}
+
+
+def _upgrade_stages(cfg: Config, earlier: list[StageDef]) -> list[StageDef]:
+    """upgrade-gallery, upgrade-control (optional) and evaluate-upgrade, when ``run.upgrade`` is set."""
+    if cfg.run.upgrade is None:
+        return []
+    part = lambda c: [_dump(c.run.upgrade), _dump(c.compat)]  # noqa: E731
+    stages = [StageDef("upgrade-gallery", ["gallery"], part, _upgrade(False))]
+    if cfg.run.upgrade.control:
+        stages.append(StageDef("upgrade-control", ["gallery"], part, _upgrade(True)))
+    small = [s.name for s in earlier if s.name == f"retrain-{cfg.run.headline_reward}" or s.name.startswith("baseline-")]
+    stages.append(
+        StageDef("evaluate-upgrade", [s.name for s in stages] + small, lambda c: [c.eval_batch_size], _evaluate_upgrade)
+    )
+    return stages
+
+
 def _report(ctx: RunContext) -> dict[str, Any]:
     return write_report(ctx.out, ctx.cfg, ctx.state)
 
@@ -345,6 +400,7 @@ def build_stages(cfg: Config) -> list[StageDef]:
         )
     if cfg.run.build_index:
         stages.append(StageDef("index", ["gallery"], lambda c: [_dump(c.index)], _index))
+    stages += _upgrade_stages(cfg, stages)
     stages.append(StageDef("report", [s.name for s in stages], lambda c: [], _report))
     return stages
 
@@ -362,6 +418,8 @@ def stage_paths(out: Path, name: str) -> list[Path]:
     kind, _, arg = base.partition("-")
     if name in ("gallery", "supernet", "study"):
         return [out / name]
+    if name in UPGRADE_FOLDERS:
+        return [out / UPGRADE_FOLDERS[name]]
     if kind == "search":  # + candidate metrics shared by the searches (measured on this supernet)
         return [out / kind / arg, out / "search" / "candidates.json"]
     if kind in ("retrain", "baseline"):

@@ -28,6 +28,7 @@ from cmpnas.evaluation.stats import (
 from cmpnas.io import read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import environment
 from cmpnas.progress import format_seconds
+from cmpnas.stages.upgrade import upgrade_markdown
 
 # Which split each number of results.json comes from (None: no split, e.g. MACs or timings).
 SPLITS = {
@@ -336,6 +337,30 @@ def _plots(
     return plots
 
 
+def backfill_figure(res: dict[str, Any]) -> Any:
+    """The backfill curve of an upgrade evaluation: top-1 of new-model queries against the fraction of the gallery
+    re-embedded, both orders, with M(old, old) and M(new, new) as the ends to compare against."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top1 = {(r["query"], r["gallery"]): r["top1"] for r in res["table"]}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for order, style in (("uncertainty", "o-"), ("random", "s--")):
+        pts = res["backfill_curve"][order]
+        ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {order}")
+    ax.axhline(top1[("old", "old")], color="grey", lw=1, ls=":", label=f"M(old, old) {top1[('old', 'old')]:.1f}")
+    ax.axhline(top1[("new", "new")], color="black", lw=1, ls="-.", label=f"M(new, new) {top1[('new', 'new')]:.1f}")
+    ax.set_xlabel("gallery re-embedded by the new model (%)")
+    ax.set_ylabel(f"top-1 (%), new-model queries, {res['split']} split")
+    ax.set_title("Backfilling an old index with the upgraded gallery model")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _results(
     cfg: Config,
     rows: list[dict[str, Any]],
@@ -522,12 +547,19 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     searches = {r: _load(out / "search" / r / "search.json") for r in cfg.run.rewards}
     searches = {k: v for k, v in searches.items() if v}
     study = _load(out / "study" / "study.json")
+    upgrade = _load(out / "upgrade" / "evaluate" / "results.json")
     models = summarize_models(rows)
     results = _results(cfg, rows, models, searches, study, state)
+    if upgrade:
+        results["upgrade"] = upgrade
     write_json_atomic(out / "results.json", results)
     markdown = _markdown(cfg, results, searches, study)
+    if upgrade:
+        markdown += "\n## Gallery-model upgrade (issue 13)\n\n" + upgrade_markdown(upgrade)
     write_text_atomic(out / "report.md", markdown)
     plots = _plots(models, results["gallery"], searches, study)
+    if upgrade:
+        plots["backfill_curve"] = _png(backfill_figure(upgrade))
     write_text_atomic(out / "report.html", _html(markdown, plots))
     return {
         "results": "results.json",
