@@ -230,50 +230,46 @@ def _plots(
 
     plots: dict[str, str] = {}
     if models and gallery:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9, 4.2))
         ax.axhline(
             models[0]["paragon"]["top1"],
             color="tab:orange",
             ls="--",
             label=f"paragon M(g,g) ({gallery['macs'] / 1e6:.0f} MMACs)",
         )
-        for r in models:
-            m = r["macs"] / 1e6
-            for setting, marker, color in (
-                ("homogeneous", "o", "tab:blue"),
-                ("heterogeneous", "^", "tab:green"),
-            ):
+        # one colour per model, named in the legend (labels on the points overlap when models have similar
+        # MACs); hollow circles = homogeneous, filled triangles = heterogeneous
+        colors = plt.get_cmap("tab10").colors
+        for i, r in enumerate(models):
+            m, color = r["macs"] / 1e6, colors[i % len(colors)]
+            for setting, marker, face in (("homogeneous", "o", "none"), ("heterogeneous", "^", color)):
                 ax.errorbar(
                     m,
                     r[setting]["top1"],
                     yerr=r["std"][setting]["top1"] or 0.0,
                     fmt=marker,
                     color=color,
+                    mfc=face,
                     capsize=2,
+                    label=r["name"] if setting == "heterogeneous" else None,
                 )
-            ax.annotate(
-                r["name"],
-                (m, r["heterogeneous"]["top1"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        ax.scatter([], [], marker="o", color="tab:blue", label="homogeneous M(q,q)")
-        ax.scatter([], [], marker="^", color="tab:green", label="heterogeneous M(q,g)")
-        for reward, s in searches.items():
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="black", label="homogeneous M(q,q)")
+        ax.scatter([], [], marker="^", color="black", label="heterogeneous M(q,g)")
+        for (reward, s), ls in zip(searches.items(), ("-", "--", ":", "-."), strict=False):
             front = s.get("pareto_front") or []
             if front:
                 ax.plot(
                     [p["macs"] / 1e6 for p in front],
                     [p["het_top1"] for p in front],
                     lw=0.8,
-                    alpha=0.6,
+                    color="grey",
+                    ls=ls,
                     label=f"search {reward} Pareto front (val, supernet)",
                 )
-        ax.set_xscale("log")
-        ax.set_xlabel("query model MMACs (log)")
+        ax.set_xlabel("query model MMACs")
         ax.set_ylabel("top-1 (%), test split")
-        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         n = max(r["n_seeds"] for r in models)
         ax.set_title("Accuracy vs cost" + (f" (mean ± std over {n} seeds)" if n > 1 else ""))
         plots["accuracy_vs_macs"] = _png(fig)
