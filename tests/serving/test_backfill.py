@@ -24,7 +24,9 @@ from cmpnas.serving.index import GalleryIndex, IndexParams, build_index, check_c
 def upgraded(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 'new gallery model' that records the fixtures' gallery model as the one it is compatible with."""
     path = tmp_path_factory.mktemp("v2") / "gallery_v2.safetensors"
-    save_model(_model(7, GALLERY_KW, compatible_with=models.gallery_fp), path)
+    model = _model(7, GALLERY_KW, compatible_with=models.gallery_fp)
+    model.spec.name = "gallery"  # what upgrade-gallery names it: a gallery model, not a query model
+    save_model(model, path)
     return path
 
 
@@ -118,6 +120,11 @@ def test_append_with_the_upgraded_model_extends_the_lineage(
     # the old gallery model can no longer write into it (its newest generation is v2)
     with pytest.raises(CmpnasError, match="cannot write into"):
         build_index(models.gallery, folder_source(tmp_path / "extra"), out, append=True)
+    # nor can a query model trained against the new head: comparable, but not a gallery model
+    query_v2 = tmp_path / "query_v2.safetensors"
+    save_model(_model(8, GALLERY_KW, compatible_with=new_fp), query_v2)
+    with pytest.raises(CmpnasError, match="a query model trained against it"):
+        build_index(query_v2, folder_source(tmp_path / "extra"), out, append=True)
 
 
 def test_transform_index_moves_every_vector_into_the_new_space(

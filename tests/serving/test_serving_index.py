@@ -18,9 +18,9 @@ from cmpnas.serving.export import load_encoder
 from cmpnas.serving.index import (
     GalleryIndex,
     IndexParams,
-    _new_faiss_index,
     build_index,
     check_compatible,
+    new_faiss_index,
     query_images,
 )
 
@@ -170,7 +170,7 @@ def test_failed_append_or_rebuild_keeps_old_index(
     def failing_write(*_: object) -> None:  # fails after the tmp folder exists: the tmp folder must go
         raise _Boom("disk full")
 
-    monkeypatch.setattr(index_mod, "_write_items", failing_write)
+    monkeypatch.setattr(index_mod, "write_items", failing_write)
     with pytest.raises(_Boom):
         build_index(models.gallery, folder_source(gallery_dir), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -257,17 +257,17 @@ def test_approximate_indexes_agree_with_flat_on_clustered_vectors() -> None:
     data = centres[rng.integers(0, 20, 1500)] + 0.15 * rng.normal(size=(1500, 32)).astype(np.float32)
     data /= np.linalg.norm(data, axis=1, keepdims=True)
     queries = data[:50] + 0.01 * rng.normal(size=(50, 32)).astype(np.float32)
-    flat = _new_faiss_index(IndexParams().resolved(1500, 32), 32, data)
+    flat = new_faiss_index(IndexParams().resolved(1500, 32), 32, data)
     flat.add(data)
     _, truth = flat.search(queries, 10)
     for kind, min_recall in (("ivf", 0.85), ("hnsw", 0.9), ("ivfpq", 0.4)):
         params = IndexParams(kind=kind).resolved(1500, 32)
-        idx = _new_faiss_index(params, 32, data)
+        idx = new_faiss_index(params, 32, data)
         idx.add(data)
         _, got = idx.search(queries, 10)
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)])
         assert recall >= min_recall, (kind, recall)
-    exhaustive = _new_faiss_index(IndexParams(kind="ivf", nprobe=10**6).resolved(1500, 32), 32, data)
+    exhaustive = new_faiss_index(IndexParams(kind="ivf", nprobe=10**6).resolved(1500, 32), 32, data)
     exhaustive.add(data)
     assert np.array_equal(np.sort(exhaustive.search(queries, 10)[1], 1), np.sort(truth, 1))
 

@@ -36,11 +36,12 @@ from cmpnas.serving.index import (
     FaissStore,
     GalleryIndex,
     IndexParams,
-    _new_faiss_index,
-    _now,
-    _write_items,
     embed_source,
+    gallery_spec_of,
     lineage_after,
+    new_faiss_index,
+    now_iso,
+    write_items,
 )
 
 PLAN_FORMAT = "cmpnas.backfill_plan.v1"
@@ -83,7 +84,7 @@ def backfill(
     by_id = {it.id: it for it in items}
     vectors, kept = _run_chunks(index, encoder, [by_id[i] for i in ids], chunk_size, progress_cb)
     record = {
-        "at": _now(),
+        "at": now_iso(),
         "model": encoder.fingerprint,
         "fraction": fraction,
         "order": order,
@@ -96,7 +97,7 @@ def backfill(
     fields = {
         "gallery_model": str(Path(gallery_model).resolve()),
         "gallery_fingerprint": encoder.fingerprint,
-        "gallery_spec": _spec_fields(encoder),
+        "gallery_spec": gallery_spec_of(encoder),
         "lineage": chain,
     }
     _apply(index, kept, vectors, [encoder.fingerprint] * len(kept), fields, ("backfills", record))
@@ -177,11 +178,11 @@ def transform_index(
             progress_cb(done, len(ids))
     vectors = np.concatenate(parts) if parts else np.zeros((0, index.dim), np.float32)
     tag = f"fct:{old_fp}->{new_fp}"
-    record = {"at": _now(), "old": old_fp, "new": new_fp, "transformed": len(ids), "transformation": str(transformation)}
+    record = {"at": now_iso(), "old": old_fp, "new": new_fp, "transformed": len(ids), "transformation": str(transformation)}
     fields = {
         "gallery_model": str(Path(gallery_model).resolve()),
         "gallery_fingerprint": new_fp,
-        "gallery_spec": _spec_fields(encoder),
+        "gallery_spec": gallery_spec_of(encoder),
         "lineage": lineage_after(None, encoder),
     }
     _apply(index, ids, vectors, [tag] * len(ids), fields, ("transforms", record))
@@ -192,11 +193,6 @@ def transform_index(
 # --------------------------------------------------------------------------------------------- shared steps
 def _models(index: GalleryIndex, ids: list[str]) -> list[str]:
     return index.store.model_of(ids) if ids else []
-
-
-def _spec_fields(encoder: Encoder) -> dict[str, Any]:
-    keys = ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
-    return {k: getattr(encoder.spec, k) for k in keys}
 
 
 def _plan(index: GalleryIndex, settings: dict[str, Any], select: Callable[[], list[str]]) -> dict[str, Any]:
@@ -270,7 +266,7 @@ def _apply(
     record: tuple[str, dict[str, Any]],
 ) -> None:
     """Write the new vectors and the manifest in one step, then drop the work folder."""
-    manifest = {**index.manifest, **fields, "updated_at": _now()}
+    manifest = {**index.manifest, **fields, "updated_at": now_iso()}
     key, entry = record
     manifest[key] = [*index.manifest.get(key, []), entry]
     if isinstance(index.store, FaissStore):
@@ -300,11 +296,11 @@ def _rewrite_faiss(
         every = store.vectors([it.id for it in store.items]) if len(store.items) else np.zeros((0, index.dim))
         every[rows] = vectors
         params = IndexParams(**manifest["index"]["params"])
-        out = _new_faiss_index(params, index.dim, every)
+        out = new_faiss_index(params, index.dim, every)
         out.add(np.ascontiguousarray(every, dtype=np.float32))
     with atomic_dir(index.path) as tmp:
         faiss.write_index(out, str(tmp / "index.faiss"))
-        _write_items(tmp / "items.csv", store.items, new_models)
+        write_items(tmp / "items.csv", store.items, new_models)
         write_json_atomic(tmp / "manifest.json", {**manifest, "format": INDEX_FORMAT})
 
 

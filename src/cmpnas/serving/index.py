@@ -98,7 +98,7 @@ class IndexParams:
         return p
 
 
-def _new_faiss_index(params: IndexParams, dim: int, train: np.ndarray) -> faiss.Index:
+def new_faiss_index(params: IndexParams, dim: int, train: np.ndarray) -> faiss.Index:
     ip = faiss.METRIC_INNER_PRODUCT
     if params.kind == "flat":
         return faiss.IndexFlatIP(dim)
@@ -395,7 +395,7 @@ def read_items(path: Path, default_model: str = "") -> tuple[list[Item], list[st
     return items, [r.get("model") or default_model for r in rows]
 
 
-def _write_items(path: Path, items: Sequence[Item], models: Sequence[str]) -> None:
+def write_items(path: Path, items: Sequence[Item], models: Sequence[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "path", "label", "model"])
@@ -517,23 +517,33 @@ def lineage_after(manifest: dict[str, Any] | None, encoder: Encoder, where: str 
     """The index's chain of compatible gallery models once ``encoder`` writes into it, newest first.
 
     A new index starts at the model (and the model it was trained compatible with, if any); the model that
-    built an index keeps its chain; a model trained compatible with the index's newest model (``cmpnas
-    upgrade-gallery``) becomes the new head. Any other model is refused: its embeddings are not comparable.
+    built an index keeps its chain; a *gallery* model trained compatible with the index's newest model (``cmpnas
+    upgrade-gallery``, which names it ``gallery`` like ``train-gallery`` does) becomes the new head. Anything
+    else is refused: a query model trained against the gallery is comparable but would fill the index with its
+    weaker embeddings, and an unrelated model's embeddings are not comparable at all.
     """
     if manifest is None:
         return [encoder.fingerprint, *([encoder.compatible_with] if encoder.compatible_with else [])]
     chain = list(manifest.get("lineage") or [manifest["gallery_fingerprint"]])
     if encoder.fingerprint == chain[0]:
         return chain
-    if encoder.compatible_with == chain[0]:
+    if encoder.compatible_with == chain[0] and encoder.spec.name == "gallery":
         return [encoder.fingerprint, *chain]
+    what = "a query model trained against it" if encoder.compatible_with == chain[0] else "not compatible with it"
     raise CmpnasError(
-        f"Gallery model {encoder.fingerprint} (trained compatible with {encoder.compatible_with or 'none'}) "
-        f"cannot write into {where}, whose newest gallery model is {chain[0]}: the embeddings would not be "
-        "comparable.",
-        f"use gallery {chain[0]} or a model upgraded from it (cmpnas upgrade-gallery --old ...), or build a "
-        "new index",
+        f"Model {encoder.fingerprint} ('{encoder.spec.name}') cannot write into {where}, whose newest gallery "
+        f"model is {chain[0]}: it is {what}.",
+        f"append with the same gallery model ({chain[0]}) or a gallery model upgraded from it (cmpnas "
+        "upgrade-gallery --old ...), or build a new index",
     )
+
+
+def gallery_spec_of(encoder: Encoder) -> dict[str, Any]:
+    """What an index records of the gallery model that embeds into it (enough to tell what fed it)."""
+    return {
+        k: getattr(encoder.spec, k)
+        for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
+    }
 
 
 def _gallery_fields(job: _Build) -> dict[str, Any]:
@@ -541,10 +551,7 @@ def _gallery_fields(job: _Build) -> dict[str, Any]:
     return {
         "gallery_model": str(job.gallery_model.resolve()),
         "gallery_fingerprint": enc.fingerprint,
-        "gallery_spec": {
-            k: getattr(enc.spec, k)
-            for k in ("backbone", "embed_dim", "in_chans", "input_size", "mean", "std", "name")
-        },
+        "gallery_spec": gallery_spec_of(enc),
         # the chain of gallery models these embeddings are comparable with, newest first
         "lineage": lineage_after(job.existing if job.append else None, enc, str(job.out)),
         "dim": enc.dim,
@@ -631,9 +638,9 @@ def _build_faiss(job: _Build) -> dict[str, Any]:
         effective = IndexParams(**manifest["index"]["params"])
     else:
         effective = job.params.resolved(len(new_items), job.encoder.dim)
-        index, items = _new_faiss_index(effective, job.encoder.dim, vectors), new_items
+        index, items = new_faiss_index(effective, job.encoder.dim, vectors), new_items
         models = fresh_models
-        manifest = {"format": INDEX_FORMAT, "created_at": _now(), "sources": []}
+        manifest = {"format": INDEX_FORMAT, "created_at": now_iso(), "sources": []}
     if len(vectors):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     manifest.update(
@@ -646,7 +653,7 @@ def _build_faiss(job: _Build) -> dict[str, Any]:
                 "params": asdict(effective),
                 "faiss_class": type(index).__name__,
             },
-            "updated_at": _now(),
+            "updated_at": now_iso(),
             "build_seconds": round(time.time() - job.started, 3),
             "cmpnas_version": __version__,
             "faiss_version": faiss.__version__,
@@ -656,7 +663,7 @@ def _build_faiss(job: _Build) -> dict[str, Any]:
     manifest["sources"] = [*manifest.get("sources", []), _source_record(job, len(new_items), skipped)]
     with atomic_dir(job.out) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
-        _write_items(tmp / "items.csv", items, models)
+        write_items(tmp / "items.csv", items, models)
         write_json_atomic(tmp / "manifest.json", manifest)
     barrier(job.info)
     return manifest
@@ -677,7 +684,7 @@ def _build_milvus(job: _Build) -> dict[str, Any]:
     lite = is_lite(uri)
     writes_here = job.info.is_main or not lite
     fields = _gallery_fields(job)
-    manifest: dict[str, Any] = dict(previous or {"format": INDEX_FORMAT, "created_at": _now(), "sources": []})
+    manifest: dict[str, Any] = dict(previous or {"format": INDEX_FORMAT, "created_at": now_iso(), "sources": []})
     if job.info.is_main:
         make_dirs(job.out)  # the index folder holds the manifest (and a Milvus Lite file by default)
         store = MilvusStore(uri, collection)
@@ -743,7 +750,7 @@ def _build_milvus(job: _Build) -> dict[str, Any]:
             {
                 "count": len(store),
                 "status": "complete",
-                "updated_at": _now(),
+                "updated_at": now_iso(),
                 "build_seconds": round(time.time() - job.started, 3),
                 "cmpnas_version": __version__,
                 "ranks": job.info.world_size,
@@ -759,7 +766,7 @@ def _build_milvus(job: _Build) -> dict[str, Any]:
 BUILDERS: dict[str, Callable[[_Build], dict[str, Any]]] = {"faiss": _build_faiss, "milvus": _build_milvus}
 
 
-def _now() -> str:
+def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
