@@ -337,7 +337,7 @@ class SearchService:
                 try:
                     self.swap_index(reload(), allow_incompatible)
                     log.info("index %s reloaded (%d items)", self.index.path, len(self.index))
-                except CmpnasError as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever a bad new folder raises, the old index serves on
                     log.warning("index %s changed but was not swapped in: %s", self.index.path, exc)
 
         threading.Thread(target=loop, name="cmpnas-index-watch", daemon=True).start()
