@@ -96,7 +96,13 @@ def backfill_cmd(
     fraction: Annotated[
         float, typer.Option("--fraction", min=0.0, max=1.0, help="Share of the index the new model embeds when done.")
     ],
-    order: Annotated[Order, typer.Option("--order", help="uncertainty (FastFill) or random.")] = Order.uncertainty,
+    order: Annotated[
+        Order,
+        typer.Option(
+            "--order",
+            help="random (default) or uncertainty (lowest margin first; measured worse than random, see docs/upgrades.md)",
+        ),
+    ] = Order.random,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random order.")] = 0,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Images per saved chunk (the unit a killed run redoes).")

@@ -57,7 +57,7 @@ def backfill(
     index_dir: str | Path,
     gallery_model: str | Path,
     fraction: float,
-    order: str = "uncertainty",
+    order: str = "random",
     *,
     seed: int = 0,
     chunk_size: int = 256,
