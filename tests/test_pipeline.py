@@ -45,16 +45,23 @@ SHRINK = [
     "nas.search={population: 4, generations: 2, parents: 2, mutations: 2, crossovers: 2, recal_images: 64, "
     "recal_batch: 32, val_images: 60}",
     "nas.study_archs=1", "run.latency_repeats=3", "eval_batch_size=128",
+    # a 2-member family (the space costs 0.22-0.49 MMACs here, the gallery 1.66)
+    "nas.budgets=[{cost_reduction: 4}, {cost_reduction: 6, latency_ms: 5.0}]", "nas.latency={repeats: 3, warmup: 1}",
 ]  # fmt: skip
 OTHER_SEED = ["gallery_train.seed=1", "query_train.seed=1", "nas.supernet_train.seed=1"]
 SEEDS = [0, 1]  # the smoke profile's run.seeds
 STAGES = [
     "gallery", "baseline-small-independent", "baseline-small-independent@s1", "baseline-small-bct",
     "baseline-small-bct@s1", "supernet", "search-R1", "search-R2", "search-R3", "retrain-R1", "retrain-R1@s1",
-    "retrain-R2", "retrain-R2@s1", "retrain-R3", "retrain-R3@s1", "study", "evaluate", "export", "index",
+    "retrain-R2", "retrain-R2@s1", "retrain-R3", "retrain-R3@s1", "study", "family-search", "member-4x",
+    "member-4x@s1", "member-6x-5ms", "member-6x-5ms@s1", "evaluate", "export", "family-export", "index",
     "upgrade-gallery", "upgrade-control", "evaluate-upgrade", "report",
 ]  # fmt: skip
-NAMES = ["small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3"))]
+MEMBERS = ["4x", "6x-5ms"]
+NAMES = [
+    "small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3")),
+    *(f"CMP-NAS family {m}" for m in MEMBERS),
+]  # fmt: skip
 
 
 def command(out: Path, extra: list[str] = ()) -> list[str]:
@@ -151,7 +158,7 @@ def test_report_structure_and_numbers(first_run) -> None:
             assert 0 <= m[row]["top1"] <= 100 and 0 <= m[row]["map"] <= 100
         assert m["gap_to_paragon"]["top1"] == pytest.approx(m["paragon"]["top1"] - m["heterogeneous"]["top1"])
         assert m["paragon"] == models[0]["paragon"]  # one gallery model
-    headline_model = models[-1]  # R3 is the headline reward
+    headline_model = next(m for m in models if m["kind"] == "searched-R3")  # R3 is the headline reward
     assert results["cost_reduction"] == headline_model["cost_reduction"]
     assert results["gap_to_paragon"] == headline_model["gap_to_paragon"]
     assert f"{headline_model['cost_reduction']:.0f}x cheaper" in results["headline"]
@@ -224,6 +231,10 @@ def test_report_has_the_paired_comparisons(first_run) -> None:
     ]
     if cheaper:
         expected.add((r3, max(cheaper, key=lambda m: m["heterogeneous"]["top1"])["name"]))
+    for member in (m for m in results["query_models"] if m["kind"].startswith("family-")):
+        cheaper = [m for m in results["query_models"] if m["kind"] == "baseline" and m["macs"] <= member["macs"]]
+        if cheaper:
+            expected.add((member["name"], max(cheaper, key=lambda m: m["heterogeneous"]["top1"])["name"]))
     assert set(pairs) == expected
     rows = json.loads((out / "evaluation" / "rows.json").read_text())
     het = {(r["query"]["name"], r["query"]["seed"]): r["heterogeneous"]["top1"] for r in rows}
@@ -237,6 +248,34 @@ def test_report_has_the_paired_comparisons(first_run) -> None:
         assert low <= c["mean_difference"] <= high
         assert c["verdict"] in ("not distinguishable", f"{a} better", f"{b} better")
         assert c["sentence"].startswith(f"{a} vs {b}: ") and c["sentence"] in section
+
+
+def test_the_family_is_searched_once_retrained_exported_and_reported(first_run) -> None:
+    """2 budgets, one search; members within their caps (LUT MACs = counted MACs; the table's latency); the
+    report's family table and plot."""
+    from cmpnas.models.cost import LatencyTable
+
+    out = first_run["out"]
+    search = json.loads((out / "search" / "family" / "search.json").read_text())
+    assert [b["name"] for b in search["budgets"]] == MEMBERS
+    keys = {json.dumps(c["arch"], sort_keys=True) for c in search["candidates"]}
+    assert len(keys) == search["n_candidates"]  # each candidate once, counted for every budget it fits
+    assert all(c["budgets"] for c in search["candidates"])
+    table = LatencyTable.from_dict(json.loads((out / "search" / "latency_table.json").read_text()))
+    family = json.loads((out / "export" / "family" / "family.json").read_text())
+    caps = {b["name"]: b for b in search["budgets"]}
+    for m in family["members"]:
+        cap = caps[m["name"]]
+        assert m["macs"] == m["macs_counted"] <= cap["macs"]
+        assert m["latency_ms_predicted"] == pytest.approx(table.latency_ms(m["arch"]))
+        assert cap["latency_ms"] is None or m["latency_ms_predicted"] <= cap["latency_ms"]
+        assert (out / "export" / "family" / m["onnx"]).is_file()
+    assert [r["name"] for r in family["references"]] == ["small-independent", "small-bct"]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["family"]["members"]] == MEMBERS
+    md = (out / "report.md").read_text()
+    assert "## Query-model family" in md and "| 4x |" in md and "| 6x-5ms |" in md
+    assert 'alt="family"' in (out / "report.html").read_text()
 
 
 def test_rerun_skips_every_completed_stage(first_run) -> None:
@@ -286,8 +325,10 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
     rerun = {
         *(f"retrain-{r}{s}" for r in ("R1", "R2", "R3") for s in ("", "@s1")),
         *(f"baseline-small-{m}{s}" for m in ("independent", "bct") for s in ("", "@s1")),
+        *(f"member-{m}{s}" for m in MEMBERS for s in ("", "@s1")),
         "evaluate",
         "export",
+        "family-export",
         "evaluate-upgrade",  # its query model is retrain-R3's
         "report",
     }

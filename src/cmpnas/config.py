@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmpnas.errors import CmpnasError
 
@@ -167,8 +167,58 @@ class SearchConfig(_Strict):
     seed: int = 0
 
 
+class BudgetConfig(_Strict):
+    """One device class of a query-model family: a MACs cap (absolute or as a cost reduction) and/or a latency cap."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="member name, also its folder and stage name (default: from the caps, e.g. '80x', '80x-0.3ms')",
+    )
+    cost_reduction: float | None = Field(None, gt=0, description="MACs cap = gallery MACs / this")
+    macs: float | None = Field(None, gt=0, description="absolute MACs cap")
+    latency_ms: float | None = Field(None, gt=0, description="cap on the latency table's batch-1 prediction")
+
+    @model_validator(mode="after")
+    def _one_cap_at_least(self) -> BudgetConfig:
+        if self.cost_reduction is not None and self.macs is not None:
+            raise ValueError("give cost_reduction or macs, not both")
+        if self.cost_reduction is None and self.macs is None and self.latency_ms is None:
+            raise ValueError("a budget needs cost_reduction, macs or latency_ms")
+        return self
+
+    def label(self) -> str:
+        """The member's name: the configured one, else the caps (``80x``, ``1.2MMACs``, ``80x-0.3ms``)."""
+        if self.name:
+            return self.name
+        parts = []
+        if self.cost_reduction is not None:
+            parts.append(f"{self.cost_reduction:g}x")
+        if self.macs is not None:
+            parts.append(f"{self.macs / 1e6:g}MMACs")
+        if self.latency_ms is not None:
+            parts.append(f"{self.latency_ms:g}ms")
+        return "-".join(parts)
+
+
+class LatencyConfig(_Strict):
+    """How the latency table is measured: the deployment runtime at batch 1 (as `cmpnas export` measures)."""
+
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    threads: int = Field(1, ge=1)
+    repeats: int = Field(20, ge=1)
+    warmup: int = Field(3, ge=0)
+
+
 class NasConfig(_Strict):
     space: SpaceConfig = Field(default_factory=SpaceConfig)
+    budgets: list[BudgetConfig] | None = Field(
+        None,
+        min_length=1,
+        description="a family of query models, one per budget, from one search (`cmpnas run` adds the family "
+        "stages); None = no family (budget_* below set the one budget of the R1/R2/R3 searches)",
+    )
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
     budget_macs: float | None = Field(None, gt=0, description="query cost cap in MACs")
     budget_cost_reduction: float | None = Field(
         80.0, gt=0, description="cap = gallery MACs / this (used when budget_macs is None)"
@@ -200,6 +250,15 @@ class NasConfig(_Strict):
     study_band: float = Field(0.15, gt=0, lt=1, description="study archs within +-band of the budget")
     study_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
 
+    @field_validator("budgets")
+    @classmethod
+    def _distinct_budget_names(cls, budgets: list[BudgetConfig] | None) -> list[BudgetConfig] | None:
+        names = [b.label() for b in budgets or []]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise ValueError(f"two budgets are named {clash[0]!r}; give them distinct 'name's")
+        return budgets
+
 
 class BaselineConfig(_Strict):
     """A hand-designed query model trained by `cmpnas run` for comparison."""
@@ -207,6 +266,9 @@ class BaselineConfig(_Strict):
     name: str
     model: ModelConfig
     compat: Literal["independent", "bct"] = "bct"
+    family: str | None = Field(
+        None, description="hand-designed family it belongs to (e.g. MobileNetV2): one line in the family plot"
+    )
 
 
 class UpgradeConfig(_Strict):

@@ -56,6 +56,7 @@ from cmpnas.stages import (
     train_supernet,
 )
 from cmpnas.stages.common import MODEL_FILE
+from cmpnas.stages.family import export_family
 from cmpnas.stages.upgrade import evaluate_upgrade, upgrade_gallery
 
 STATE_FILE = "run_state.json"
@@ -198,6 +199,126 @@ def _retrain(reward: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
     return run
 
 
+# ------------------------------------------------------------------------------------------ family
+FAMILY_SEARCH = "family-search"
+FAMILY_EXPORT = "family-export"
+
+
+def _family_search(ctx: RunContext) -> dict[str, Any]:
+    res = search(
+        ctx.cfg,
+        ctx.gallery_path,
+        ctx.supernet_path,
+        ctx.path("search", "family"),
+        resume=True,
+        data=ctx.data,
+        cache_path=ctx.path("search", "candidates.json"),
+        family=True,
+        latency_path=ctx.path("search", "latency_table.json"),
+    )
+    return {
+        "family": "search/family/family.json",
+        "members": [{"name": b["name"], "arch": b["best"]["arch"], "macs": b["best"]["macs"]} for b in res["budgets"]],
+        "seconds": res["seconds"],
+        "n_candidates": res["n_candidates"],
+        "evaluator_calls": res["evaluator_calls"],
+    }
+
+
+def member_names(cfg: Config) -> list[str]:
+    return [b.label() for b in cfg.nas.budgets or []]
+
+
+def _member(name: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
+    """Retrain one family member (one seed); a member whose architecture an earlier member of the same seed
+    already has points at that one instead of training it twice."""
+
+    def run(ctx: RunContext) -> dict[str, Any]:
+        members = {m["name"]: m for m in ctx.state[FAMILY_SEARCH]["outputs"]["members"]}
+        arch = members[name]["arch"]
+        names = member_names(ctx.cfg)
+        for other in names[: names.index(name)]:
+            rec = ctx.state.get(f"member-{other}{seed_suffix(seed)}")
+            if rec and rec.get("outputs", {}).get("arch") == arch:
+                return {**rec["outputs"], "same_as": other}
+        folder = seed_folder(ctx.path("family", name), seed)
+        res = retrain(
+            ctx.cfg,
+            ctx.gallery_path,
+            arch,
+            folder,
+            resume=True,
+            data=ctx.data,
+            name=f"cmpnas-{name}",
+            train_cfg=seeded(table_schedule(ctx.cfg), seed),
+        )
+        return {**res, "arch": arch, "dir": str(folder), "seed": seed}
+
+    return run
+
+
+def _member_dir(ctx: RunContext, name: str, seed: int) -> Path:
+    rec = ctx.state.get(f"member-{name}{seed_suffix(seed)}", {}).get("outputs", {})
+    return seed_folder(ctx.path("family", rec.get("same_as", name)), seed)
+
+
+def _family_export(ctx: RunContext) -> dict[str, Any]:
+    doc = read_json(ctx.path("search", "family", "family.json"), "redo the family search: --force family-search")
+    seed = ctx.cfg.run.seeds[0]
+    doc["members"] = [
+        {**m, "model": str((_member_dir(ctx, m["name"], seed) / MODEL_FILE).relative_to(ctx.out))}
+        for m in doc["members"]
+    ]
+    references = [(b.name, seed_folder(ctx.path("baselines", b.name), seed) / MODEL_FILE) for b in ctx.cfg.run.baselines]
+    res = export_family(
+        doc,
+        ctx.out,
+        ctx.path("export", "family"),
+        exporter=ctx.cfg.run.onnx_exporter,
+        latency_runs=ctx.cfg.run.latency_repeats,
+        references=references,
+    )
+    return {
+        "family": "export/family/family.json",
+        "latency_check": res["latency_check"],
+        "members": [
+            {k: m[k] for k in ("name", "macs", "macs_counted", "latency_ms_predicted", "latency_ms_measured", "latency_error_pct")}
+            for m in res["members"]
+        ],
+    }
+
+
+def _family_stages(cfg: Config) -> tuple[list[StageDef], list[StageDef]]:
+    """(family-search + member retrains, family-export) when ``nas.budgets`` is set."""
+    if not cfg.nas.budgets:
+        return [], []
+    stages = [
+        StageDef(
+            FAMILY_SEARCH,
+            ["supernet"],
+            lambda c: [_dump(c.nas.search), _dump(c.nas.budgets), _dump(c.nas.latency)],
+            _family_search,
+        )
+    ]
+    names = member_names(cfg)
+    for name in names:
+        for s in cfg.run.seeds:
+            deps = [FAMILY_SEARCH] + [f"member-{o}{seed_suffix(s)}" for o in names[: names.index(name)]]
+            stages.append(
+                StageDef(
+                    f"member-{name}{seed_suffix(s)}",
+                    deps,
+                    lambda c: [_dump(table_schedule(c)), _dump(c.compat)],
+                    _member(name, s),
+                )
+            )
+    export_deps = [st.name for st in stages] + [
+        f"baseline-{b.name}{seed_suffix(cfg.run.seeds[0])}" for b in cfg.run.baselines
+    ]
+    export = StageDef(FAMILY_EXPORT, export_deps, lambda c: [c.run.onnx_exporter, c.run.latency_repeats], _family_export)
+    return stages, [export]
+
+
 def _study(ctx: RunContext) -> dict[str, Any]:
     res = study(ctx.cfg, ctx.gallery_path, ctx.path("study"), supernet_path=ctx.supernet_path, data=ctx.data)
     return {k: v for k, v in res.items() if k != "rows"}
@@ -219,6 +340,8 @@ def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str, int]]:
     ]
     for r in ctx.cfg.run.rewards:
         rows += [(f"CMP-NAS {r} (searched, BCT)", _retrain_dir(ctx, r, s), f"searched-{r}", s) for s in seeds]
+    for name in member_names(ctx.cfg):
+        rows += [(f"CMP-NAS family {name}", _member_dir(ctx, name, s), f"family-{name}", s) for s in seeds]
     return rows
 
 
@@ -322,12 +445,21 @@ def build_stages(cfg: Config) -> list[StageDef]:
                 StageDef(
                     f"baseline-{b.name}{seed_suffix(s)}",
                     ["gallery"],
-                    lambda c, i=i: [_dump(c.run.baselines[i]), _dump(table_schedule(c)), _dump(c.compat)],
+                    # the family label only names a line in a plot: changing it retrains nothing
+                    lambda c, i=i: [
+                        c.run.baselines[i].model_dump(mode="json", exclude={"family"}),
+                        _dump(table_schedule(c)),
+                        _dump(c.compat),
+                    ],
                     _baseline(i, s),
                 )
             )
-    nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction]  # noqa: E731
-    if cfg.run.rewards or wants_study(cfg):
+    # the family's budgets widen the supernet's sampling band; without a family the key is what it always was
+    nas_common = lambda c: [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction] + (  # noqa: E731
+        [_dump(c.nas.budgets)] if c.nas.budgets else []
+    )
+    family_stages, family_export = _family_stages(cfg)
+    if cfg.run.rewards or wants_study(cfg) or family_stages:
         stages.append(
             StageDef(
                 "supernet",
@@ -380,7 +512,8 @@ def build_stages(cfg: Config) -> list[StageDef]:
                 _study,
             )
         )
-    evaluate_deps = [s.name for s in stages if s.name.startswith(("baseline-", "retrain-"))]
+    stages += family_stages
+    evaluate_deps = [s.name for s in stages if s.name.startswith(("baseline-", "retrain-", "member-"))]
     stages.append(
         StageDef(
             "evaluate",
@@ -398,6 +531,8 @@ def build_stages(cfg: Config) -> list[StageDef]:
                 _export,
             )
         )
+    if cfg.run.export_onnx:
+        stages += family_export
     if cfg.run.build_index:
         stages.append(StageDef("index", ["gallery"], lambda c: [_dump(c.index)], _index))
     stages += _upgrade_stages(cfg, stages)
@@ -420,10 +555,14 @@ def stage_paths(out: Path, name: str) -> list[Path]:
         return [out / name]
     if name in UPGRADE_FOLDERS:
         return [out / UPGRADE_FOLDERS[name]]
+    if name == FAMILY_SEARCH:
+        return [out / "search" / "family", out / "search" / "candidates.json"]
+    if name == FAMILY_EXPORT:
+        return [out / "export" / "family"]
     if kind == "search":  # + candidate metrics shared by the searches (measured on this supernet)
         return [out / kind / arg, out / "search" / "candidates.json"]
-    if kind in ("retrain", "baseline"):
-        folder = out / ("baselines" if kind == "baseline" else "retrain") / arg
+    if kind in ("retrain", "baseline", "member"):
+        folder = out / {"baseline": "baselines", "retrain": "retrain", "member": "family"}[kind] / arg
         if seed:
             return [seed_folder(folder, seed)]
         if not folder.is_dir():

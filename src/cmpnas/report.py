@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,8 @@ def _pairs(cfg: Config, models: list[dict[str, Any]]) -> list[tuple[str, str, st
     by_kind = {m["kind"]: m for m in models}
     head = by_kind.get(f"searched-{cfg.run.headline_reward}")
     pairs = [] if head is None else _reward_pairs(cfg, head, by_kind) + _baseline_pair(head, models)
+    for member in (m for m in models if m["kind"].startswith("family-")):
+        pairs += _baseline_pair(member, models)
     return pairs + _compat_pairs(cfg, {m["name"] for m in models})
 
 
@@ -357,6 +360,123 @@ def backfill_figure(res: dict[str, Any]) -> Any:
     return fig
 
 
+# ------------------------------------------------------------------------------------------ family
+def family_rows(
+    models: list[dict[str, Any]], family: dict[str, Any], comparisons: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per family member: budget, cost (LUT and counted MACs; predicted and measured latency), test
+    accuracy over seeds, and its comparison with the best hand-designed model at <= its MACs."""
+    by_kind = {m["kind"]: m for m in models}
+    rows = []
+    for member in family["members"]:
+        model = by_kind.get(f"family-{member['name']}")
+        if model is None:
+            continue
+        versus = next((c for c in comparisons if c["a"] == model["name"]), None)
+        rows.append(
+            {
+                "name": member["name"],
+                "budget": member["budget"],
+                "macs_lut": member["macs"],
+                "macs_counted": member.get("macs_counted"),
+                "cost_reduction": model["cost_reduction"],
+                "latency_ms_predicted": member.get("latency_ms_predicted"),
+                "latency_ms_measured": member.get("latency_ms_measured"),
+                "latency_error_pct": member.get("latency_error_pct"),
+                "homogeneous_top1": asdict(_summary(model, "homogeneous")),
+                "heterogeneous_top1": asdict(_summary(model, "heterogeneous")),
+                "versus_best_hand_designed": versus,
+                "model": model["name"],
+            }
+        )
+    return rows
+
+
+def family_markdown(rows: list[dict[str, Any]], latency_check: dict[str, Any] | None) -> str:
+    lines = [
+        "One search for every budget; each member retrained with the compat objective on the table's schedule and "
+        "exported to ONNX. MACs from the search's lookup table and counted on the exported model; latency predicted "
+        "by the table and measured on ONNX Runtime (batch 1, 1 thread, p50). Accuracy: test split.\n",
+        "| member | MACs cap | MMACs (LUT / counted) | cost red. | latency pred. / measured (ms) | error | "
+        "homogeneous top-1 | heterogeneous top-1 | vs best hand-designed at <= MACs (het top-1) |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        cap = r["budget"]["macs"]
+        lat = r["budget"]["latency_ms"]
+        cap_text = (f"{cap / 1e6:.2f} M" if cap else "-") + (f", <= {lat:g} ms" if lat else "")
+        counted = f"{r['macs_counted'] / 1e6:.3f}" if r["macs_counted"] is not None else "-"
+        versus = r["versus_best_hand_designed"]
+        lines.append(
+            f"| {r['name']} | {cap_text} | {r['macs_lut'] / 1e6:.3f} / {counted} | {r['cost_reduction']:.0f}x | "
+            f"{_num(r['latency_ms_predicted'], 3)} / {_num(r['latency_ms_measured'], 3)} | "
+            f"{_num(r['latency_error_pct'])} % | {format_mean_std(Summary(**r['homogeneous_top1']))} | "
+            f"{format_mean_std(Summary(**r['heterogeneous_top1']))} | "
+            f"{versus['sentence'] if versus else 'no hand-designed model at <= its MACs'} |"
+        )
+    if latency_check and latency_check.get("mean_abs_error_pct") is not None:
+        lines.append(
+            f"\nLatency table vs measured (members): mean |error| {latency_check['mean_abs_error_pct']:.1f} %, "
+            f"max {latency_check['max_abs_error_pct']:.1f} % (goal <= 10 %).\n"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def family_figure(
+    models: list[dict[str, Any]], gallery: dict[str, Any], family: dict[str, Any], baselines: Any
+) -> Any:
+    """Heterogeneous top-1 against MACs and against measured ONNX latency: the searched family, each hand-designed
+    family (a line through its widths), the independent baseline(s), the paragon as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latency = {m["name"]: m.get("latency_ms_measured") for m in family["members"]}
+    latency |= {f"ref:{r['name']}": r.get("latency_ms_measured") for r in family.get("references", [])}
+    by_name = {m["name"]: m for m in models}
+    groups: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+    for member in family["members"]:
+        model = next((m for m in models if m["kind"] == f"family-{member['name']}"), None)
+        if model is not None:
+            groups.setdefault("CMP-NAS family (searched, BCT)", []).append((model, latency[member["name"]]))
+    for b in baselines:
+        model = by_name.get(b.name)
+        if model is None:
+            continue
+        label = f"{b.family} (hand-designed, {b.compat})" if b.family else f"{b.name} ({b.compat})"
+        groups.setdefault(label, []).append((model, latency.get(f"ref:{b.name}")))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    markers = ("o", "s", "D", "^", "v", "P", "X")
+    for ax, axis in zip(axes, ("macs", "latency"), strict=True):
+        ax.axhline(models[0]["paragon"]["top1"], color="tab:orange", ls="--",
+                   label=f"paragon M(g,g) ({gallery['macs'] / 1e6:.0f} MMACs)")
+        for i, (label, points) in enumerate(groups.items()):
+            pts = sorted(
+                ((m["macs"] / 1e6 if axis == "macs" else lat, m) for m, lat in points if axis == "macs" or lat),
+                key=lambda t: t[0],
+            )
+            if not pts:
+                continue
+            ax.errorbar(
+                [x for x, _ in pts],
+                [m["heterogeneous"]["top1"] for _, m in pts],
+                yerr=[m["std"]["heterogeneous"]["top1"] or 0.0 for _, m in pts],
+                fmt=markers[i % len(markers)] + ("-" if len(pts) > 1 else ""),
+                capsize=2,
+                lw=1.2 if i == 0 else 0.8,
+                label=label,
+            )
+        ax.set_xlabel("query model MMACs" if axis == "macs" else "measured latency (ms, ONNX Runtime, batch 1, 1 thread)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("heterogeneous top-1 M(q,g) (%), test split")
+    n = max(m["n_seeds"] for m in models)
+    fig.suptitle("Query-model family vs hand-designed families" + (f" (mean ± std over {n} seeds)" if n > 1 else ""))
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
 def _results(
     cfg: Config,
     rows: list[dict[str, Any]],
@@ -544,18 +664,32 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     searches = {k: v for k, v in searches.items() if v}
     study = _load(out / "study" / "study.json")
     upgrade = _load(out / "upgrade" / "evaluate" / "results.json")
+    family = _load(out / "export" / "family" / "family.json")
     models = summarize_models(rows)
     results = _results(cfg, rows, models, searches, study, state)
     if upgrade:
         results["upgrade"] = upgrade
+    if family:
+        results["family"] = {
+            "members": family_rows(models, family, results["paired_comparisons"]),
+            "latency_check": family.get("latency_check"),
+            "references": family.get("references", []),
+            "split": "test",
+        }
     write_json_atomic(out / "results.json", results)
     markdown = _markdown(cfg, results, searches, study)
     if upgrade:
         markdown += "\n## Gallery-model upgrade (issue 13)\n\n" + upgrade_markdown(upgrade)
+    if family:
+        markdown += "\n## Query-model family (one search, several budgets)\n\n" + family_markdown(
+            results["family"]["members"], family.get("latency_check")
+        )
     write_text_atomic(out / "report.md", markdown)
     plots = _plots(models, results["gallery"], searches, study)
     if upgrade:
         plots["backfill_curve"] = _png(backfill_figure(upgrade))
+    if family and models and results["gallery"]:
+        plots["family"] = _png(family_figure(models, results["gallery"], family, cfg.run.baselines))
     write_text_atomic(out / "report.html", _html(markdown, plots))
     return {
         "results": "results.json",

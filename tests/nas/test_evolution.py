@@ -350,3 +350,85 @@ def test_pareto_front_of_the_memo():
     assert [e["macs"] for e in front] == sorted(e["macs"] for e in front)
     with pytest.raises(CmpnasError, match="Unknown candidate field"):
         search.pareto_front(metric_key="no_such_metric")
+
+
+# ------------------------------------------------------------------------------------------ several budgets
+FAMILY_BUDGETS = (700, 850, 1000)  # the space's cheapest arch costs 600
+
+
+class FamilyRecorder(Recorder):
+    """Per-budget checks (recorded per budget) and the evaluations."""
+
+    def checks(self) -> list:
+        def check(budget: int):
+            def fits(arch: dict) -> bool:
+                self.feasibility_checks.append(f"{budget}:{self.space.arch_key(arch)}")
+                return self.space.macs(arch) <= budget
+
+            return fits
+
+        return [check(b) for b in FAMILY_BUDGETS]
+
+
+def make_family(cfg: SearchConfig, fail_after: int | None = None):
+    space = GeneSpace()
+    rec = FamilyRecorder(space, fail_after)
+    names = [f"{b}-macs" for b in FAMILY_BUDGETS]
+    return EvolutionSearch(space, cfg, rec.checks(), rec.evaluate, het_fitness, names), rec
+
+
+def test_one_budget_as_a_list_is_the_single_budget_search():
+    single, _ = make_search(small_cfg(generations=6))
+    single.run()
+    space = GeneSpace()
+    rec = Recorder(space)
+    listed = EvolutionSearch(space, small_cfg(generations=6), [rec.is_feasible], rec.evaluate, het_fitness)
+    listed.run()
+    assert without_wall_time(listed.state_dict()) == without_wall_time(single.state_dict())
+
+
+def test_family_search_evaluates_each_arch_once_for_every_budget_it_fits():
+    search, rec = make_family(small_cfg(population=12, generations=6))
+    search.run()
+    # one evaluation per distinct architecture, whatever the number of budgets it fits
+    assert len(rec.evaluated) == len(set(rec.evaluated)) == len(search.memo)
+    # each budget check ran at most once per architecture
+    assert len(rec.feasibility_checks) == len(set(rec.feasibility_checks))
+    for key, entry in search.memo.items():
+        expected = [i for i, b in enumerate(FAMILY_BUDGETS) if entry["macs"] <= b]
+        assert search.fits(key) == expected and expected, key
+    for i, budget in enumerate(FAMILY_BUDGETS):
+        inside = [e for e in search.memo.values() if e["macs"] <= budget]
+        assert len(inside) >= small_cfg(population=12).population // len(FAMILY_BUDGETS)
+        best = search.best(i)
+        assert best["macs"] <= budget
+        assert best["fitness"] == max(e["fitness"] for e in inside)  # brute force over the memo
+    # the tightest budget got its own parents: mutations and crossovers inside it after generation 0
+    tight = [e for e in search.memo.values() if e["macs"] <= FAMILY_BUDGETS[0] and e["generation"] > 0]
+    assert any(e["origin"] in ("mutation", "crossover") for e in tight)
+    assert len(search.history[-1]["best_fitness_per_budget"]) == len(FAMILY_BUDGETS)
+
+
+def test_family_search_resumes_exactly():
+    cfg = small_cfg(population=12, generations=5)
+    whole, _ = make_family(cfg)
+    whole.run()
+    crashed, _ = make_family(cfg, fail_after=20)
+    saved: dict = {}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.run(lambda s: saved.update(state=json.loads(json.dumps(s.state_dict()))))
+    resumed, _ = make_family(cfg)
+    resumed.load_state_dict(saved["state"])
+    resumed.run()
+    assert without_wall_time(resumed.state_dict()) == without_wall_time(whole.state_dict())
+
+
+def test_family_budget_below_the_space_names_the_budget():
+    space = GeneSpace()
+    rec = Recorder(space)
+    search = EvolutionSearch(
+        space, small_cfg(), [lambda a: space.macs(a) <= 1000, lambda a: space.macs(a) <= 100], rec.evaluate,
+        het_fitness, ["big", "tiny"],
+    )
+    with pytest.raises(CmpnasError, match="budget 'tiny'"):
+        search.run()

@@ -16,7 +16,7 @@ from cmpnas.data.sources import csv_source, dataset_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
 from cmpnas.serving.index import IndexParams, query_images
-from cmpnas.stages import evaluate_index, export_model, index_gallery
+from cmpnas.stages import evaluate_index, export_family, export_model, index_gallery, read_family
 
 
 class IndexKind(str, Enum):
@@ -266,8 +266,14 @@ def query_cmd(
 
 @logged
 def export_cmd(
-    model: Annotated[Path, typer.Option("--model", help="query model .safetensors to export")],
-    out: Annotated[Path, typer.Option("--out", help="output .onnx file (export.json is written beside it)")],
+    out: Annotated[
+        Path, typer.Option("--out", help="output .onnx file (export.json beside it); a folder with --family")
+    ],
+    model: Annotated[Path | None, typer.Option("--model", help="query model .safetensors to export")] = None,
+    family: Annotated[
+        Path | None,
+        typer.Option("--family", help="family.json with trained members (`cmpnas retrain --family`): export all"),
+    ] = None,
     exporter: Annotated[
         ExporterKind,
         typer.Option(
@@ -285,6 +291,22 @@ def export_cmd(
     no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the latency measurement")] = False,
 ) -> None:
     """Export a model to ONNX (dynamic batch), check parity with PyTorch and measure latency."""
+    if (model is None) == (family is None):
+        raise CmpnasError("Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json")
+    if family is not None:
+        doc = read_family(family)
+        res = export_family(
+            doc, (family if family.is_dir() else family.parent), out, exporter=exporter.value, latency_runs=latency_runs
+        )
+        for m in res["members"]:
+            progress.event(
+                "done",
+                message=(
+                    f"{m['name']}: {out / m['onnx']} ({m['macs_counted'] / 1e6:.3f} MMACs, "
+                    f"{m['latency_ms_measured']:.3f} ms measured, table error {m['latency_error_pct']} %)"
+                ),
+            )
+        return
     report = export_model(
         model,
         out,

@@ -14,6 +14,12 @@ Fixes over SPOS that matter for long runs:
 
 ``cfg.generations`` counts generation 0, so a run evaluates about ``population x generations`` candidates
 (1,000 with the SPOS defaults).
+
+Several budgets at once (a family of query models, one per device class): ``is_feasible`` may be a list of
+budget checks, one per *niche*. Every niche gets its share of the population, its own parents (the best
+candidates that fit it) and children that fit it; the memo is shared, so an architecture is evaluated once and
+counts for every budget it fits (:meth:`EvolutionSearch.best` per niche). With one budget this is exactly the
+single-budget search: same operators, same random stream, same result.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ def pareto_indices(costs: Sequence[float], metrics: Sequence[float]) -> list[int
     return front
 
 
+def _share(total: int, parts: int, index: int) -> int:
+    """Part ``index`` of ``total`` split as evenly as possible over ``parts`` (earlier parts get the remainder)."""
+    return total // parts + (1 if index < total % parts else 0)
+
+
 def _ranking_fitness(value: float) -> float:
     """NaN fitness (e.g. a collapsed candidate's metrics) ranks last instead of breaking the sort."""
     return -math.inf if math.isnan(value) else value
@@ -105,7 +116,8 @@ class EvolutionSearch:
     Args:
         space: the search space (see :class:`SearchSpace`).
         cfg: population size, operator counts, retries and the seed.
-        is_feasible: budget check (MACs / latency), called before any evaluation and at most once per arch.
+        is_feasible: budget check (MACs / latency), called before any evaluation and at most once per arch;
+            or a list of them, one per budget (niche), for a family search.
         evaluate: the candidate's metrics (e.g. ``{"hom_top1": .., "het_top1": ..}``); expensive.
         fitness: maps metrics to the scalar to maximise (see :func:`cmpnas.nas.rewards.fitness_from_config`).
     """
@@ -114,22 +126,25 @@ class EvolutionSearch:
         self,
         space: SearchSpace,
         cfg: SearchConfig,
-        is_feasible: Callable[[dict], bool],
+        is_feasible: Callable[[dict], bool] | Sequence[Callable[[dict], bool]],
         evaluate: Callable[[dict], Metrics],
         fitness: Callable[[Metrics], float],
+        niche_names: Sequence[str] | None = None,
     ) -> None:
         self.space = space
         self.cfg = cfg
-        self.is_feasible = is_feasible
+        self.niches = [is_feasible] if callable(is_feasible) else list(is_feasible)
+        if not self.niches:
+            raise CmpnasError("The search has no budget.", "pass one budget check, or a list of them")
+        self.niche_names = list(niche_names) if niche_names else [f"budget {i}" for i in range(len(self.niches))]
+        self._fit_cache: dict[str, tuple[bool, ...]] = {}
         self.evaluate = evaluate
         self.fitness = fitness
         self.rng = random.Random(cfg.seed)
         self.generation = 0  # number of completed generations
         self.population: list[str] = []  # arch keys of the last generation's new candidates
         self.memo: dict[str, dict[str, Any]] = {}
-        self.rejected: set[str] = (
-            set()
-        )  # keys known to be over budget: is_feasible may be expensive (latency)
+        self.rejected: set[str] = set()  # keys over every budget: a budget check may be expensive (latency)
         self.history: list[dict[str, Any]] = []
         self.counters: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
 
@@ -151,20 +166,34 @@ class EvolutionSearch:
         started = time.perf_counter()
         counts = dict.fromkeys(_COUNTER_NAMES, 0)
         cfg = self.cfg
+        n = len(self.niches)
         if self.generation == 0:
             new_keys = self._initial_population(counts)
         else:
-            parents = [self.memo[k]["arch"] for k in self._ranked_keys()[: cfg.parents]]
-            new_keys = self._fill(
-                cfg.mutations,
-                lambda: self.space.mutate(
-                    copy.deepcopy(self.rng.choice(parents)), self.rng, cfg.mutation_prob
-                ),
-                "mutation",
-                counts,
-            )
-            new_keys += self._fill(cfg.crossovers, lambda: self._crossover(parents), "crossover", counts)
-            new_keys += self._fill(cfg.population - len(new_keys), self._sample, "random", counts)
+            new_keys = []
+            for niche in range(n):
+                parents = [self.memo[k]["arch"] for k in self._ranked_keys(niche)[: cfg.parents]]
+                if not parents:
+                    continue
+                new_keys += self._fill(
+                    _share(cfg.mutations, n, niche),
+                    lambda parents=parents: self.space.mutate(
+                        copy.deepcopy(self.rng.choice(parents)), self.rng, cfg.mutation_prob
+                    ),
+                    "mutation",
+                    counts,
+                    niche,
+                )
+                new_keys += self._fill(
+                    _share(cfg.crossovers, n, niche),
+                    lambda parents=parents: self._crossover(parents),
+                    "crossover",
+                    counts,
+                    niche,
+                )
+            randoms = cfg.population - len(new_keys)
+            for niche in range(n):
+                new_keys += self._fill(_share(randoms, n, niche), self._sample, "random", counts, niche)
         self.population = new_keys
         entry = self._history_entry(new_keys, counts, time.perf_counter() - started)
         self.history.append(entry)
@@ -183,24 +212,36 @@ class EvolutionSearch:
 
     def _initial_population(self, counts: dict[str, int]) -> list[str]:
         cfg = self.cfg
-        tries = cfg.population * cfg.max_tries_factor
-        keys = self._fill(cfg.population, self._sample, "random", counts)
-        if not keys:
-            cheapest = min((self.space.macs(self._sample()) for _ in range(min(tries, 100))), default=None)
-            raise CmpnasError(
-                f"None of {tries} random architectures fits the search budget (cheapest one sampled: "
-                f"{cheapest} MACs); the budget is below the cheapest architecture of the space.",
-                "raise nas.budget_macs / nas.budget_latency_ms (or lower nas.budget_cost_reduction), "
-                "or make the search space cheaper (nas.space stage widths / channel scales)",
-            )
+        n = len(self.niches)
+        keys: list[str] = []
+        for niche in range(n):
+            wanted = _share(cfg.population, n, niche)
+            found = self._fill(wanted, self._sample, "random", counts, niche)
+            keys += found
+            if not found and wanted and not self._ranked_keys(niche):
+                self._no_feasible(wanted * cfg.max_tries_factor, niche)
         if len(keys) < cfg.population:
             log.warning(
                 "generation 0: only %d of %d feasible unique architectures found in %d tries; continuing",
                 len(keys),
                 cfg.population,
-                tries,
+                cfg.population * cfg.max_tries_factor,
             )
         return keys
+
+    def _no_feasible(self, tries: int, niche: int) -> None:
+        cheapest = min((self.space.macs(self._sample()) for _ in range(min(tries, 100))), default=None)
+        which = "the search budget" if len(self.niches) == 1 else f"the budget '{self.niche_names[niche]}'"
+        raise CmpnasError(
+            f"None of {tries} random architectures fits {which} (cheapest one sampled: "
+            f"{cheapest} MACs); the budget is below the cheapest architecture of the space.",
+            (
+                "raise nas.budget_macs / nas.budget_latency_ms (or lower nas.budget_cost_reduction)"
+                if len(self.niches) == 1
+                else f"loosen the budget '{self.niche_names[niche]}' in nas.budgets"
+            )
+            + ", or make the search space cheaper (nas.space stage widths / channel scales)",
+        )
 
     def _sample(self) -> dict:
         return self.space.sample(self.rng)
@@ -210,26 +251,36 @@ class EvolutionSearch:
         return self.space.crossover(copy.deepcopy(a), copy.deepcopy(b), self.rng)
 
     def _fill(
-        self, wanted: int, propose: Callable[[], dict], origin: str, counts: dict[str, int]
+        self, wanted: int, propose: Callable[[], dict], origin: str, counts: dict[str, int], niche: int = 0
     ) -> list[str]:
-        """Evaluate up to ``wanted`` new feasible proposals, in at most factor x wanted tries."""
+        """Evaluate up to ``wanted`` new proposals that fit ``niche``, in at most factor x wanted tries."""
         accepted: list[str] = []
         for _ in range(max(wanted, 0) * self.cfg.max_tries_factor):
             if len(accepted) >= wanted:
                 break
-            key = self._consider(propose(), origin, counts)
+            key = self._consider(propose(), origin, counts, niche)
             if key is not None:
                 accepted.append(key)
         return accepted
 
-    def _consider(self, arch: dict, origin: str, counts: dict[str, int]) -> str | None:
-        """Evaluate ``arch`` if it is new and within budget; returns its key when evaluated."""
+    def _fits(self, key: str, arch: dict) -> tuple[bool, ...]:
+        """Which budgets ``arch`` fits; every budget check runs at most once per architecture."""
+        if key in self.rejected:
+            return (False,) * len(self.niches)
+        if key not in self._fit_cache:
+            self._fit_cache[key] = tuple(bool(check(arch)) for check in self.niches)
+        return self._fit_cache[key]
+
+    def _consider(self, arch: dict, origin: str, counts: dict[str, int], niche: int = 0) -> str | None:
+        """Evaluate ``arch`` if it is new and within the niche's budget; returns its key when evaluated."""
         key = self.space.arch_key(arch)
         if key in self.memo:
             self._count("n_duplicates", counts)
             return None
-        if key in self.rejected or not self.is_feasible(arch):
-            self.rejected.add(key)
+        fits = self._fits(key, arch)
+        if not fits[niche]:
+            if not any(fits):
+                self.rejected.add(key)
             self._count("n_rejected_budget", counts)
             return None
         arch = _json_copy(arch)
@@ -241,6 +292,7 @@ class EvolutionSearch:
             "macs": int(self.space.macs(arch)),
             "generation": self.generation,
             "origin": origin,
+            "fits": [i for i, ok in enumerate(fits) if ok],
         }
         self._count("n_evaluated", counts)
         return key
@@ -248,6 +300,10 @@ class EvolutionSearch:
     def _count(self, name: str, counts: dict[str, int]) -> None:
         counts[name] += 1
         self.counters[name] += 1
+
+    def _best_fitness(self, niche: int) -> float | None:
+        ranked = self._ranked_keys(niche)
+        return self.memo[ranked[0]]["fitness"] if ranked else None
 
     def _history_entry(self, new_keys: list[str], counts: dict[str, int], seconds: float) -> dict[str, Any]:
         finite = [f for f in (self.memo[k]["fitness"] for k in new_keys) if math.isfinite(f)]
@@ -257,6 +313,11 @@ class EvolutionSearch:
             "best_fitness": self.memo[ranked[0]]["fitness"] if ranked else None,
             "best_arch_key": ranked[0] if ranked else None,
             "generation_best_fitness": max(finite) if finite else None,
+            **(
+                {"best_fitness_per_budget": [self._best_fitness(i) for i in range(len(self.niches))]}
+                if len(self.niches) > 1
+                else {}
+            ),
             "mean_fitness": sum(finite) / len(finite) if finite else None,
             "population_size": len(new_keys),
             **counts,
@@ -265,16 +326,29 @@ class EvolutionSearch:
 
     # ------------------------------------------------------------------ results
 
-    def _ranked_keys(self) -> list[str]:
-        """Memo keys by fitness (best first), ties broken by key so the order never depends on dict order."""
-        return sorted(self.memo, key=lambda k: (-_ranking_fitness(self.memo[k]["fitness"]), k))
+    def fits(self, key: str) -> list[int]:
+        """The niches (budgets) a visited candidate fits."""
+        entry = self.memo[key]
+        if "fits" not in entry:  # a state saved before family searches: one budget, which it fit
+            fits = self._fits(key, entry["arch"])
+            entry["fits"] = [i for i, ok in enumerate(fits) if ok]
+        return entry["fits"]
 
-    def best(self) -> dict[str, Any]:
-        """The best visited candidate: ``{arch_key, arch, metrics, fitness, macs, generation, origin}``."""
-        ranked = self._ranked_keys()
+    def _ranked_keys(self, niche: int | None = None) -> list[str]:
+        """Memo keys by fitness (best first), ties broken by key so the order never depends on dict order;
+        only those that fit ``niche`` when given."""
+        keys = self.memo if niche is None or len(self.niches) == 1 else [k for k in self.memo if niche in self.fits(k)]
+        return sorted(keys, key=lambda k: (-_ranking_fitness(self.memo[k]["fitness"]), k))
+
+    def best(self, niche: int | None = None) -> dict[str, Any]:
+        """The best visited candidate (of one niche's budget, when given): ``{arch_key, arch, metrics, fitness,
+        macs, generation, origin, fits}``."""
+        ranked = self._ranked_keys(niche)
         if not ranked:
+            where = "" if niche is None else f" within the budget '{self.niche_names[niche]}'"
             raise CmpnasError(
-                "The search has not evaluated any candidate yet.", "run the search before asking for a result"
+                f"The search has not evaluated any candidate{where} yet.",
+                "run the search (more generations, or a looser budget) before asking for a result",
             )
         return self._entry(ranked[0])
 

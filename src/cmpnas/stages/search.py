@@ -1,4 +1,10 @@
-"""Stage ``search``: evolution under the MACs (and optional latency) budget with reward R1/R2/R3."""
+"""Stage ``search``: evolution under the MACs (and optional latency) budget with reward R1/R2/R3.
+
+With several budgets (``nas.budgets``, a family of query models) it is still one search: every candidate is
+evaluated once and counts for every budget it fits; per budget the best candidate becomes a member of
+``family.json``, and the Pareto fronts (heterogeneous accuracy vs MACs and vs predicted latency) cover the whole
+search. The latency table is measured once on the deployment runtime and kept beside the search.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from cmpnas.data.base import DataBundle
 from cmpnas.errors import CmpnasError
 from cmpnas.io import make_dirs, read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import write_manifest
+from cmpnas.models.cost import LatencyTable
 from cmpnas.models.embedding import fingerprint
+from cmpnas.models.spaces import Budget, family_budgets
 from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
 from cmpnas.nas.evolution import EvolutionSearch, pareto_indices
 from cmpnas.nas.rewards import fitness_from_config
@@ -59,10 +67,15 @@ def search(
     data: DataBundle | None = None,
     search_cfg: SearchConfig | None = None,
     cache_path: Path | None = None,
+    family: bool = False,
+    latency_path: Path | None = None,
 ) -> StageResult:
-    """Evolutionary search under the MACs (and optional latency) budget; state saved every generation."""
+    """Evolutionary search under the MACs (and optional latency) budget; state saved every generation.
+
+    ``family``: one search for every budget of ``nas.budgets``, ``family.json`` with the best candidate of each.
+    ``latency_path``: where the latency table is kept (default: the search folder), reused when it matches.
+    """
     started = time.time()
-    out = Path(out_dir)
     scfg = search_cfg or cfg.nas.search
     setup = nas_setup(cfg, gallery_path, data)
     data, gallery, space, budget, g_macs = (
@@ -70,31 +83,37 @@ def search(
     )
     supernet, meta = load_supernet(Path(supernet_path), supernet_identity(cfg, data, gallery))
     embed_dim = gallery.spec.embed_dim
+    budgets = family_budgets(cfg.nas, g_macs) if family else [Budget("main", budget, cfg.nas.budget_latency_ms)]
+    if not budgets:
+        raise CmpnasError("A family search needs nas.budgets.", "add nas.budgets to the config (docs/family.md)")
+    for b in budgets:
+        if b.macs is not None:
+            space.check_budget(b.macs, embed_dim)
+    out = Path(out_dir)
     latency = None
-    if cfg.nas.budget_latency_ms is not None:
-        latency = space.latency_table(threads=1)
-
-    def feasible(arch: dict) -> bool:
-        if space.query_macs(arch, embed_dim) > budget:
-            return False
-        return latency is None or latency.latency_ms(arch) <= cfg.nas.budget_latency_ms
+    if family or any(b.latency_ms is not None for b in budgets):
+        latency = latency_table(cfg, space, embed_dim, latency_path or out / "latency_table.json")
+    checks = [_budget_check(b, space, embed_dim, latency) for b in budgets]
 
     evaluator = build_evaluator(
         supernet, gallery, data, scfg.recal_images, scfg.recal_batch, scfg.val_images, scfg.seed
     )
     cache = SharedCandidateCache(cache_path)
-    evo = EvolutionSearch(space, scfg, feasible, cache.wrap(space, evaluator), fitness_from_config(scfg))
+    evo = EvolutionSearch(
+        space, scfg, checks, cache.wrap(space, evaluator), fitness_from_config(scfg), [b.name for b in budgets]
+    )
     state_path = out / "search_state.json"
     make_dirs(out)
+    budget_record = [b.to_dict() for b in budgets]
     if resume and state_path.exists():
-        _resume(evo, state_path)
+        _resume(evo, state_path, budget_record)
         progress.event("resume", message=f"search: resuming after generation {evo.generation}")
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     bar = progress.Bar(scfg.generations - evo.generation, f"search {scfg.reward}", unit="gen")
 
     def on_generation(e: EvolutionSearch) -> None:
         cache.save()  # first: a kill between the two writes leaves the cache ahead, never behind, the state
-        write_json_atomic(state_path, e.state_dict())
+        write_json_atomic(state_path, {**e.state_dict(), "budgets": budget_record})
         bar.update(1)
         h = e.history[-1]
         progress.event(
@@ -111,26 +130,35 @@ def search(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    best = evo.best()
-    arch = best["arch"]
+    def summary(entry: dict[str, Any]) -> dict[str, Any]:
+        arch = entry["arch"]
+        return {
+            "arch": arch,
+            "metrics": entry["metrics"],
+            "fitness": entry["fitness"],
+            "macs": space.query_macs(arch, embed_dim),
+            "latency_ms": latency.latency_ms(arch) if latency else None,
+        }
+
+    def point(arch: dict) -> dict[str, Any]:
+        return {"macs": space.query_macs(arch, embed_dim), **({"latency_ms": latency.latency_ms(arch)} if latency else {})}
+
     result = {
         "reward": scfg.reward,
         "reward_weight": scfg.reward_weight,
         "metric": scfg.metric,
-        "budget_macs": budget,
+        "budget_macs": budgets[0].macs,
         "gallery_macs": g_macs,
-        "best": {
-            "arch": arch,
-            "metrics": best["metrics"],
-            "fitness": best["fitness"],
-            "macs": space.query_macs(arch, embed_dim),
-            "latency_ms": latency.latency_ms(arch) if latency else None,
-        },
+        "best": summary(evo.best(0)),
+        "budgets": [{**b.to_dict(), "best": summary(evo.best(i))} for i, b in enumerate(budgets)],
         "history": evo.history,
-        "pareto_front": [
-            {"arch": p["arch"], "macs": space.query_macs(p["arch"], embed_dim), **p["metrics"]}
-            for p in _pareto(evo, space, embed_dim)
-        ],
+        "pareto_front": [{"arch": p["arch"], **point(p["arch"]), **p["metrics"]} for p in _pareto(evo, "macs", point)],
+        "pareto_front_latency": (
+            [{"arch": p["arch"], **point(p["arch"]), **p["metrics"]} for p in _pareto(evo, "latency_ms", point)]
+            if latency
+            else None
+        ),
+        "latency_table": latency.meta if latency else None,
         "counters": evo.counters,
         "n_candidates": len(evo.memo),
         "seconds": round(seconds, 2),
@@ -139,15 +167,18 @@ def search(
         "candidates": [
             {
                 "arch": v["arch"],
-                "macs": space.query_macs(v["arch"], embed_dim),
+                **point(v["arch"]),
                 **v["metrics"],
                 "fitness": v["fitness"],
                 "generation": v.get("generation"),
+                "budgets": [budgets[i].name for i in evo.fits(k)],
             }
-            for v in evo.memo.values()
+            for k, v in evo.memo.items()
         ],
     }
     write_json_atomic(out / "search.json", result)
+    if family:
+        write_json_atomic(out / FAMILY_FILE, family_document(result, g_macs))
     write_manifest(
         out,
         "search",
@@ -159,23 +190,90 @@ def search(
     return StageResult("search", out, result)
 
 
-def _resume(evo: EvolutionSearch, state_path: Path) -> None:
-    """Continue from the saved generation; a corrupt state file is refused, naming it (never overwritten)."""
+def _resume(evo: EvolutionSearch, state_path: Path, budgets: list[dict[str, Any]]) -> None:
+    """Continue from the saved generation; a corrupt state file is refused, naming it (never overwritten), and
+    so is one saved for other budgets (its candidates were admitted under other caps)."""
     fix = f"delete '{state_path}' to restart this search from generation 0, or restore it"
+    state = read_json(state_path, fix)
+    saved = state.get("budgets", budgets) if isinstance(state, dict) else budgets  # older states: one budget
+    if saved != budgets:
+        raise CmpnasError(f"Search state '{state_path}' was saved for other budgets ({saved}).", fix)
     try:
-        evo.load_state_dict(read_json(state_path, fix))
+        evo.load_state_dict(state)
     except CmpnasError as exc:
         if str(state_path) in exc.problem:
             raise
         raise CmpnasError(f"Search state '{state_path}': {exc.problem}", exc.fix) from None
 
 
-def _pareto(evo: EvolutionSearch, space: Any, embed_dim: int) -> list[dict[str, Any]]:
-    """Non-dominated candidates: lower MACs and higher heterogeneous top-1.
+def _pareto(evo: EvolutionSearch, cost: str, point: Any) -> list[dict[str, Any]]:
+    """Non-dominated candidates: lower cost (``macs`` or ``latency_ms``) and higher heterogeneous top-1.
 
     The cost is the whole query model's (with the embedding head), not the supernet path's MACs that
     ``EvolutionSearch.pareto_front`` would use, so the front is computed here on the same memo.
     """
     entries = [v for v in evo.memo.values() if math.isfinite(v["metrics"]["het_top1"])]
-    costs = [space.query_macs(v["arch"], embed_dim) for v in entries]
+    costs = [point(v["arch"])[cost] for v in entries]
     return [entries[i] for i in pareto_indices(costs, [v["metrics"]["het_top1"] for v in entries])]
+
+
+FAMILY_FILE = "family.json"
+FAMILY_FORMAT = "cmpnas.family.v1"
+
+
+def family_document(result: dict[str, Any], gallery_macs: int) -> dict[str, Any]:
+    """``family.json`` of a search: one member per budget (its best candidate); retraining and export add paths."""
+    return {
+        "format": FAMILY_FORMAT,
+        "reward": result["reward"],
+        "gallery_macs": gallery_macs,
+        "members": [
+            {
+                "name": b["name"],
+                "budget": {"macs": b["macs"], "latency_ms": b["latency_ms"]},
+                "arch": b["best"]["arch"],
+                "macs": b["best"]["macs"],
+                "cost_reduction": round(gallery_macs / b["best"]["macs"], 2),
+                "latency_ms_predicted": b["best"]["latency_ms"],
+                "supernet_metrics": b["best"]["metrics"],
+            }
+            for b in result["budgets"]
+        ],
+    }
+
+
+def _budget_check(budget: Budget, space: Any, embed_dim: int, latency: LatencyTable | None) -> Any:
+    def fits(arch: dict) -> bool:
+        if budget.macs is not None and space.query_macs(arch, embed_dim) > budget.macs:
+            return False
+        return budget.latency_ms is None or latency is None or latency.latency_ms(arch) <= budget.latency_ms
+
+    return fits
+
+
+def latency_table(cfg: Config, space: Any, embed_dim: int, path: Path) -> LatencyTable:
+    """The space's latency table on the configured runtime, measured once and kept at ``path``.
+
+    A kept table is reused only when it was measured for the same space, runtime and settings; otherwise it is
+    measured again (and replaced). Measure on an idle machine: a loaded one inflates every entry.
+    """
+    lcfg = cfg.nas.latency
+    wanted = {
+        "space": cfg.nas.space.model_dump(mode="json"),
+        "runtime": lcfg.runtime,
+        "threads": lcfg.threads,
+        "repeats": lcfg.repeats,
+        "warmup": lcfg.warmup,
+        "embed_dim": embed_dim,
+    }
+    if path.exists():
+        table = LatencyTable.from_dict(read_json(path, f"delete '{path}' (a cache: it is measured again)"))
+        if all(table.meta.get(k) == v for k, v in wanted.items()):
+            return table
+    table = space.latency_table(
+        threads=lcfg.threads, repeats=lcfg.repeats, warmup=lcfg.warmup, runtime=lcfg.runtime, embed_dim=embed_dim
+    )
+    table.meta.update(wanted)
+    make_dirs(path.parent)
+    write_json_atomic(path, table.to_dict())
+    return table

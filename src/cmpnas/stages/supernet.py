@@ -15,7 +15,7 @@ from cmpnas.data.base import DataBundle
 from cmpnas.distributed import barrier, init_distributed
 from cmpnas.io import write_text_atomic
 from cmpnas.manifest import write_manifest
-from cmpnas.models.spaces import band_limits
+from cmpnas.models.spaces import band_limits, family_budgets
 from cmpnas.nas.supernet import SupernetEmbedding, save_supernet
 from cmpnas.stages.common import (
     StageResult,
@@ -50,7 +50,7 @@ def train_supernet(
     compat = cfg.compat
     tcfg = cfg.nas.supernet_train
     losses = compat_losses_for(cfg, gallery, gallery_path, data, compat, tcfg.label_smoothing)
-    low, high = band_limits(cfg.nas, budget)
+    low, high = band_limits(cfg.nas, budget, family_budgets(cfg.nas, g_macs))
     sampler = space.path_sampler(tcfg.seed, low, high, gallery.spec.embed_dim)
     task = CompatTask(model, losses, tcfg.label_smoothing, arch_sampler=sampler)
     result = train(

@@ -11,6 +11,7 @@ Adding a space: a module with the class, and one line in ``SPACES`` below.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cmpnas.config import NasConfig, SpaceConfig
@@ -57,8 +58,40 @@ def budget_from(nas: NasConfig, gallery_macs: int) -> float:
     return gallery_macs / nas.budget_cost_reduction
 
 
-def band_limits(nas: NasConfig, budget: float) -> tuple[float | None, float | None]:
-    """The MACs band supernet paths are sampled from (None: uniform over the whole space)."""
+@dataclass(frozen=True)
+class Budget:
+    """A resolved budget of one family member: the query model's MACs cap (embedding head included) and/or a cap
+    on the latency table's prediction; None = no cap of that kind."""
+
+    name: str
+    macs: float | None
+    latency_ms: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "macs": self.macs, "latency_ms": self.latency_ms}
+
+
+def family_budgets(nas: NasConfig, gallery_macs: int) -> list[Budget]:
+    """``nas.budgets`` with cost reductions turned into MACs caps ([] when the config has no family)."""
+    return [
+        Budget(
+            b.label(),
+            float(b.macs) if b.macs is not None else (gallery_macs / b.cost_reduction if b.cost_reduction else None),
+            b.latency_ms,
+        )
+        for b in nas.budgets or []
+    ]
+
+
+def band_limits(
+    nas: NasConfig, budget: float, family: list[Budget] | None = None
+) -> tuple[float | None, float | None]:
+    """The MACs band supernet paths are sampled from (None: uniform over the whole space).
+
+    With a family, the band spans every MACs cap: [band x the smallest cap, the largest cap], so one supernet
+    serves every member's search (a path never sampled in training is a path the supernet cannot rank).
+    """
     if nas.sample_band is None:
         return None, None
-    return nas.sample_band * budget, budget
+    caps = [budget] + [b.macs for b in family or [] if b.macs is not None]
+    return nas.sample_band * min(caps), max(caps)

@@ -1,0 +1,142 @@
+"""Stages of a query-model family (``nas.budgets``): retrain every member, export every member.
+
+The search (``stages/search.py`` with ``family=True``) writes ``family.json``: one member per budget, its
+architecture, MACs and predicted latency. :func:`retrain_family` trains each member from scratch with the compat
+objective against the frozen gallery (a member whose architecture another budget also picked is trained once);
+:func:`export_family` exports each to ONNX with the parity check, measures it on ONNX Runtime at batch 1 with 1
+thread (the latency table's settings) and reports the table's prediction error. The exported ``family.json``
+is what ``cmpnas serve --query-model FOLDER`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cmpnas.config import Config, TrainConfig
+from cmpnas.data.base import DataBundle
+from cmpnas.errors import CmpnasError
+from cmpnas.io import make_dirs, read_json, write_json_atomic
+from cmpnas.manifest import write_manifest
+from cmpnas.models.cost import count_macs
+from cmpnas.models.embedding import load_model
+from cmpnas.serving.export import export_onnx
+from cmpnas.stages.common import MODEL_FILE, StageResult
+from cmpnas.stages.query import retrain
+from cmpnas.stages.search import FAMILY_FILE, FAMILY_FORMAT
+
+ONNX_FILE = "query.onnx"
+
+
+def read_family(path: str | Path) -> dict[str, Any]:
+    """A ``family.json`` (from ``cmpnas search`` with ``nas.budgets``, ``retrain --family`` or ``export --family``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / FAMILY_FILE
+    fix = "pass the family.json written by `cmpnas search` (a config with nas.budgets) or `cmpnas run`"
+    if not p.is_file():
+        raise CmpnasError(f"Family file '{p}' does not exist.", fix)
+    doc = read_json(p, fix)
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if not isinstance(members, list) or not members or doc.get("format") != FAMILY_FORMAT:
+        raise CmpnasError(f"'{p}' is not a cmpnas family file (format {FAMILY_FORMAT} with members).", fix)
+    for m in members:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise CmpnasError(f"'{p}' has a member without a name.", fix)
+    return doc
+
+
+def retrain_family(
+    cfg: Config,
+    gallery_path: str | Path,
+    family: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    data: DataBundle | None = None,
+    train_cfg: TrainConfig | None = None,
+) -> StageResult:
+    """Every member trained from scratch with the compat objective into ``OUT/NAME/``; ``OUT/family.json``
+    lists them with their models (what ``cmpnas export --family`` takes)."""
+    doc = read_family(family)
+    out = Path(out_dir)
+    members: list[dict[str, Any]] = []
+    trained: dict[str, str] = {}  # arch key -> member that trained it
+    for m in doc["members"]:
+        if "arch" not in m:
+            raise CmpnasError(f"Family member '{m['name']}' has no architecture.", "pass the search's family.json")
+        key = repr(m["arch"])
+        if key not in trained:
+            retrain(cfg, gallery_path, m["arch"], out / m["name"], resume=resume, data=data,
+                    name=f"cmpnas-{m['name']}", train_cfg=train_cfg)
+            trained[key] = m["name"]
+        members.append({**m, "model": f"{trained[key]}/{MODEL_FILE}", "same_as": trained[key]})
+    result = {**doc, "members": members}
+    write_json_atomic(out / FAMILY_FILE, result)
+    return StageResult("retrain-family", out, result)
+
+
+def _latency_error(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or measured is None or not measured > 0:
+        return None
+    return round(100.0 * (predicted - measured) / measured, 2)
+
+
+def export_family(
+    family: dict[str, Any],
+    base: Path,
+    out_dir: str | Path,
+    *,
+    exporter: str = "auto",
+    latency_runs: int = 50,
+    references: Sequence[tuple[str, Path]] = (),
+) -> StageResult:
+    """Export every member (``model`` paths relative to ``base``) to ``OUT/NAME/query.onnx`` with the parity
+    check; measure each on ONNX Runtime (batch 1, 1 thread) and count its MACs directly, against the search's
+    predictions. ``OUT/family.json`` lists the exported members (servable: ``cmpnas serve --query-model OUT``).
+
+    ``references`` (name, model): hand-designed models measured the same way (``OUT/references/NAME``), so a plot
+    can put every model on one latency axis.
+    """
+    started = time.time()
+    out = Path(out_dir)
+    make_dirs(out)
+
+    def exported(model_path: Path, folder: str) -> dict[str, Any]:
+        report = export_onnx(model_path, out / folder / ONNX_FILE, exporter=exporter, latency_runs=latency_runs)  # type: ignore[arg-type]
+        model = load_model(model_path)
+        return {
+            "model": str(model_path),
+            "onnx": f"{folder}/{ONNX_FILE}",
+            "fingerprint": report["fingerprint"],
+            "macs_counted": count_macs(model, model.input_shape(1)),
+            "latency_ms_measured": report["latency_ms"]["batch_1"]["onnxruntime_1thread"]["p50"],
+            "parity_max_abs_diff": report["parity"]["max_abs_diff"],
+        }
+
+    members: list[dict[str, Any]] = []
+    for m in family["members"]:
+        if not m.get("model"):
+            raise CmpnasError(
+                f"Family member '{m['name']}' has no trained model.",
+                "retrain the members first: cmpnas retrain --family FAMILY.json --out DIR",
+            )
+        row = {**m, **exported((base / m["model"]).resolve(), m["name"])}
+        row["latency_error_pct"] = _latency_error(m.get("latency_ms_predicted"), row["latency_ms_measured"])
+        members.append(row)
+    errors = [abs(e) for e in (m["latency_error_pct"] for m in members) if e is not None and math.isfinite(e)]
+    doc = {
+        **{k: v for k, v in family.items() if k != "members"},
+        "members": members,
+        "latency_check": {
+            "runtime": "onnxruntime, batch 1, 1 thread (p50)",
+            "mean_abs_error_pct": round(sum(errors) / len(errors), 2) if errors else None,
+            "max_abs_error_pct": round(max(errors), 2) if errors else None,
+        },
+        "references": [{"name": name, **exported(Path(path), f"references/{name}")} for name, path in references],
+    }
+    write_json_atomic(out / FAMILY_FILE, doc)
+    write_manifest(out, "export-family", {}, {"members": [m["model"] for m in members]}, {"family": FAMILY_FILE}, started)
+    return StageResult("export-family", out, doc)
