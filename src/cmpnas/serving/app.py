@@ -725,7 +725,7 @@ def create_app(
     def home() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz", summary="Liveness: the index and model are loaded")
+    @app.get("/healthz", summary="Liveness: the index and the query models are loaded (their names, when several)")
     def healthz() -> dict[str, Any]:
         health = {"status": "ok", "count": len(service.index), "mode": service.mode}
         return {**health, "models": list(service.members)} if service.several else health
