@@ -60,6 +60,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     )
 
 
+@pytest.fixture(scope="session")
+def small_query(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second query model trained compatible with the gallery (other weights, narrower): served next to
+    ``models.query`` as a family, it must give its own answers (file stem and member name: 'small')."""
+    out = tmp_path_factory.mktemp("models-small") / "small.safetensors"
+    kw = {**QUERY_KW, "widths": [4, 4]}
+    save_model(_model(4, kw, compatible_with=models.gallery_fp), out)
+    return out
+
+
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,20 +194,34 @@ def test_serve_passes_limits_to_the_server(
     assert seen["workers"] == 1
 
 
-def test_serve_with_two_worker_processes(
-    tmp_path: Path, flat_index: Path, onnx_query: Path, pattern: Any
+def test_serve_passes_every_query_model_to_the_server(
+    cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any, small_query: Path
 ) -> None:
-    """The real console command with --workers 2 (balancer + 2 processes) answers searches, dealt evenly."""
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
+    r = run(cli, "serve", "--index", flat_index, "--query-model", models.query, "--query-model", small_query)
+    assert r.exit_code == 0, r.output
+    assert seen["args"] == (flat_index, models.query, small_query)
+    assert f"with query ({models.query}), small ({small_query}) on" in r.output
+    r = run(cli, "serve", "--index", flat_index, "--query-model", models.query, "--query-model", models.query)
+    assert isinstance(r.exception, CmpnasError) and "both named 'query'" in str(r.exception)
+
+
+def cmpnas_command() -> list[str]:
+    """The installed console script (or ``python -m cmpnas.cli``), as a user runs it."""
+    script = Path(sys.executable).parent / "cmpnas"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cmpnas.cli"]
+
+
+@contextlib.contextmanager
+def serving(*args: Any) -> Iterator[str]:
+    """``cmpnas serve ARGS --port P`` in a subprocess; yields its URL once /healthz answers, stops it after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = Path(sys.executable).parent / "cmpnas"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cmpnas.cli"]
-    cmd += ["serve", "--index", str(flat_index), "--query-model", str(onnx_query), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*cmd, "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    cmd = [*cmpnas_command(), "serve", *map(str, args), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300  # start-up wait (two processes load torch), not a speed check
         while True:
@@ -217,19 +233,28 @@ def test_serve_with_two_worker_processes(
                 pass
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_with_two_worker_processes(
+    tmp_path: Path, flat_index: Path, onnx_query: Path, pattern: Any
+) -> None:
+    """The real console command with --workers 2 (balancer + 2 processes) answers searches, dealt evenly."""
+    with serving("--index", flat_index, "--query-model", onnx_query, "--workers", 2) as url:
         buf = io.BytesIO()
         pattern("stripes", 3).save(buf, format="PNG")
         answers = set()
         for _ in range(6):  # new connections: either worker may answer, all must agree
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/search", params={"k": 4}, files={"file": ("q.png", buf.getvalue())}
-            )
+            r = httpx.post(f"{url}/search", params={"k": 4}, files={"file": ("q.png", buf.getvalue())})
             assert r.status_code == 200, r.text
             answers.add(tuple(h["id"] for h in r.json()["results"]))
         assert len(answers) == 1 and len(next(iter(answers))) == 4
         # whichever worker answers /stats counts every worker's searches (shared within ~0.5 s)
         for _ in range(100):
-            stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
+            stats = httpx.get(f"{url}/stats").json()
             if stats["queries"] == 6:
                 break
             time.sleep(0.1)
@@ -237,7 +262,47 @@ def test_serve_with_two_worker_processes(
         # six connections, round-robin: three each (a shared accept queue lets one process take them all)
         assert sorted(w["queries"] for w in stats["workers"]) == [3, 3], stats["workers"]
         for _ in range(4):  # and keeps doing so, whichever worker answers
-            assert httpx.get(f"http://127.0.0.1:{port}/stats").json()["queries"] == 6
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            assert httpx.get(f"{url}/stats").json()["queries"] == 6
+
+
+def test_serve_two_query_models_with_two_workers(
+    flat_index: Path, onnx_query: Path, small_query: Path, pattern: Any
+) -> None:
+    """``--query-model A --query-model B`` on the real command, two worker processes: each model answers by
+    name (the default is the first), an unknown name is a 422, and /stats counts each model over both
+    workers."""
+    buf = io.BytesIO()
+    pattern("checks", 2).save(buf, format="PNG")
+    png = {"Content-Type": "image/png"}
+    args = ["--index", flat_index, "--query-model", onnx_query, "--query-model", small_query, "--workers", 2]
+    with serving(*args) as url:
+        assert httpx.get(f"{url}/healthz").json()["models"] == ["query", "small"]
+        answers: dict[str | None, set] = {}
+        for model in (None, "query", "query", "small", "small"):  # 3 searches by 'query', 2 by 'small'
+            params = {"k": 5} if model is None else {"k": 5, "model": model}
+            r = httpx.post(f"{url}/search", params=params, content=buf.getvalue(), headers=png)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == (model or "query")
+            answers.setdefault(model or "query", set()).add(tuple(h["id"] for h in r.json()["results"]))
+        assert len(answers["query"]) == len(answers["small"]) == 1 and answers["query"] != answers["small"]
+        r = httpx.post(f"{url}/search", params={"model": "big"}, files={"file": ("q.png", buf.getvalue())})
+        assert r.status_code == 422 and "available: query, small" in r.json()["detail"]
+        for _ in range(100):  # shared within ~0.5 s, whichever worker answers
+            stats = httpx.get(f"{url}/stats").json()
+            if stats["queries"] == 5 and stats["rejected"] == 1:
+                break
+            time.sleep(0.1)
+        models = stats["models"]
+        assert (stats["queries"], models["query"]["queries"], models["small"]["queries"]) == (5, 3, 2), models
+        assert models["query"]["kind"] == "onnx" and models["small"]["kind"] == "torch"
+        assert models["small"]["latency_ms"]["window"] == 2 and len(stats["workers"]) == 2
+
+
+def test_serve_refuses_two_models_with_one_name(tmp_path: Path, flat_index: Path, models: Any) -> None:
+    """Two files named query.*: exit code 2 and one line naming the clash and the fix, before loading."""
+    other = tmp_path / "query.safetensors"
+    other.write_bytes(models.query.read_bytes())
+    cmd = [*cmpnas_command(), "serve", "--index", str(flat_index), "--query-model", str(models.query)]
+    r = subprocess.run([*cmd, "--query-model", str(other)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "both named 'query'" in r.stderr and "Fix: rename one file" in r.stderr

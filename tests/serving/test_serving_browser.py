@@ -31,19 +31,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(params=["flat_index", "milvus_index"])
-def server_url(request: pytest.FixtureRequest, onnx_query: Path) -> Iterator[str]:
-    """uvicorn in a thread on 127.0.0.1 (ONNX query model, as on a device), stopped after the test; the
-    gallery index on FAISS and on Milvus Lite (the same page, the same answers)."""
+def _serve(app: Any) -> Iterator[str]:
+    """uvicorn in a thread on 127.0.0.1 serving ``app``; yields its URL, stops it after the test."""
     import uvicorn
 
-    from cmpnas.serving.app import create_app
-
-    index = request.getfixturevalue(request.param)
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(index, onnx_query), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -54,6 +47,23 @@ def server_url(request: pytest.FixtureRequest, onnx_query: Path) -> Iterator[str
     yield f"http://127.0.0.1:{port}/"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(params=["flat_index", "milvus_index"])
+def server_url(request: pytest.FixtureRequest, onnx_query: Path) -> Iterator[str]:
+    """The ONNX query model (as on a device) against the gallery index on FAISS and on Milvus Lite (the
+    same page, the same answers)."""
+    from cmpnas.serving.app import create_app
+
+    yield from _serve(create_app(request.getfixturevalue(request.param), onnx_query))
+
+
+@pytest.fixture
+def family_url(flat_index: Path, onnx_query: Path, small_query: Path) -> Iterator[str]:
+    """Two query models against one index: 'query' (the default) and 'small'."""
+    from cmpnas.serving.app import create_app
+
+    yield from _serve(create_app(flat_index, onnx_query, small_query, watch_index_s=0))
 
 
 @pytest.fixture
@@ -115,3 +125,22 @@ def test_upload_shows_result_thumbnails(server_url: str, browser: Any, tmp_path:
     (tmp_path / "notes.txt").write_text("not an image")
     browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
     wait.until(lambda d: "Error 415" in d.find_element(By.ID, "status").text)
+
+
+def test_two_query_models_offer_a_select(family_url: str, browser: Any, tmp_path: Path, pattern: Any) -> None:
+    """With several query models the page lists them; the one chosen embeds the query (?model=)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    pattern("blobs", 5).save(tmp_path / "query.png")
+    browser.get(family_url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "gallery items" in d.find_element(By.ID, "info").text)
+    select = Select(browser.find_element(By.ID, "model"))
+    assert select.first_selected_option.text == "query" and browser.find_element(By.ID, "model").is_displayed()
+    assert [o.text for o in select.options] == ["query", "small"]
+    select.select_by_visible_text("small")
+    assert "query model small (torch)" in browser.find_element(By.ID, "info").text
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "query.png"))
+    wait.until(lambda d: "10 results" in d.find_element(By.ID, "status").text)
+    assert "query model small" in browser.find_element(By.ID, "status").text

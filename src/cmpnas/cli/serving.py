@@ -15,6 +15,7 @@ from cmpnas.cli.options import logged
 from cmpnas.data.sources import csv_source, dataset_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
+from cmpnas.serving.family import expand_query_models
 from cmpnas.serving.index import IndexParams, query_images
 from cmpnas.stages import evaluate_index, export_family, export_model, index_gallery, read_family
 
@@ -40,6 +41,15 @@ class ExporterKind(str, Enum):
 IndexDirOpt = Annotated[Path, typer.Option("--index", help="index folder written by cmpnas index")]
 QueryModelOpt = Annotated[
     Path, typer.Option("--query-model", help="query model: .safetensors checkpoint or .onnx export")
+]
+QueryModelsOpt = Annotated[
+    list[Path],
+    typer.Option(
+        "--query-model",
+        help="query model: .safetensors checkpoint, .onnx export, or a folder with family.json (its members); "
+        "repeat for several, all served against the index (the first is the default, the others are "
+        "picked with /search?model=NAME)",
+    ),
 ]
 AllowIncompatibleOpt = Annotated[
     bool,
@@ -338,7 +348,7 @@ def export_cmd(
 @logged
 def serve_cmd(
     index_dir: IndexDirOpt,
-    query_model: QueryModelOpt,
+    query_model: QueryModelsOpt,
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port")] = 8000,
     max_upload_mb: Annotated[
@@ -379,14 +389,16 @@ def serve_cmd(
     ] = 2.0,
 ) -> None:
     """Serve the index over HTTP: POST /search, GET /healthz, /stats, /docs and a web page at /."""
-    message = f"serving {index_dir} with {query_model} on http://{host}:{port}/"
+    named = expand_query_models(query_model)  # names clash or a family file is bad: say so before loading
+    models = str(query_model[0]) if len(named) == 1 else ", ".join(f"{n} ({p})" for n, p in named)
+    message = f"serving {index_dir} with {models} on http://{host}:{port}/"
     if progress.human():
         typer.echo(message)
     else:
         progress.event("serve", message=message)
     run_server(
         index_dir,
-        query_model,
+        *query_model,
         host=host,
         port=port,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),

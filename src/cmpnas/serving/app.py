@@ -1,7 +1,9 @@
-"""HTTP search service: FastAPI app over a gallery index and a compatible query model.
+"""HTTP search service: FastAPI app over a gallery index and one or more compatible query models.
 
-The model and the index are loaded once in :func:`create_app`; compatibility is checked there, so a
-server never starts with a query model that cannot search its index. Untrusted uploads are bounded
+The models and the index are loaded once in :func:`create_app`; every model's compatibility is checked there
+(and again on every index swap), so a server never starts with a query model that cannot search its index.
+Several query models (a family: one per device budget) share one index; a client picks one with
+``/search?model=NAME``, the first is the default. Untrusted uploads are bounded
 before anything expensive happens: the request body size (ASGI middleware, before parsing), the image
 format (a short allow-list; PIL never sees e.g. EPS), and the pixel count (read from the header, before
 decoding). Every bad input gets a 4xx with a message; only a bug can produce a 500.
@@ -18,12 +20,14 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -35,7 +39,8 @@ from starlette.concurrency import run_in_threadpool
 
 from cmpnas import __version__
 from cmpnas.errors import CmpnasError
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.export import Encoder, load_encoder
+from cmpnas.serving.family import expand_query_models
 from cmpnas.serving.index import GalleryIndex, check_compatible
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -49,6 +54,7 @@ THUMB_SIZE = 112
 # to the thread pool, so they never stall other requests.
 INLINE_MAX_BYTES = 256 * 1024
 INLINE_MAX_MS = 5.0
+LATENCY_WINDOW = 10_000  # recent latencies kept per worker (and per query model) for the percentiles
 log = logging.getLogger("cmpnas.serving")
 
 
@@ -64,6 +70,9 @@ class SearchResponse(BaseModel):
     k: int
     latency_ms: float = Field(description="server time: decode + embed + search")
     mode: str = Field(description="homogeneous | heterogeneous | lineage (compatible with an older generation of the index's chain) | incompatible-override")
+    model: str | None = Field(
+        None, description="name of the query model that embedded the image (only when the server has several)"
+    )
 
 
 class UploadRejected(Exception):
@@ -133,48 +142,66 @@ class RawSearch:
     """``POST /search`` with the image bytes as the body, answered without FastAPI's request parsing.
 
     Taken here only when everything is plainly valid: ``Content-Type: image/*`` (or octet-stream), a declared
-    Content-Length within the upload limit, and no query parameter but an in-range integer ``k``. FastAPI's
+    Content-Length within the upload limit, and no query parameter but an in-range integer ``k`` and the name
+    of one of the server's query models ``model``, each at most once. FastAPI's
     parameter machinery cost about a third of a worker's CPU per search (profiled under load); the search
     itself, its errors (``UploadRejected`` -> ``{"detail"}``), its counters and its answer are the service's,
     shared with the endpoint. Anything else — multipart, a bad ``k``, a missing length — goes to the app,
-    which gives the canonical responses.
+    which gives the canonical responses (an unknown model's 422 included).
     """
 
     def __init__(self, app: Any, service: SearchService, max_k: int, default_k: int, max_bytes: int) -> None:
         self.app, self.service = app, service
         self.max_k, self.default_k, self.max_bytes = max_k, default_k, max_bytes
 
-    def _k(self, query: bytes) -> int | None:
+    def _params(self, query: bytes) -> tuple[int, Member] | None:
+        """(k, query model) of a plainly valid query string, else None (the route answers it)."""
+        k, member = self.default_k, self.service.default
         if not query:
-            return self.default_k
-        name, sep, value = query.partition(b"=")
-        if name != b"k" or not sep or not value.isdigit() or len(value) > 6:
-            return None
-        k = int(value)
-        return k if 1 <= k <= self.max_k else None
+            return k, member
+        seen: set[bytes] = set()
+        for part in query.split(b"&"):
+            name, sep, value = part.partition(b"=")
+            if not sep or name in seen:
+                return None
+            seen.add(name)
+            if name == b"k":
+                if not value.isdigit() or len(value) > 6:
+                    return None
+                k = int(value)
+                if not 1 <= k <= self.max_k:
+                    return None
+            elif name == b"model":
+                found = self.service.members.get(unquote_plus(value.decode("latin-1")))
+                if found is None:
+                    return None
+                member = found
+            else:
+                return None
+        return k, member
 
-    def _takes(self, scope: dict) -> tuple[str, int] | None:
+    def _takes(self, scope: dict) -> tuple[str, int, Member] | None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/search":
             return None
-        want = self._k(scope.get("query_string", b""))
+        params = self._params(scope.get("query_string", b""))
         headers = dict(scope.get("headers") or [])
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         length = headers.get(b"content-length", b"")
         if (
-            want is None
+            params is None
             or not content_type.lower().startswith(RAW_CONTENT_TYPES)
             or not length.isdigit()
             or int(length) > self.max_bytes
         ):
             return None
-        return content_type, want
+        return content_type, *params
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         taken = self._takes(scope)
         if taken is None:
             await self.app(scope, receive, send)
             return
-        content_type, want = taken
+        content_type, want, member = taken
         t0 = time.perf_counter()
         body, more = bytearray(), True
         while more:
@@ -184,14 +211,14 @@ class RawSearch:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         try:
-            hits = await self.service.answer_async(bytes(body), content_type, want)
+            hits = await self.service.answer_async(bytes(body), content_type, want, member)
         except UploadRejected as exc:
-            self.service.record(None)
+            self.service.record(None, member)
             await _send_json(send, exc.status, exc.message)
             return
         latency = (time.perf_counter() - t0) * 1000
-        self.service.record(latency)
-        payload = self.service.response_body(hits, want, latency)
+        self.service.record(latency, member)
+        payload = self.service.response_body(hits, want, latency, member)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
@@ -260,18 +287,80 @@ def validation_detail(errors: Sequence[Any], max_k: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- service state
+@dataclass(eq=False)
+class Member:
+    """One query model of the server: its encoder, how it relates to the current index, its own counters."""
+
+    name: str
+    encoder: Encoder
+    mode: str
+    search_ms: float = float("inf")  # best warm-up embed + search; decides inline vs thread pool
+    queries: int = 0
+    rejected: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+
+@contextmanager
+def _naming(name: str, path: str | Path, named: bool) -> Iterator[None]:
+    """Put the query model's name in front of an error about it when the server has several (with one model
+    the message stays exactly the one ``cmpnas query`` gives)."""
+    try:
+        yield
+    except CmpnasError as exc:
+        if not named:
+            raise
+        raise CmpnasError(f"Query model '{name}' ({path}): {exc.problem}", exc.fix) from None
+
+
+def check_member(
+    index: GalleryIndex, name: str, encoder: Encoder, allow_incompatible: bool, named: bool
+) -> str:
+    """The compatibility check of one query model against ``index`` (its mode), at start and on every swap."""
+    with _naming(name, encoder.path, named):
+        return check_compatible(index, encoder, allow_incompatible)
+
+
+def load_member(
+    index: GalleryIndex,
+    name: str,
+    path: str | Path,
+    *,
+    threads: int | None,
+    allow_incompatible: bool,
+    named: bool,
+) -> Member:
+    """Load one query model and check it against ``index``: a model that cannot search it stops the start."""
+    with _naming(name, path, named):
+        encoder = load_encoder(path, threads=threads)
+    return Member(name, encoder, check_member(index, name, encoder, allow_incompatible, named))
+
+
+def _latency_summary(latencies: Sequence[float]) -> dict[str, float | int | None]:
+    lat = np.asarray(latencies, dtype=np.float64)
+    if not len(lat):
+        return {"p50": None, "p99": None, "mean": None, "window": 0}
+    return {
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "mean": float(lat.mean()),
+        "window": len(lat),
+    }
+
+
 class SearchService:
-    """Index + encoder loaded once, plus query counters and a window of recent latencies."""
+    """Index + query models loaded once, plus query counters and windows of recent latencies (in total and
+    per query model). The first model is the default; ``encoder``, ``mode`` and ``search_ms`` are its."""
 
     def __init__(
         self,
         index: GalleryIndex,
-        encoder: Any,
-        mode: str,
+        members: Sequence[Member],
         limits: dict[str, int],
         stats_dir: str | Path | None = None,
     ) -> None:
-        self.index, self.encoder, self.mode, self.limits = index, encoder, mode, limits
+        self.index, self.limits = index, limits
+        self.members = {m.name: m for m in members}
+        self.default = members[0]
         self.swaps = 0
         # With several worker processes each one shares its counters through a file in ``stats_dir`` so
         # that /stats, answered by any one worker, reports all of them.
@@ -284,33 +373,68 @@ class SearchService:
         self.stats_lock = threading.Lock()
         self.queries = 0
         self.rejected = 0
-        self.latencies: deque[float] = deque(maxlen=10_000)
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
-        self.search_ms = self._warm_up()
+        for member in members:
+            member.search_ms = self._warm_up(member)
         if self.stats_dir is not None:  # share counters off the request path, twice a second
             threading.Thread(target=self._share_loop, name="cmpnas-stats-share", daemon=True).start()
 
-    def _warm_up(self, calls: int = 3) -> float:
+    @property
+    def encoder(self) -> Encoder:
+        return self.default.encoder
+
+    @property
+    def mode(self) -> str:
+        return self.default.mode
+
+    @property
+    def search_ms(self) -> float:
+        return self.default.search_ms
+
+    @property
+    def several(self) -> bool:
+        return len(self.members) > 1
+
+    def member(self, name: str | None) -> Member:
+        """The query model called ``name`` (None = the default), or UploadRejected (422) listing them."""
+        if name is None:
+            return self.default
+        found = self.members.get(name)
+        if found is None:
+            raise UploadRejected(
+                422,
+                f"Unknown query model '{name}'; available: {', '.join(self.members)} (default "
+                f"'{self.default.name}', also when ?model= is left out).",
+            )
+        return found
+
+    def _warm_up(self, member: Member, calls: int = 3) -> float:
         """Embed + search a blank image a few times (first-call set-up out of the way); best time in ms."""
-        spec = self.encoder.spec
+        spec = member.encoder.spec
         blank = Image.new("L" if spec.in_chans == 1 else "RGB", (spec.input_size, spec.input_size))
         best = float("inf")
         for _ in range(calls):
             t0 = time.perf_counter()
             try:
-                self.search(blank, 1)
+                self.search(blank, 1, member)
             except CmpnasError:  # e.g. an empty index: no timing, so requests take the safe (thread) path
                 return float("inf")
             best = min(best, (time.perf_counter() - t0) * 1000)
         return best
 
     def swap_index(self, index: GalleryIndex, allow_incompatible: bool = False) -> None:
-        """Serve ``index`` from the next search on: checked against the query model first (a refused index
-        leaves the old one serving), swapped under the search lock, so a search in flight finishes on the
-        index it started with and none sees half of each."""
-        mode = check_compatible(index, self.encoder, allow_incompatible)
+        """Serve ``index`` from the next search on: checked against every query model first (one refusal
+        leaves the old index serving all of them), swapped under the search lock, so a search in flight
+        finishes on the index it started with and none sees half of each."""
+        modes = {
+            m.name: check_member(index, m.name, m.encoder, allow_incompatible, self.several)
+            for m in self.members.values()
+        }
         with self.lock:
-            self.index, self.mode = index, mode
+            self.index = index
+            for name, mode in modes.items():
+                self.members[name].mode = mode
             self.swaps += 1
         self.thumbnail.cache_clear()
 
@@ -342,41 +466,57 @@ class SearchService:
 
         threading.Thread(target=loop, name="cmpnas-index-watch", daemon=True).start()
 
-    def runs_inline(self, upload_bytes: int) -> bool:
-        return upload_bytes <= INLINE_MAX_BYTES and self.search_ms <= INLINE_MAX_MS
+    def runs_inline(self, upload_bytes: int, member: Member) -> bool:
+        return upload_bytes <= INLINE_MAX_BYTES and member.search_ms <= INLINE_MAX_MS
 
-    def search(self, img: Image.Image, k: int) -> list[dict[str, Any]]:
+    def search(self, img: Image.Image, k: int, member: Member | None = None) -> list[dict[str, Any]]:
+        encoder = (member or self.default).encoder
         with self.lock:
-            vec = self.encoder.embed_images([img])
+            vec = encoder.embed_images([img])
             return self.index.search(vec, k)[0]
 
-    def answer(self, data: bytes, content_type: str | None, k: int) -> list[dict[str, Any]]:
+    def answer(self, data: bytes, content_type: str | None, k: int, member: Member) -> list[dict[str, Any]]:
         """Upload bytes -> top-k hits, or UploadRejected (a bad image, or a model/index error)."""
         img = decode_upload(data, content_type, self.limits["max_pixels"])
         try:
-            return self.search(img, k)
+            return self.search(img, k, member)
         except CmpnasError as exc:
             raise UploadRejected(400, str(exc)) from None
 
-    async def answer_async(self, data: bytes, content_type: str | None, k: int) -> list[dict[str, Any]]:
+    async def answer_async(
+        self, data: bytes, content_type: str | None, k: int, member: Member
+    ) -> list[dict[str, Any]]:
         """``answer`` on the event loop for small uploads and fast models, else in the thread pool."""
-        if self.runs_inline(len(data)):
-            return self.answer(data, content_type, k)
-        return await run_in_threadpool(self.answer, data, content_type, k)
+        if self.runs_inline(len(data), member):
+            return self.answer(data, content_type, k, member)
+        return await run_in_threadpool(self.answer, data, content_type, k, member)
 
-    def response_body(self, hits: list[dict[str, Any]], k: int, latency_ms: float) -> bytes:
-        """The JSON of a ``SearchResponse`` (built and validated once, serialised once)."""
+    def response_body(self, hits: list[dict[str, Any]], k: int, latency_ms: float, member: Member) -> bytes:
+        """The JSON of a ``SearchResponse`` (built and validated once, serialised once); it names the query
+        model only when the server has several, so a one-model server answers as it always has."""
         results = [Hit(**h, thumb=f"/thumb/{quote(h['id'])}") for h in hits]
-        answer = SearchResponse(results=results, k=k, latency_ms=round(latency_ms, 3), mode=self.mode)
-        return answer.model_dump_json().encode()
+        answer = SearchResponse(
+            results=results,
+            k=k,
+            latency_ms=round(latency_ms, 3),
+            mode=member.mode,
+            model=member.name if self.several else None,
+        )
+        return answer.model_dump_json(exclude_none=True).encode()
 
-    def record(self, latency_ms: float | None) -> None:
+    def record(self, latency_ms: float | None, member: Member | None = None) -> None:
+        """Count a search (its latency) or a rejection (None), in total and for ``member`` when known."""
         with self.stats_lock:
             if latency_ms is None:
                 self.rejected += 1
+                if member is not None:
+                    member.rejected += 1
             else:
                 self.queries += 1
                 self.latencies.append(latency_ms)
+                if member is not None:
+                    member.queries += 1
+                    member.latencies.append(latency_ms)
             self._dirty = True
 
     def _share_loop(self, every_s: float = 0.5) -> None:
@@ -385,39 +525,56 @@ class SearchService:
             if self._dirty:
                 self.share()
 
+    def _snapshot(self) -> dict[str, Any]:
+        """This worker's counters as plain data (copied under the stats lock: requests wait on it)."""
+        with self.stats_lock:
+            self._dirty = False
+            return {
+                "pid": os.getpid(),
+                "queries": self.queries,
+                "rejected": self.rejected,
+                "latencies": list(self.latencies),
+                "models": {
+                    m.name: {"queries": m.queries, "rejected": m.rejected, "latencies": list(m.latencies)}
+                    for m in self.members.values()
+                },
+            }
+
     def share(self) -> None:
         """Write this worker's counters for the others (atomic: a reader never sees half a file)."""
         if self.stats_dir is None:
             return
-        with self.stats_lock:  # copy under the lock, serialise outside it: requests wait on this lock
-            self._dirty = False
-            queries, rejected, latencies = self.queries, self.rejected, list(self.latencies)
-        snapshot = {"pid": os.getpid(), "queries": queries, "rejected": rejected, "latencies": latencies}
+        snapshot = self._snapshot()  # serialised outside the lock
         path = self.stats_dir / f"worker-{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(snapshot))
         os.replace(tmp, path)
 
-    def _counters(self) -> tuple[int, int, np.ndarray, list[dict[str, int]]]:
-        """(queries, rejected, recent latencies, per worker) over every worker process of this server."""
+    def _counters(self) -> dict[str, Any]:
+        """Counters over every worker process of this server: in total, per worker, per query model."""
         if self.stats_dir is None:
-            with self.stats_lock:
-                lat = np.asarray(self.latencies, dtype=np.float64)
-                return self.queries, self.rejected, lat, [{"pid": os.getpid(), "queries": self.queries}]
-        self.share()
-        queries = rejected = 0
-        lats: list[float] = []
+            snapshots = [self._snapshot()]
+        else:
+            self.share()
+            snapshots = []
+            for path in sorted(self.stats_dir.glob("worker-*.json")):
+                try:
+                    snapshots.append(json.loads(path.read_text()))
+                except (OSError, ValueError):
+                    continue  # a worker that is writing or gone
+        empty = lambda: {"queries": 0, "rejected": 0, "latencies": []}  # noqa: E731
+        total, models = empty(), {name: empty() for name in self.members}
         workers = []
-        for path in sorted(self.stats_dir.glob("worker-*.json")):
-            try:
-                snap = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a worker that is writing or gone
-            queries += int(snap["queries"])
-            rejected += int(snap["rejected"])
-            lats.extend(snap["latencies"])
+        for snap in snapshots:
+            parts = [(total, snap)] + [
+                (models[name], counts) for name, counts in snap.get("models", {}).items() if name in models
+            ]
+            for into, counts in parts:
+                into["queries"] += int(counts["queries"])
+                into["rejected"] += int(counts["rejected"])
+                into["latencies"].extend(counts["latencies"])
             workers.append({"pid": int(snap["pid"]), "queries": int(snap["queries"])})
-        return queries, rejected, np.asarray(lats, dtype=np.float64), workers
+        return {**total, "workers": workers, "models": models}
 
     def _thumbnail(self, item_id: str) -> bytes | None:
         img = self.index.thumbnail_image(item_id)
@@ -433,16 +590,9 @@ class SearchService:
         return buf.getvalue()
 
     def stats(self) -> dict[str, Any]:
-        queries, rejected, lat, workers = self._counters()
-        pct = (
-            {
-                "p50": float(np.percentile(lat, 50)),
-                "p99": float(np.percentile(lat, 99)),
-                "mean": float(lat.mean()),
-            }
-            if len(lat)
-            else {"p50": None, "p99": None, "mean": None}
-        )
+        """Index, models and counters. The top-level ``query_model`` and ``mode`` are the default model's,
+        the counters add up every model; ``models`` has each one's description, mode and counters."""
+        counters = self._counters()
         manifest = self.index.manifest
         return {
             "index": {
@@ -460,10 +610,21 @@ class SearchService:
             },
             "query_model": self.encoder.describe(),
             "mode": self.mode,
-            "queries": queries,
-            "rejected": rejected,
-            "latency_ms": {**pct, "window": len(lat)},
-            "workers": workers,
+            "default_model": self.default.name,
+            "models": {
+                name: {
+                    **m.encoder.describe(),
+                    "mode": m.mode,
+                    "queries": counters["models"][name]["queries"],
+                    "rejected": counters["models"][name]["rejected"],
+                    "latency_ms": _latency_summary(counters["models"][name]["latencies"]),
+                }
+                for name, m in self.members.items()
+            },
+            "queries": counters["queries"],
+            "rejected": counters["rejected"],
+            "latency_ms": _latency_summary(counters["latencies"]),
+            "workers": counters["workers"],
             "limits": self.limits,
             "uptime_s": round(time.time() - self.started, 1),
             "version": __version__,
@@ -477,8 +638,7 @@ def _page() -> str:
 # --------------------------------------------------------------------------------------------- app
 def create_app(
     index_dir: str | Path,
-    query_model_path: str | Path,
-    *,
+    *query_models: str | Path,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_k: int = 100,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -491,7 +651,11 @@ def create_app(
     milvus_uri: str | None = None,
     watch_index_s: float = 2.0,
 ) -> FastAPI:
-    """Load index + query model once (refusing incompatible pairs) and return the FastAPI app.
+    """Load the index and every query model once (refusing any that cannot search the index) and return the
+    FastAPI app.
+
+    ``query_models`` are model files or family folders (:func:`cmpnas.serving.family.expand_query_models`); the
+    first is the default of ``/search``, the others are picked with ``/search?model=NAME``.
 
     ``threads`` sets the intra-op threads of torch, ONNX Runtime and FAISS (None = their defaults). One
     query is embedded and searched at a time, so 1 thread loses little, and it avoids OpenMP barrier stalls
@@ -501,6 +665,7 @@ def create_app(
     """
     if max_k < 1 or max_upload_bytes < 1 or max_pixels < 1:
         raise CmpnasError("max_k, max_upload_bytes and max_pixels must be positive.", "pass positive limits")
+    named = expand_query_models(query_models)  # a bad name or family file fails before anything loads
     index = GalleryIndex.load(index_dir, milvus_uri=milvus_uri)
     index.set_search_params(nprobe, ef_search)
     if threads is not None:  # process-wide (torch, faiss OpenMP): the server owns its process
@@ -509,8 +674,12 @@ def create_app(
 
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
-    encoder = load_encoder(query_model_path, threads=threads)
-    mode = check_compatible(index, encoder, allow_incompatible)
+    members = [
+        load_member(
+            index, name, path, threads=threads, allow_incompatible=allow_incompatible, named=len(named) > 1
+        )
+        for name, path in named
+    ]
     default_k = max(1, min(default_k, max_k))
     limits = {
         "max_k": max_k,
@@ -519,7 +688,7 @@ def create_app(
         "max_pixels": max_pixels,
         "threads": threads,
     }
-    service = SearchService(index, encoder, mode, limits, stats_dir)
+    service = SearchService(index, members, limits, stats_dir)
     if watch_index_s > 0:
 
         def reload() -> GalleryIndex:
@@ -556,11 +725,15 @@ def create_app(
     def home() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz", summary="Liveness: the index and model are loaded")
+    @app.get("/healthz", summary="Liveness: the index and the query models are loaded (their names, when several)")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "count": len(service.index), "mode": service.mode}
+        health = {"status": "ok", "count": len(service.index), "mode": service.mode}
+        return {**health, "models": list(service.members)} if service.several else health
 
-    @app.get("/stats", summary="Index size, model fingerprints, query count, latency percentiles")
+    @app.get(
+        "/stats",
+        summary="Index size, model fingerprints, query count, latency percentiles (in total and per query model)",
+    )
     def stats() -> dict[str, Any]:
         return service.stats()
 
@@ -594,7 +767,7 @@ def create_app(
             400: {"description": "corrupt image"},
             413: {"description": "upload or image too large"},
             415: {"description": "not an image"},
-            422: {"description": "bad k or missing file"},
+            422: {"description": "bad k, unknown query model or missing file"},
         },
     )
     async def search(
@@ -604,21 +777,28 @@ def create_app(
         k_form: int | None = Form(
             None, alias="k", description="k as a form field (the query parameter wins)"
         ),
+        model: str | None = Query(
+            None,
+            description=f"query model that embeds the image: {', '.join(service.members)} (default "
+            f"{service.default.name}; /stats describes each)",
+        ),
     ) -> Response:
         t0 = time.perf_counter()
         want = k if k is not None else (k_form if k_form is not None else default_k)
+        member = None
         try:
             if not 1 <= want <= max_k:
                 raise UploadRejected(422, f"k must be between 1 and {max_k} (got {want}).")
+            member = service.member(model)
             data, content_type = await _upload(request, file, max_upload_bytes)
-            hits = await service.answer_async(data, content_type, want)
+            hits = await service.answer_async(data, content_type, want, member)
         except UploadRejected as exc:
-            service.record(None)
+            service.record(None, member)
             raise HTTPException(exc.status, exc.message) from None
         latency = (time.perf_counter() - t0) * 1000
-        service.record(latency)
+        service.record(latency, member)
         # validated by construction: serialised once instead of FastAPI's second validation pass
-        return Response(service.response_body(hits, want, latency), media_type="application/json")
+        return Response(service.response_body(hits, want, latency, member), media_type="application/json")
 
     return app
 
@@ -653,7 +833,7 @@ SERVE_CONFIG_ENV = "CMPNAS_SERVE_CONFIG"
 def app_from_env() -> FastAPI:
     """App factory for uvicorn's worker processes: ``create_app`` with the JSON arguments in the env."""
     kwargs = json.loads(os.environ[SERVE_CONFIG_ENV])
-    return create_app(kwargs.pop("index_dir"), kwargs.pop("query_model_path"), **kwargs)
+    return create_app(kwargs.pop("index_dir"), *kwargs.pop("query_models"), **kwargs)
 
 
 def _shared_milvus_uri(index: GalleryIndex) -> str | None:
@@ -672,7 +852,7 @@ def _shared_milvus_uri(index: GalleryIndex) -> str | None:
 
 def run_server(
     index_dir: str | Path,
-    query_model_path: str | Path,
+    *query_models: str | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
@@ -691,16 +871,20 @@ def run_server(
     if workers < 1:
         raise CmpnasError(f"workers must be >= 1, got {workers}.", "pass --workers 1 or more")
     if workers == 1:
-        app = create_app(index_dir, query_model_path, **limits)
+        app = create_app(index_dir, *query_models, **limits)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return
-    app = create_app(index_dir, query_model_path, **{**limits, "watch_index_s": 0})  # the check; workers watch
+    app = create_app(index_dir, *query_models, **{**limits, "watch_index_s": 0})  # the check; workers watch
     shared_uri = _shared_milvus_uri(app.state.service.index)
     del app  # checked; each worker loads its own copy
     from cmpnas.serving.balancer import serve_balanced
 
     stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
-    config = {"index_dir": str(index_dir), "query_model_path": str(query_model_path), "stats_dir": stats_dir}
+    config: dict[str, Any] = {
+        "index_dir": str(index_dir),
+        "query_models": [str(p) for p in query_models],
+        "stats_dir": stats_dir,
+    }
     if shared_uri is not None:
         config["milvus_uri"] = shared_uri
     serve_balanced(
