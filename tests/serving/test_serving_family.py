@@ -246,7 +246,7 @@ def test_a_family_folder_expands_to_its_members(
 @pytest.mark.parametrize(
     ("content", "expect"),
     [
-        (None, "holds no family.json"),
+        (None, "is not a query-model family"),
         ("{not json", "not readable JSON"),
         (json.dumps({"format": "cmpnas.family.v9", "members": [{"name": "a", "onnx": "a.onnx"}]}), "not a cmpnas.family.v1"),
         (json.dumps({"format": FAMILY_FORMAT, "members": []}), "non-empty 'members'"),

@@ -17,7 +17,8 @@ from cmpnas.config import build_config
 from cmpnas.errors import CmpnasError
 from cmpnas.models.cost import LatencyTable
 from cmpnas.models.spaces.spos import SposSpace
-from cmpnas.stages import export_family, read_family, retrain_family, search, train_supernet
+from cmpnas.serving.family import read_family
+from cmpnas.stages import export_family, retrain_family, search, train_supernet
 from cmpnas.stages.supernet import SUPERNET_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +49,7 @@ def family(tmp_path_factory, tiny_raw_factory, tiny_data, tiny_gallery) -> dict:
     res = search(cfg, tiny_gallery, root / "supernet" / SUPERNET_FILE, root / "search", data=tiny_data, family=True)
     members = retrain_family(cfg, tiny_gallery, root / "search" / "family.json", root / "members", data=tiny_data)
     exported = export_family(
-        read_family(root / "members"), root / "members", root / "export", exporter="legacy", latency_runs=3
+        read_family(root / "members")[1], root / "members", root / "export", exporter="legacy", latency_runs=3
     )
     torch.set_num_threads(before)
     return {"root": root, "raw": raw, "cfg": cfg, "search": res, "members": members, "export": exported}
@@ -100,7 +101,7 @@ def test_a_member_another_budget_already_has_is_trained_once(family) -> None:
 
 
 def test_family_file_served_from_the_export_folder(family) -> None:
-    doc = read_family(family["root"] / "export")
+    _, doc = read_family(family["root"] / "export")
     assert {m["name"] for m in doc["members"]} == {"loose", "tight", "loose-copy"}
     assert all((family["root"] / "export" / m["onnx"]).is_file() for m in doc["members"])
 
@@ -116,7 +117,7 @@ def test_resuming_a_search_saved_for_other_budgets_is_refused(family, tiny_data,
 
 @pytest.mark.parametrize(
     ("content", "match"),
-    [(None, "does not exist"), ("{}", "not a cmpnas family file"), ('{"format": "cmpnas.family.v1", "members": [{}]}', "without a name")],
+    [(None, "not a query-model family"), ("{}", "not a cmpnas.family.v1 file"), ('{"format": "cmpnas.family.v1", "members": [{}]}', "has no name")],
 )
 def test_bad_family_files_are_refused(tmp_path: Path, content: str | None, match: str) -> None:
     path = tmp_path / "family.json"

@@ -15,9 +15,9 @@ from cmpnas.cli.options import logged
 from cmpnas.data.sources import csv_source, dataset_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
-from cmpnas.serving.family import expand_query_models
+from cmpnas.serving.family import expand_query_models, read_family
 from cmpnas.serving.index import IndexParams, query_images
-from cmpnas.stages import evaluate_index, export_family, export_model, index_gallery, read_family
+from cmpnas.stages import evaluate_index, export_family, export_model, index_gallery
 
 
 class IndexKind(str, Enum):
@@ -304,10 +304,8 @@ def export_cmd(
     if (model is None) == (family is None):
         raise CmpnasError("Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json")
     if family is not None:
-        doc = read_family(family)
-        res = export_family(
-            doc, (family if family.is_dir() else family.parent), out, exporter=exporter.value, latency_runs=latency_runs
-        )
+        file, doc = read_family(family)
+        res = export_family(doc, file.parent, out, exporter=exporter.value, latency_runs=latency_runs)
         for m in res["members"]:
             progress.event(
                 "done",

@@ -19,18 +19,16 @@ FAMILY_FILE = "family.json"
 FAMILY_FORMAT = "cmpnas.family.v1"
 
 
-def family_members(path: str | Path) -> list[tuple[str, Path]]:
-    """``(name, model file)`` of every member of a family: a folder holding ``family.json``, or that file.
-
-    A member is served from its ``onnx`` export when it has one, else from its ``model`` checkpoint; paths
-    are relative to the family file's folder. Keys this reader does not need (budgets, MACs) are ignored.
-    """
+def read_family(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(family.json path, its content)`` of a family folder or file, checked: the one reader of the format
+    (the search writes it, retrain and export add paths, the server reads the members)."""
     p = Path(path)
     file = p / FAMILY_FILE if p.is_dir() else p
     if not file.is_file():
         raise CmpnasError(
-            f"Query model folder '{p}' holds no {FAMILY_FILE}.",
-            "pass a query model file (.onnx or .safetensors), or a family folder written by cmpnas",
+            f"'{p}' is not a query-model family: there is no {file.name if not p.is_dir() else FAMILY_FILE} there.",
+            "pass a family folder or family.json written by cmpnas (search --family, retrain --family, export "
+            "--family, cmpnas run), or a query model file (.onnx or .safetensors)",
         )
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -46,15 +44,27 @@ def family_members(path: str | Path) -> list[tuple[str, Path]]:
             f"Family file '{file}' is not a {FAMILY_FORMAT} file with a non-empty 'members' list.",
             "restore it, or pass the members' model files as --query-model A --query-model B",
         )
-    return [_member(file, i, m) for i, m in enumerate(members)]
+    for i, m in enumerate(members):
+        name = m.get("name") if isinstance(m, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise CmpnasError(
+                f"Member {i} of family file '{file}' has no name.", "give every member a non-empty 'name'"
+            )
+    return file, data
 
 
-def _member(file: Path, i: int, entry: Any) -> tuple[str, Path]:
-    name = entry.get("name") if isinstance(entry, dict) else None
-    if not isinstance(name, str) or not name.strip():
-        raise CmpnasError(
-            f"Member {i} of family file '{file}' has no name.", "give every member a non-empty 'name'"
-        )
+def family_members(path: str | Path) -> list[tuple[str, Path]]:
+    """``(name, model file)`` of every member of a family: a folder holding ``family.json``, or that file.
+
+    A member is served from its ``onnx`` export when it has one, else from its ``model`` checkpoint; paths
+    are relative to the family file's folder. Keys this reader does not need (budgets, MACs) are ignored.
+    """
+    file, data = read_family(path)
+    return [_member(file, m) for m in data["members"]]
+
+
+def _member(file: Path, entry: dict[str, Any]) -> tuple[str, Path]:
+    name = entry["name"]
     rel = entry.get("onnx") or entry.get("model")
     if not isinstance(rel, str):
         raise CmpnasError(

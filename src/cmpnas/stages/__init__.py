@@ -9,7 +9,7 @@ from __future__ import annotations
 from cmpnas.stages.common import StageResult, load_data
 from cmpnas.stages.evaluate import evaluate_index, evaluate_models, evaluate_protocol, evaluate_query_models
 from cmpnas.stages.export import export_model
-from cmpnas.stages.family import export_family, read_family, retrain_family
+from cmpnas.stages.family import export_family, retrain_family
 from cmpnas.stages.gallery import train_gallery
 from cmpnas.stages.index import index_dataset, index_gallery
 from cmpnas.stages.query import retrain, train_query
@@ -30,7 +30,6 @@ __all__ = [
     "index_dataset",
     "index_gallery",
     "load_data",
-    "read_family",
     "retrain",
     "retrain_family",
     "search",

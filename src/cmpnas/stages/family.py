@@ -19,34 +19,16 @@ from typing import Any
 from cmpnas.config import Config, TrainConfig
 from cmpnas.data.base import DataBundle
 from cmpnas.errors import CmpnasError
-from cmpnas.io import make_dirs, read_json, write_json_atomic
+from cmpnas.io import make_dirs, write_json_atomic
 from cmpnas.manifest import write_manifest
 from cmpnas.models.cost import count_macs
 from cmpnas.models.embedding import load_model
 from cmpnas.serving.export import export_onnx
+from cmpnas.serving.family import FAMILY_FILE, read_family
 from cmpnas.stages.common import MODEL_FILE, StageResult
 from cmpnas.stages.query import retrain
-from cmpnas.stages.search import FAMILY_FILE, FAMILY_FORMAT
 
 ONNX_FILE = "query.onnx"
-
-
-def read_family(path: str | Path) -> dict[str, Any]:
-    """A ``family.json`` (from ``cmpnas search`` with ``nas.budgets``, ``retrain --family`` or ``export --family``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / FAMILY_FILE
-    fix = "pass the family.json written by `cmpnas search` (a config with nas.budgets) or `cmpnas run`"
-    if not p.is_file():
-        raise CmpnasError(f"Family file '{p}' does not exist.", fix)
-    doc = read_json(p, fix)
-    members = doc.get("members") if isinstance(doc, dict) else None
-    if not isinstance(members, list) or not members or doc.get("format") != FAMILY_FORMAT:
-        raise CmpnasError(f"'{p}' is not a cmpnas family file (format {FAMILY_FORMAT} with members).", fix)
-    for m in members:
-        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
-            raise CmpnasError(f"'{p}' has a member without a name.", fix)
-    return doc
 
 
 def retrain_family(
@@ -60,7 +42,7 @@ def retrain_family(
 ) -> StageResult:
     """Every member trained from scratch with the compat objective into ``OUT/NAME/``; ``OUT/family.json``
     lists them with their models (what ``cmpnas export --family`` takes)."""
-    doc = read_family(family)
+    _, doc = read_family(family)
     out = Path(out_dir)
     members: list[dict[str, Any]] = []
     trained: dict[str, str] = {}  # arch key -> member that trained it

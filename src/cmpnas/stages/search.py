@@ -26,6 +26,7 @@ from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
 from cmpnas.nas.evolution import EvolutionSearch, pareto_indices
 from cmpnas.nas.rewards import fitness_from_config
 from cmpnas.nas.supernet import load_supernet
+from cmpnas.serving.family import FAMILY_FILE, FAMILY_FORMAT
 from cmpnas.stages.common import (
     StageResult,
     nas_setup,
@@ -215,10 +216,6 @@ def _pareto(evo: EvolutionSearch, cost: str, point: Any) -> list[dict[str, Any]]
     entries = [v for v in evo.memo.values() if math.isfinite(v["metrics"]["het_top1"])]
     costs = [point(v["arch"])[cost] for v in entries]
     return [entries[i] for i in pareto_indices(costs, [v["metrics"]["het_top1"] for v in entries])]
-
-
-FAMILY_FILE = "family.json"
-FAMILY_FORMAT = "cmpnas.family.v1"
 
 
 def family_document(result: dict[str, Any], gallery_macs: int) -> dict[str, Any]:
