@@ -72,7 +72,7 @@ def search(
     embed_dim = gallery.spec.embed_dim
     latency = None
     if cfg.nas.budget_latency_ms is not None:
-        latency = space.latency_table(threads=1)
+        latency = space.latency_table(threads=1, embed_dim=embed_dim)  # ORT, the query model's runtime
 
     def feasible(arch: dict) -> bool:
         if space.query_macs(arch, embed_dim) > budget:
