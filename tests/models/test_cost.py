@@ -17,6 +17,7 @@ from cmpnas.models.cost import (
     LatencyTable,
     check_prediction,
     count_macs,
+    fit_overhead,
     latency_runtime,
     measure_latency_ms,
 )
@@ -228,6 +229,22 @@ def test_measure_rounds_keeps_the_quietest_round_and_the_fastest_run() -> None:
         measure_rounds([Timer(run)], warmup=0, repeats=5, rounds=0)
 
 
+def test_measure_rounds_prepares_factories_once_in_the_first_round() -> None:
+    made: list[int] = []
+    runs = {"n": 0}
+
+    def run() -> None:
+        runs["n"] += 1
+
+    def factory() -> Timer:
+        made.append(runs["n"])
+        return Timer(run)
+
+    stats = measure_rounds([Timer(run), factory], warmup=1, repeats=2, rounds=3)
+    assert made == [3]  # prepared once, after the first timer's first round (1 warmup + 2 runs)
+    assert runs["n"] == 2 * 3 * 3 and len(stats) == 2
+
+
 def test_check_prediction_uses_the_table_settings() -> None:
     table = LatencyTable(
         entries=[{"a": {"1.0": 2.0}}],
@@ -241,3 +258,13 @@ def test_check_prediction_uses_the_table_settings() -> None:
     assert row["error_pct"] == pytest.approx(100 * (3.0 - row["measured_ms"]) / row["measured_ms"])
     with pytest.raises(CmpnasError, match="Unknown latency runtime"):
         check_prediction(table, _hand_net(), {"blocks": [0], "scales": [1.0]}, (1, 1, 8, 8), runtime="x")
+
+
+def test_fit_overhead_hand_values() -> None:
+    # 11 parts summing to 1.2 ms, measured whole at 1.0 ms: 10 surplus overheads of 0.02 ms.
+    assert fit_overhead([1.2], [1.0], 11) == pytest.approx(0.02)
+    # Median of the fits 0.02, 0.01, 0.5 (an outlier whole model measured in a quiet moment).
+    assert fit_overhead([1.2, 1.1, 6.0], [1.0, 1.0, 1.0], 11) == pytest.approx(0.02)
+    assert fit_overhead([1.0], [1.1], 11) == pytest.approx(-0.01)  # whole slower than its parts
+    with pytest.raises(CmpnasError, match="Cannot fit"):
+        fit_overhead([], [], 11)

@@ -15,6 +15,7 @@ per-block timings; :func:`check_prediction` compares its prediction with a whole
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -211,6 +212,22 @@ class LatencyTable:
                 "build it with SposSpace.latency_table() and save it",
             )
         return cls.from_dict(read_json(path, "rebuild it with SposSpace.latency_table() and save it again"))
+
+
+def fit_overhead(raw_sums: Sequence[float], measured: Sequence[float], parts: int) -> float:
+    """The per-run overhead that makes summed standalone timings match whole models (median fit).
+
+    A model of ``parts`` separately timed parts with raw timings summing to S, measured whole at M, pays
+    the overhead once instead of ``parts`` times: M = S - (parts - 1) x overhead. The overhead absorbs
+    whatever a standalone run costs beyond its share of a whole run, so it can be negative: in torch eager
+    a whole model ran ~5 % slower than the sum of its blocks (then the table adds time per block).
+    """
+    if not raw_sums or len(raw_sums) != len(measured) or parts < 2:
+        raise CmpnasError(
+            f"Cannot fit the overhead from {len(raw_sums)} sums, {len(measured)} measurements, {parts} parts.",
+            "pass one raw sum per measured whole model, each of at least 2 parts",
+        )
+    return statistics.median((s - m) / (parts - 1) for s, m in zip(raw_sums, measured, strict=True))
 
 
 # A runtime prepares a module for timing: (module, input_shape, threads) -> Timer. Preparing apart from timing

@@ -127,23 +127,30 @@ STATISTICS = ("min", "p50")
 
 
 def measure_rounds(
-    timers: Sequence[Timer], *, warmup: int, repeats: int, rounds: int
+    timers: Sequence[Timer | Callable[[], Timer]], *, warmup: int, repeats: int, rounds: int
 ) -> list[dict[str, float]]:
     """Time every timer in ``rounds`` interleaved passes of ``repeats`` runs each.
 
     Per timer: ``p50``/``p90``/``mean`` of its quietest round (the lowest median: best-of-``rounds``
-    medians) and ``min``, its fastest run over all rounds.
-    Why: on a shared machine other processes only ever add time, in bursts lasting seconds; a module timed in
-    one go can land in a burst (whole-model p50s here varied 2-4x between passes), so a lookup table built
-    that way mixes quiet and loaded numbers. Interleaving spreads each module's rounds over the whole run,
-    and ``min`` is the estimate least touched by the others (a longer call is more likely to be interrupted,
-    so loaded medians inflate whole models more than their blocks; see SposSpace.latency_table).
+    medians) and ``min``, its fastest run over all rounds. An item may be a factory (e.g. one ONNX export +
+    session): it is prepared in the first pass and timed right away, so that pass spreads over the whole
+    preparation time instead of adding a pass of its own.
+
+    Why: on a shared machine other processes only ever add time, in bursts lasting seconds (the sum of the
+    default space's block timings here swung 10 -> 18 ms between passes, loaded stretches lasting 2-3 s); a
+    module timed in one go can land in a burst, so a lookup table built that way mixes quiet and loaded
+    numbers. Interleaving spreads each module's rounds over the whole run, and ``min`` is the estimate least
+    touched by the others.
     """
     check_timing_args(warmup, repeats, None, rounds)
+    ready: list[Timer | None] = [None] * len(timers)
     quietest: list[list[float]] = [[] for _ in timers]
     fastest = [math.inf] * len(timers)
     for _ in range(rounds):
-        for i, timer in enumerate(timers):
+        for i, item in enumerate(timers):
+            timer = ready[i]
+            if timer is None:
+                timer = ready[i] = item if isinstance(item, Timer) else item()
             times = timer.sample(warmup, repeats)
             fastest[i] = min(fastest[i], times[0])
             if not quietest[i] or percentile(times, 50) < percentile(quietest[i], 50):

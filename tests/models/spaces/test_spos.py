@@ -246,13 +246,15 @@ def test_build_exports_to_onnx(tiny: SposSpace) -> None:
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_latency_table(tiny: SposSpace, runtime: str) -> None:
-    table = tiny.latency_table(threads=1, repeats=2, runtime=runtime)
+    table = tiny.latency_table(threads=1, repeats=2, rounds=2, runtime=runtime, calibrate=0)
     arch = tiny.sample(random.Random(0))
     assert table.fixed_ms > 0
     assert table.latency_ms(arch) > table.fixed_ms
     assert len(table.entries) == tiny.num_layers
     assert set(table.entries[0]) == set(tiny.choices)
-    assert table.meta["runtime"] == runtime
+    meta = table.meta
+    assert meta["runtime"] == runtime and meta["overhead_from"] == "probe" and meta["calibration"] == []
+    assert meta["overhead_ms"] == meta["probe_ms"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +284,12 @@ def test_onnx_latency_table_structure(repeated: SposSpace, ort_table: LatencyTab
     assert (meta["threads"], meta["repeats"], meta["rounds"]) == (1, 3, 2)
     assert meta["input_shape"] == [1, 1, 16, 16] and "onnxruntime" in meta["versions"]
     # The overhead is counted once, in the fixed part; ~10 us here, so a loose bound catches a unit slip.
-    assert 0 < meta["overhead_ms"] < 5 and table.fixed_ms >= meta["overhead_ms"]
+    assert abs(meta["overhead_ms"]) < 5 and table.fixed_ms > 0
+    assert meta["overhead_from"] == "calibration" and len(meta["calibration"]) == 3
+    for fit in meta["calibration"]:  # the fit's residuals on its own whole models
+        assert repeated.validate(fit["arch"]) == fit["arch"] and fit["measured_ms"] > 0
+        assert fit["predicted_ms"] == pytest.approx(table.latency_ms(fit["arch"]))
+        assert math.isfinite(fit["error_pct"])
 
 
 def test_onnx_latency_table_sums_fixed_and_chosen_entries(
@@ -320,9 +327,11 @@ def test_query_net_is_backbone_plus_embedding_head(repeated: SposSpace) -> None:
     assert repeated.query_net(arch).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 24)
 
 
-@pytest.mark.parametrize("kwargs", [{"runtime": "tflite"}, {"statistic": "p99"}, {"rounds": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"runtime": "tflite"}, {"statistic": "p99"}, {"rounds": 0}, {"calibrate": -1}]
+)
 def test_latency_table_bad_settings_are_user_errors(tiny: SposSpace, kwargs: dict) -> None:
-    with pytest.raises(CmpnasError, match="onnxruntime|min|rounds"):
+    with pytest.raises(CmpnasError, match="onnxruntime|min|rounds|calibrate"):
         tiny.latency_table(repeats=1, **kwargs)
 
 
