@@ -224,7 +224,10 @@ class NasConfig(_Strict):
         80.0, gt=0, description="cap = gallery MACs / this (used when budget_macs is None)"
     )
     budget_latency_ms: float | None = Field(
-        None, gt=0, description="optional cap on measured batch-1 latency"
+        None,
+        gt=0,
+        description="optional cap on the query model's batch-1 latency in ONNX Runtime (1 thread), "
+        "predicted by the space's latency table measured on this machine",
     )
     sample_band: float | None = Field(
         0.5, gt=0, le=1, description="supernet paths sampled with MACs in [band*cap, cap] (None = uniform)"

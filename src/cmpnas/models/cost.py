@@ -7,14 +7,19 @@ convolution called as ``F.conv2d`` directly (e.g. the supernet's sliced weights)
 standalone model from :func:`cmpnas.models.spaces.spos.build` instead.
 
 Latency is measured, not predicted: on CPU, MACs are a poor predictor of time for depthwise/shuffle nets
-(docs/platform.md §3), so a latency cap needs real timings.
+(docs/platform.md §3), so a latency cap needs real timings. A measurement runs in one of
+:data:`LATENCY_RUNTIMES`: torch eager, or ONNX Runtime (how query models are deployed, tens of times
+faster on these nets, so the number a latency budget should be about). A :class:`LatencyTable` sums
+per-block timings; :func:`check_prediction` compares its prediction with a whole model's measured time.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +27,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from cmpnas.errors import CmpnasError
+from cmpnas.io import read_json, write_json_atomic
+from cmpnas.models.onnx_runtime import prepare_onnx
+from cmpnas.models.timing import Timer, check_timing_args, dummy_input, measure_rounds, torch_threads
 
 
 def _prod(values: Any) -> int:
@@ -42,25 +50,6 @@ def _conv_macs(module: _ConvNd, inputs: tuple[torch.Tensor, ...], output: torch.
 def _linear_macs(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
     # output.numel() = batch (x any extra leading dims) * out_features.
     return output.numel() * module.in_features
-
-
-def _sample_param(model: nn.Module) -> torch.Tensor | None:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor
-    return None
-
-
-def _dummy_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
-    if not input_shape or any(int(s) < 1 for s in input_shape):
-        raise CmpnasError(
-            f"Input shape {tuple(input_shape)} is not a valid tensor shape.",
-            "pass the batch-1 shape including the batch dimension, e.g. (1, 1, 28, 28)",
-        )
-    ref = _sample_param(model)
-    kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(tuple(int(s) for s in input_shape), generator=gen).to(**kwargs)
 
 
 def _run_forward(model: nn.Module, x: torch.Tensor, forward_kwargs: dict | None) -> None:
@@ -94,7 +83,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], forward_kwargs: d
     try:
         model.eval()
         with torch.no_grad():
-            _run_forward(model, _dummy_input(model, input_shape), forward_kwargs)
+            _run_forward(model, dummy_input(model, input_shape), forward_kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -102,14 +91,25 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], forward_kwargs: d
     return int(total)
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (same convention as numpy's default)."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = q / 100.0 * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+def prepare_torch(
+    model: nn.Module, input_shape: Sequence[int], threads: int | None = 1, forward_kwargs: dict | None = None
+) -> Timer:
+    """A timer of one torch eager forward on the seeded input, run in eval mode without grad on ``threads``
+    intra-op threads (mode and threads restored after each measurement)."""
+    check_timing_args(0, 1, threads)
+    x = dummy_input(model, input_shape)
+
+    @contextmanager
+    def context() -> Iterator[None]:
+        was_training = model.training
+        try:
+            model.eval()
+            with torch_threads(threads), torch.no_grad():
+                yield
+        finally:
+            model.train(was_training)
+
+    return Timer(lambda: _run_forward(model, x, forward_kwargs), context)
 
 
 def measure_latency_ms(
@@ -127,35 +127,8 @@ def measure_latency_ms(
     ``threads`` pins torch's intra-op threads for the measurement (restored afterwards); 1 thread is the
     default because it is the most reproducible number on a shared machine.
     """
-    if repeats < 1 or warmup < 0:
-        raise CmpnasError(
-            f"Latency measurement needs repeats >= 1 and warmup >= 0 (got {repeats=}, {warmup=}).",
-            "pass e.g. warmup=5, repeats=30",
-        )
-    if threads is not None and threads < 1:
-        raise CmpnasError(
-            f"threads must be >= 1 (got {threads}).", "pass threads=1 or None for torch's default"
-        )
-    old_threads = torch.get_num_threads()
-    was_training = model.training
-    x = _dummy_input(model, input_shape)
-    times: list[float] = []
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        model.eval()
-        with torch.no_grad():
-            for _ in range(warmup):
-                _run_forward(model, x, forward_kwargs)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x, **(forward_kwargs or {}))
-                times.append((time.perf_counter() - start) * 1000.0)
-    finally:
-        torch.set_num_threads(old_threads)
-        model.train(was_training)
-    times.sort()
-    return {"p50": _percentile(times, 50), "p90": _percentile(times, 90), "mean": statistics.fmean(times)}
+    check_timing_args(warmup, repeats, threads)
+    return prepare_torch(model, input_shape, threads, forward_kwargs).measure(warmup, repeats)
 
 
 @dataclass
@@ -163,9 +136,11 @@ class LatencyTable:
     """Measured batch-1 latency per (layer, choice, scale) of a layer-wise search space.
 
     ``entries[layer][choice][scale_key]`` is the p50 ms of that block alone at that layer's input
-    resolution; ``fixed_ms`` is the always-present part (stem + last conv + pooling). Summing blocks
-    measured one by one over-counts per-call framework overhead a little, but ranks architectures the
-    way real timings do (the OFA / nn-Meter lookup-table approach) at a tiny fraction of the cost.
+    resolution, minus the runtime's per-call overhead (``meta["overhead_ms"]``): a whole model pays that
+    overhead once, not once per block. ``fixed_ms`` is the always-present part (stem + last conv + pooling,
+    + the embedding head if ``meta["embed_dim"]``) with the overhead counted once. ``meta`` records how
+    the table was measured (runtime, threads, repeats, versions); see :func:`check_prediction` for its
+    error against whole-model timings (the OFA / nn-Meter lookup-table approach).
     """
 
     entries: list[dict[str, dict[str, float]]]
@@ -225,3 +200,116 @@ class LatencyTable:
             raise CmpnasError(
                 f"Latency table is malformed ({exc!r}).", "rebuild it with SposSpace.latency_table()"
             ) from None
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        if not Path(path).is_file():
+            raise CmpnasError(
+                f"Latency table '{path}' does not exist.",
+                "build it with SposSpace.latency_table() and save it",
+            )
+        return cls.from_dict(read_json(path, "rebuild it with SposSpace.latency_table() and save it again"))
+
+
+def fit_overhead(raw_sums: Sequence[float], measured: Sequence[float], parts: int) -> float:
+    """The per-run overhead that makes summed standalone timings match whole models (median fit).
+
+    A model of ``parts`` separately timed parts with raw timings summing to S, measured whole at M, pays
+    the overhead once instead of ``parts`` times: M = S - (parts - 1) x overhead. The overhead absorbs
+    whatever a standalone run costs beyond its share of a whole run, so it can be negative: in torch eager
+    a whole model ran ~5 % slower than the sum of its blocks (then the table adds time per block).
+    """
+    if not raw_sums or len(raw_sums) != len(measured) or parts < 2:
+        raise CmpnasError(
+            f"Cannot fit the overhead from {len(raw_sums)} sums, {len(measured)} measurements, {parts} parts.",
+            "pass one raw sum per measured whole model, each of at least 2 parts",
+        )
+    return statistics.median((s - m) / (parts - 1) for s, m in zip(raw_sums, measured, strict=True))
+
+
+# A runtime prepares a module for timing: (module, input_shape, threads) -> Timer. Preparing apart from timing
+# lets a latency table interleave its blocks over several rounds (timing.measure_rounds).
+LatencyRuntime = Callable[[nn.Module, Sequence[int], int | None], Timer]
+LATENCY_RUNTIMES: dict[str, LatencyRuntime] = {
+    "torch": prepare_torch,
+    "onnxruntime": prepare_onnx,
+}
+
+
+def latency_runtime(name: str) -> LatencyRuntime:
+    """The prepare function of runtime ``name`` (a key of :data:`LATENCY_RUNTIMES`)."""
+    try:
+        return LATENCY_RUNTIMES[name]
+    except (KeyError, TypeError):
+        raise CmpnasError(
+            f"Unknown latency runtime {name!r}.", f"use one of: {', '.join(sorted(LATENCY_RUNTIMES))}"
+        ) from None
+
+
+def check_predictions(
+    table: LatencyTable,
+    models: Sequence[tuple[nn.Module, dict]],
+    input_shape: Sequence[int],
+    *,
+    runtime: str | None = None,
+    threads: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    rounds: int | None = None,
+) -> list[dict[str, float]]:
+    """The table's prediction against whole models measured as one, for ``(model, arch)`` pairs.
+
+    ``model`` is the whole network of ``arch`` (e.g. ``SposSpace.query_net(arch, embed_dim)`` for a table
+    built with that ``embed_dim``). Every measurement setting left None is the table's own (its ``meta``):
+    the models are timed like the table's blocks (interleaved rounds, same runs, same statistic), so both
+    sides are estimated the same way; a ``min`` over more runs would be lower by itself. ``error_pct`` is
+    signed, 100 x (predicted - measured) / measured: positive means the table over-estimates.
+    """
+    meta = table.meta
+
+    def setting(value: Any, key: str, default: Any) -> Any:
+        return value if value is not None else meta.get(key, default)
+
+    prepare = latency_runtime(str(setting(runtime, "runtime", "torch")))
+    statistic = str(meta.get("statistic", "p50"))
+    predicted = [table.latency_ms(arch) for _, arch in models]
+    timers = [prepare(model, input_shape, setting(threads, "threads", 1)) for model, _ in models]
+    stats = measure_rounds(
+        timers,
+        warmup=int(setting(warmup, "warmup", 5)),
+        repeats=int(setting(repeats, "repeats", 30)),
+        rounds=int(setting(rounds, "rounds", 5)),
+    )
+    measured = [m[statistic] for m in stats]
+    return [
+        {"predicted_ms": p, "measured_ms": m, "error_pct": 100.0 * (p - m) / m}
+        for p, m in zip(predicted, measured, strict=True)
+    ]
+
+
+def check_prediction(
+    table: LatencyTable,
+    model: nn.Module,
+    arch: dict,
+    input_shape: Sequence[int],
+    *,
+    runtime: str | None = None,
+    threads: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    rounds: int | None = None,
+) -> dict[str, float]:
+    """:func:`check_predictions` for one model (its rounds run back to back: prefer the batch form)."""
+    return check_predictions(
+        table,
+        [(model, arch)],
+        input_shape,
+        runtime=runtime,
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        rounds=rounds,
+    )[0]

@@ -24,6 +24,7 @@ from cmpnas.io import atomic_path
 from cmpnas.models.backbones import create_backbone
 from cmpnas.models.classifiers import create_classifier
 from cmpnas.models.cost import count_macs
+from cmpnas.models.heads import embedding_head
 
 FORMAT = "cmpnas.embedding_model.v1"
 
@@ -86,7 +87,7 @@ class EmbeddingModel(nn.Module):
             arch=spec.arch,
             **spec.backbone_kwargs,
         )
-        self.head = nn.Sequential(nn.Linear(feat, spec.embed_dim, bias=False), nn.BatchNorm1d(spec.embed_dim))
+        self.head = embedding_head(feat, spec.embed_dim)
         self.classifier = create_classifier(
             spec.classifier, spec.embed_dim, spec.num_classes, spec.cosine_scale, spec.margin
         )

@@ -32,6 +32,8 @@ from cmpnas.data.transforms import normalize_batch, pil_to_uint8
 from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_path, check_output_path, write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint, load_model
+from cmpnas.models.onnx_runtime import DEFAULT_OPSET, export_legacy
+from cmpnas.models.onnx_runtime import session as onnx_session  # the one ORT session factory (re-exported)
 
 META_FORMAT = "cmpnas.format"
 META_FINGERPRINT = "cmpnas.fingerprint"
@@ -40,7 +42,6 @@ META_SPEC = "cmpnas.spec"
 META_INPUT = "cmpnas.input"  # {"in_chans","input_size","mean","std"}: what a device needs to preprocess
 ONNX_FORMAT = "cmpnas.onnx_query_model.v1"
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
-DEFAULT_OPSET = 18
 Exporter = Literal["auto", "dynamo", "legacy"]
 
 
@@ -95,22 +96,6 @@ def torch_encoder(model: EmbeddingModel, path: str | Path = "<memory>") -> Encod
             return model(torch.from_numpy(x)).float().numpy()
 
     return Encoder(model.spec, fingerprint(model), model.spec.compatible_with, Path(path), "torch", run)
-
-
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad files
-        raise CmpnasError(
-            f"'{path}' is not a loadable ONNX model ({str(exc)[:200]}).",
-            "re-run cmpnas export --model MODEL.safetensors --out FILE.onnx",
-        ) from None
 
 
 def onnx_encoder(path: str | Path, threads: int | None = None) -> Encoder:
@@ -173,18 +158,15 @@ def _export_dynamo(model: EmbeddingModel, example: torch.Tensor, path: Path, ops
 
 
 def _export_legacy(model: EmbeddingModel, example: torch.Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the deprecation notice is known; see the module docstring
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-        )
+    export_legacy(
+        model,
+        example,
+        path,
+        opset=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )
 
 
 def _run_exporter(

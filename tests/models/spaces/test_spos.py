@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import random
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from cmpnas.config import SpaceConfig
 from cmpnas.errors import CmpnasError
-from cmpnas.models.cost import count_macs
+from cmpnas.models.cost import LatencyTable, check_prediction, check_predictions, count_macs
 from cmpnas.models.spaces.spos import SposSpace, Supernet, build, extract_subnet, mid_channels, split_shuffle
 
 SPOS_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
@@ -243,13 +244,95 @@ def test_build_exports_to_onnx(tiny: SposSpace) -> None:
     assert torch.allclose(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_latency_table(tiny: SposSpace) -> None:
-    table = tiny.latency_table(threads=1, repeats=2)
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_latency_table(tiny: SposSpace, runtime: str) -> None:
+    table = tiny.latency_table(threads=1, repeats=2, rounds=2, runtime=runtime, calibrate=0)
     arch = tiny.sample(random.Random(0))
     assert table.fixed_ms > 0
     assert table.latency_ms(arch) > table.fixed_ms
     assert len(table.entries) == tiny.num_layers
     assert set(table.entries[0]) == set(tiny.choices)
+    meta = table.meta
+    assert meta["runtime"] == runtime and meta["overhead_from"] == "probe" and meta["calibration"] == []
+    assert meta["overhead_ms"] == meta["probe_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def repeated() -> SposSpace:
+    """Layers 2 and 3 have the same shapes (stride 1, no projection, 32 channels at 8x8)."""
+    return SposSpace(tiny_cfg(stage_repeats=[1, 3], channel_scales=[0.2, 1.6]), in_chans=1, input_size=16)
+
+
+@pytest.fixture(scope="module")
+def ort_table(repeated: SposSpace) -> LatencyTable:
+    return repeated.latency_table(threads=1, repeats=3, rounds=2, runtime="onnxruntime", embed_dim=16)
+
+
+def test_onnx_latency_table_structure(repeated: SposSpace, ort_table: LatencyTable) -> None:
+    table = ort_table
+    keys = {LatencyTable.scale_key(s) for s in repeated.scales}
+    assert len(table.entries) == repeated.num_layers == 4
+    for row in table.entries:
+        assert set(row) == set(repeated.choices)
+        for per_scale in row.values():
+            assert set(per_scale) == keys
+            assert all(math.isfinite(v) and v >= 0 for v in per_scale.values())
+    assert table.entries[2] == table.entries[3]  # same shapes: timed once
+    assert table.entries[2] is not table.entries[3]  # but separate rows
+    meta = table.meta
+    assert meta["runtime"] == "onnxruntime" and meta["embed_dim"] == 16 and meta["statistic"] == "min"
+    assert (meta["threads"], meta["repeats"], meta["rounds"]) == (1, 3, 2)
+    assert meta["input_shape"] == [1, 1, 16, 16] and "onnxruntime" in meta["versions"]
+    # The overhead is counted once, in the fixed part; ~10 us here, so a loose bound catches a unit slip.
+    assert abs(meta["overhead_ms"]) < 5 and table.fixed_ms > 0
+    assert meta["overhead_from"] == "calibration" and len(meta["calibration"]) == 3
+    for fit in meta["calibration"]:  # the fit's residuals on its own whole models
+        assert repeated.validate(fit["arch"]) == fit["arch"] and fit["measured_ms"] > 0
+        assert fit["predicted_ms"] == pytest.approx(table.latency_ms(fit["arch"]))
+        assert math.isfinite(fit["error_pct"])
+
+
+def test_onnx_latency_table_sums_fixed_and_chosen_entries(
+    repeated: SposSpace, ort_table: LatencyTable
+) -> None:
+    arch = {"blocks": [3, 0, 2, 1], "scales": [1.6, 0.2, 0.2, 1.6]}
+    hand = ort_table.fixed_ms
+    hand += ort_table.entries[0]["xception"]["1.6"] + ort_table.entries[1]["shuffle3"]["0.2"]
+    hand += ort_table.entries[2]["shuffle7"]["0.2"] + ort_table.entries[3]["shuffle5"]["1.6"]
+    assert ort_table.latency_ms(arch) == pytest.approx(hand)
+    again = LatencyTable.from_dict(json.loads(json.dumps(ort_table.to_dict())))
+    assert again.meta == ort_table.meta and again.latency_ms(arch) == pytest.approx(hand)
+
+
+def test_check_predictions_against_whole_query_models(
+    repeated: SposSpace, ort_table: LatencyTable, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(3)
+    archs = [repeated.sample(rng) for _ in range(3)]
+    rows = check_predictions(ort_table, [(repeated.query_net(a, 16), a) for a in archs], (1, 1, 16, 16))
+    for arch, row in zip(archs, rows, strict=True):
+        assert row["predicted_ms"] == pytest.approx(ort_table.latency_ms(arch))
+        assert row["measured_ms"] > 0 and math.isfinite(row["error_pct"])
+        expected = 100 * (row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"]
+        assert row["error_pct"] == pytest.approx(expected)
+    one = check_prediction(ort_table, repeated.query_net(archs[0], 16), archs[0], (1, 1, 16, 16))
+    assert set(one) == {"predicted_ms", "measured_ms", "error_pct"}
+    with capsys.disabled():  # recorded, not asserted: timing noise on a shared machine
+        print("\nlatency table error %:", [round(r["error_pct"], 1) for r in rows + [one]])
+
+
+def test_query_net_is_backbone_plus_embedding_head(repeated: SposSpace) -> None:
+    arch = repeated.sample(random.Random(0))
+    assert repeated.query_net(arch, 16).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 16)
+    assert repeated.query_net(arch).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 24)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"runtime": "tflite"}, {"statistic": "p99"}, {"rounds": 0}, {"calibrate": -1}]
+)
+def test_latency_table_bad_settings_are_user_errors(tiny: SposSpace, kwargs: dict) -> None:
+    with pytest.raises(CmpnasError, match="onnxruntime|min|rounds|calibrate"):
+        tiny.latency_table(repeats=1, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- operators
