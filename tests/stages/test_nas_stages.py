@@ -319,3 +319,16 @@ def test_kendall_oracle_on_a_hand_example() -> None:
     assert _kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
     assert _spearman_rho([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert _spearman_rho([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # ranks 1, 2.5, 2.5, 4
+
+
+def test_search_under_a_latency_cap_times_query_models_in_onnx_runtime(
+    chain, tiny_raw_factory, tiny_data, tiny_gallery, tmp_path: Path
+) -> None:
+    """The cap is on the predicted ORT latency of the whole query model (backbone + embedding head)."""
+    raw = tiny_raw_factory()
+    raw["nas"]["budget_latency_ms"] = 100.0  # loose: the point is the wiring, not a binding cap
+    cfg = build_config(raw)
+    supernet = chain["root"] / "supernet" / SUPERNET_FILE
+    res = search(cfg, tiny_gallery, supernet, tmp_path / "search", data=tiny_data)
+    best = res["best"]
+    assert best["latency_ms"] is not None and 0 < best["latency_ms"] <= 100.0

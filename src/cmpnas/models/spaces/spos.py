@@ -507,11 +507,13 @@ class SposSpace:
         - ``embed_dim``: the fixed part also holds the embedding head (what :meth:`query_net` runs).
         - Layers with the same shapes share their timings.
 
-        Measured on the project's 2-core machine with a 2-core job beside it, against 8 other random
-        whole ORT query models (docs in the commit log): the probe alone left the table 4-8 % high on
-        average (max 8-12 %; an ``nn.Identity`` probe ~15 %), the fitted overhead ~1-3 % (max ~5 %).
+        Measured on the project's 2-core VM with a 2-core job beside it (default space, ``embed_dim=128``,
+        8 other random whole query models, ORT, 1 thread): the defaults predicted them within 0.7-4.6 %
+        on average per build (max 6.7 %, 8 builds); the probe instead of the fit, 4.5 % (max 7.2 %); one
+        build made while the machine ran 1.7x slower throughout was 1.7x high, which no estimator inside
+        a build can see (``meta["probe_ms"]`` was 15 us instead of the usual 10 us): rebuild such a table.
         Cost with ORT: one export + session per distinct block (256 of 320 for the default 28x28 space)
-        plus the timing passes, ~15-20 s on that machine. ``meta`` records how the table was measured and
+        plus the timing passes, 13-18 s on that machine. ``meta`` records how the table was measured and
         ``meta["calibration"]`` the fit's own residuals.
         """
         if statistic not in STATISTICS:
