@@ -8,7 +8,7 @@ standalone model from :func:`cmpnas.models.spaces.spos.build` instead.
 
 Latency is measured, not predicted: on CPU, MACs are a poor predictor of time for depthwise/shuffle nets
 (docs/platform.md §3), so a latency cap needs real timings. A measurement runs in one of
-:data:`LATENCY_RUNTIMES`: torch eager, or ONNX Runtime (how query models are deployed, tens of times
+:data:`LATENCY_RUNTIMES`: torch eager, or ONNX Runtime (how query models are deployed, ~20x
 faster on these nets, so the number a latency budget should be about). A :class:`LatencyTable` sums
 per-block timings; :func:`check_prediction` compares its prediction with a whole model's measured time.
 """
@@ -220,7 +220,7 @@ def fit_overhead(raw_sums: Sequence[float], measured: Sequence[float], parts: in
     A model of ``parts`` separately timed parts with raw timings summing to S, measured whole at M, pays
     the overhead once instead of ``parts`` times: M = S - (parts - 1) x overhead. The overhead absorbs
     whatever a standalone run costs beyond its share of a whole run, so it can be negative: in torch eager
-    a whole model ran ~5 % slower than the sum of its blocks (then the table adds time per block).
+    a whole model ran ~5 % slower than the sum of its blocks (fit ~ -25 us: the table adds time per block).
     """
     if not raw_sums or len(raw_sums) != len(measured) or parts < 2:
         raise CmpnasError(

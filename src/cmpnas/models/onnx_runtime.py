@@ -115,8 +115,8 @@ def measure_onnx_latency_ms(
     """Wall-clock ms of one batch-``input_shape[0]`` run of ``module`` exported to ONNX, in an ORT session.
 
     Same contract as :func:`cmpnas.models.cost.measure_latency_ms` (``{"p50", "p90", "mean"}``, the same
-    seeded input), but timed in the deployment runtime: ORT fuses conv+BN+ReLU and runs small nets tens of
-    times faster than torch eager, so torch timings say little about a deployed query model.
+    seeded input), but timed in the deployment runtime: ORT fuses conv+BN+ReLU and runs small nets ~20x
+    faster than torch eager, so torch timings say little about a deployed query model.
     """
     check_timing_args(warmup, repeats, threads)
     return prepare_onnx(module, input_shape, threads).measure(warmup, repeats)

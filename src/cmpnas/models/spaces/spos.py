@@ -492,7 +492,7 @@ class SposSpace:
     ) -> LatencyTable:
         """Measure every (layer, choice, scale) block alone at batch 1 (eval) in ``runtime``.
 
-        ONNX Runtime by default: query models are deployed with it, and it runs these nets tens of times
+        ONNX Runtime by default: query models are deployed with it, and it runs these nets ~20x
         faster than torch eager, so a torch table says little about a deployed model.
 
         - Per-run overhead: every timing pays the runtime's per-run cost (``session.run`` and what a
