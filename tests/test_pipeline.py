@@ -9,6 +9,7 @@ these runs also cover the per-seed stages, rows and the paired comparisons of th
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -19,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cmpnas.errors import CmpnasError
 
@@ -276,6 +279,21 @@ def test_the_family_is_searched_once_retrained_exported_and_reported(first_run) 
     md = (out / "report.md").read_text()
     assert "## Query-model family" in md and "| 4x |" in md and "| 6x-5ms |" in md
     assert 'alt="family"' in (out / "report.html").read_text()
+
+    # served: both exported members against the run's index, each answering by name
+    from fastapi.testclient import TestClient
+
+    from cmpnas.serving.app import create_app
+
+    img = io.BytesIO()
+    Image.fromarray((np.arange(28 * 28) % 251).reshape(28, 28).astype(np.uint8)).save(img, format="PNG")
+    client = TestClient(create_app(out / "index", out / "export" / "family", watch_index_s=0))
+    stats = client.get("/stats").json()
+    assert set(stats["models"]) == set(MEMBERS) and stats["default_model"] == MEMBERS[0]
+    assert {m["fingerprint"] for m in stats["models"].values()} == {m["fingerprint"] for m in family["members"]}
+    for name in MEMBERS:
+        r = client.post("/search", params={"model": name, "k": 3}, files={"file": ("q.png", img.getvalue())})
+        assert r.status_code == 200 and r.json()["model"] == name and len(r.json()["results"]) == 3, r.text
 
 
 def test_rerun_skips_every_completed_stage(first_run) -> None:

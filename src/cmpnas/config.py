@@ -208,6 +208,8 @@ class LatencyConfig(_Strict):
     threads: int = Field(1, ge=1)
     repeats: int = Field(20, ge=1)
     warmup: int = Field(3, ge=0)
+    rounds: int = Field(10, ge=1, description="interleaved timing passes over every block (noise on a busy machine)")
+    statistic: Literal["min", "p50"] = Field("min", description="per entry: the fastest run, or the quietest pass's median")
 
 
 class NasConfig(_Strict):

@@ -249,9 +249,9 @@ def latency_runtime(name: str) -> LatencyRuntime:
         ) from None
 
 
-def check_predictions(
+def measure_like(
     table: LatencyTable,
-    models: Sequence[tuple[nn.Module, dict]],
+    models: Sequence[nn.Module],
     input_shape: Sequence[int],
     *,
     runtime: str | None = None,
@@ -259,15 +259,10 @@ def check_predictions(
     warmup: int | None = None,
     repeats: int | None = None,
     rounds: int | None = None,
-) -> list[dict[str, float]]:
-    """The table's prediction against whole models measured as one, for ``(model, arch)`` pairs.
-
-    ``model`` is the whole network of ``arch`` (e.g. ``SposSpace.query_net(arch, embed_dim)`` for a table
-    built with that ``embed_dim``). Every measurement setting left None is the table's own (its ``meta``):
-    the models are timed like the table's blocks (interleaved rounds, same runs, same statistic), so both
-    sides are estimated the same way; a ``min`` over more runs would be lower by itself. ``error_pct`` is
-    signed, 100 x (predicted - measured) / measured: positive means the table over-estimates.
-    """
+) -> list[float]:
+    """Whole models timed the way ``table``'s blocks were (runtime, threads, interleaved rounds, runs and
+    statistic from its ``meta``; a setting given here overrides it): numbers comparable with its predictions,
+    also for models that are not in its space (hand-designed ones on one latency axis)."""
     meta = table.meta
 
     def setting(value: Any, key: str, default: Any) -> Any:
@@ -275,15 +270,31 @@ def check_predictions(
 
     prepare = latency_runtime(str(setting(runtime, "runtime", "torch")))
     statistic = str(meta.get("statistic", "p50"))
-    predicted = [table.latency_ms(arch) for _, arch in models]
-    timers = [prepare(model, input_shape, setting(threads, "threads", 1)) for model, _ in models]
+    timers = [prepare(model, input_shape, setting(threads, "threads", 1)) for model in models]
     stats = measure_rounds(
         timers,
         warmup=int(setting(warmup, "warmup", 5)),
         repeats=int(setting(repeats, "repeats", 30)),
         rounds=int(setting(rounds, "rounds", 5)),
     )
-    measured = [m[statistic] for m in stats]
+    return [m[statistic] for m in stats]
+
+
+def check_predictions(
+    table: LatencyTable,
+    models: Sequence[tuple[nn.Module, dict]],
+    input_shape: Sequence[int],
+    **settings: Any,
+) -> list[dict[str, float]]:
+    """The table's prediction against whole models measured as one, for ``(model, arch)`` pairs.
+
+    ``model`` is the whole network of ``arch`` (e.g. ``SposSpace.query_net(arch, embed_dim)`` for a table
+    built with that ``embed_dim``), timed by :func:`measure_like` (``settings``: its overrides), so both sides
+    are estimated the same way; a ``min`` over more runs would be lower by itself. ``error_pct`` is signed,
+    100 x (predicted - measured) / measured: positive means the table over-estimates.
+    """
+    predicted = [table.latency_ms(arch) for _, arch in models]
+    measured = measure_like(table, [model for model, _ in models], input_shape, **settings)
     return [
         {"predicted_ms": p, "measured_ms": m, "error_pct": 100.0 * (p - m) / m}
         for p, m in zip(predicted, measured, strict=True)

@@ -21,7 +21,7 @@ from cmpnas.data.base import DataBundle
 from cmpnas.errors import CmpnasError
 from cmpnas.io import make_dirs, write_json_atomic
 from cmpnas.manifest import write_manifest
-from cmpnas.models.cost import count_macs
+from cmpnas.models.cost import LatencyTable, count_macs, measure_like
 from cmpnas.models.embedding import load_model
 from cmpnas.serving.export import export_onnx
 from cmpnas.serving.family import FAMILY_FILE, read_family
@@ -76,38 +76,54 @@ def export_family(
     references: Sequence[tuple[str, Path]] = (),
 ) -> StageResult:
     """Export every member (``model`` paths relative to ``base``) to ``OUT/NAME/query.onnx`` with the parity
-    check; measure each on ONNX Runtime (batch 1, 1 thread) and count its MACs directly, against the search's
-    predictions. ``OUT/family.json`` lists the exported members (servable: ``cmpnas serve --query-model OUT``).
+    check, count its MACs on the exported model and time it whole the way the search's latency table timed its
+    blocks (the family's ``latency_table``: ONNX Runtime, batch 1, 1 thread, same runs and statistic), against
+    the table's prediction. ``OUT/family.json`` lists the exported members (``cmpnas serve --query-model OUT``).
 
-    ``references`` (name, model): hand-designed models measured the same way (``OUT/references/NAME``), so a plot
-    can put every model on one latency axis.
+    ``references`` (name, model): hand-designed models exported and timed the same way (``OUT/references/NAME``),
+    so a plot can put every model on one latency axis. Without a table, the export's own ONNX Runtime p50 is the
+    measured latency and no error is reported.
     """
     started = time.time()
     out = Path(out_dir)
     make_dirs(out)
-
-    def exported(model_path: Path, folder: str) -> dict[str, Any]:
-        report = export_onnx(model_path, out / folder / ONNX_FILE, exporter=exporter, latency_runs=latency_runs)  # type: ignore[arg-type]
-        model = load_model(model_path)
-        return {
-            "model": str(model_path),
-            "onnx": f"{folder}/{ONNX_FILE}",
-            "fingerprint": report["fingerprint"],
-            "macs_counted": count_macs(model, model.input_shape(1)),
-            "latency_ms_measured": report["latency_ms"]["batch_1"]["onnxruntime_1thread"]["p50"],
-            "parity_max_abs_diff": report["parity"]["max_abs_diff"],
-        }
-
-    members: list[dict[str, Any]] = []
+    table_path = family.get("latency_table")
+    table = LatencyTable.load(table_path) if table_path and Path(table_path).is_file() else None
     for m in family["members"]:
         if not m.get("model"):
             raise CmpnasError(
                 f"Family member '{m['name']}' has no trained model.",
                 "retrain the members first: cmpnas retrain --family FAMILY.json --out DIR",
             )
-        row = {**m, **exported((base / m["model"]).resolve(), m["name"])}
-        row["latency_error_pct"] = _latency_error(m.get("latency_ms_predicted"), row["latency_ms_measured"])
-        members.append(row)
+
+    def exported(rows: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+        """(folder, model) -> the export, its counted MACs and its measured latency."""
+        found = []
+        for folder, model_path in rows:
+            report = export_onnx(model_path, out / folder / ONNX_FILE, exporter=exporter, latency_runs=latency_runs)  # type: ignore[arg-type]
+            model = load_model(model_path)
+            found.append(
+                (model, {
+                    "model": str(model_path),
+                    "onnx": f"{folder}/{ONNX_FILE}",
+                    "fingerprint": report["fingerprint"],
+                    "macs_counted": count_macs(model, model.input_shape(1)),
+                    "latency_ms_export_p50": report["latency_ms"]["batch_1"]["onnxruntime_1thread"]["p50"],
+                    "parity_max_abs_diff": report["parity"]["max_abs_diff"],
+                })
+            )
+        if table is None or not found:
+            return [{**row, "latency_ms_measured": row["latency_ms_export_p50"]} for _, row in found]
+        shape = found[0][0].input_shape(1)
+        measured = measure_like(table, [model for model, _ in found], shape)  # interleaved: one busy spell hits all
+        return [{**row, "latency_ms_measured": ms} for (_, row), ms in zip(found, measured, strict=True)]
+
+    rows = exported([(m["name"], (base / m["model"]).resolve()) for m in family["members"]])
+    members: list[dict[str, Any]] = []
+    for m, row in zip(family["members"], rows, strict=True):
+        predicted = m.get("latency_ms_predicted")
+        members.append({**m, **row, "latency_error_pct": _latency_error(predicted, row["latency_ms_measured"])})
+    refs = exported([(f"references/{name}", Path(path)) for name, path in references])
     errors = [abs(e) for e in (m["latency_error_pct"] for m in members) if e is not None and math.isfinite(e)]
     doc = {
         **{k: v for k, v in family.items() if k != "members"},
@@ -117,7 +133,8 @@ def export_family(
             "mean_abs_error_pct": round(sum(errors) / len(errors), 2) if errors else None,
             "max_abs_error_pct": round(max(errors), 2) if errors else None,
         },
-        "references": [{"name": name, **exported(Path(path), f"references/{name}")} for name, path in references],
+        "latency_measured_as": dict(table.meta, calibration=None) if table else "export p50 (no latency table)",
+        "references": [{"name": name, **row} for (name, _), row in zip(references, refs, strict=True)],
     }
     write_json_atomic(out / FAMILY_FILE, doc)
     write_manifest(out, "export-family", {}, {"members": [m["model"] for m in members]}, {"family": FAMILY_FILE}, started)

@@ -92,8 +92,9 @@ def search(
             space.check_budget(b.macs, embed_dim)
     out = Path(out_dir)
     latency = None
+    table_path = (latency_path or out / "latency_table.json").resolve()
     if family or any(b.latency_ms is not None for b in budgets):
-        latency = latency_table(cfg, space, embed_dim, latency_path or out / "latency_table.json")
+        latency = latency_table(cfg, space, embed_dim, table_path)
     checks = [_budget_check(b, space, embed_dim, latency) for b in budgets]
 
     evaluator = build_evaluator(
@@ -179,7 +180,7 @@ def search(
     }
     write_json_atomic(out / "search.json", result)
     if family:
-        write_json_atomic(out / FAMILY_FILE, family_document(result, g_macs))
+        write_json_atomic(out / FAMILY_FILE, family_document(result, g_macs, table_path))
     write_manifest(
         out,
         "search",
@@ -218,12 +219,14 @@ def _pareto(evo: EvolutionSearch, cost: str, point: Any) -> list[dict[str, Any]]
     return [entries[i] for i in pareto_indices(costs, [v["metrics"]["het_top1"] for v in entries])]
 
 
-def family_document(result: dict[str, Any], gallery_macs: int) -> dict[str, Any]:
-    """``family.json`` of a search: one member per budget (its best candidate); retraining and export add paths."""
+def family_document(result: dict[str, Any], gallery_macs: int, latency_table: Path) -> dict[str, Any]:
+    """``family.json`` of a search: one member per budget (its best candidate); retraining and export add paths.
+    ``latency_table``: the table its predictions come from (export checks them against measured members)."""
     return {
         "format": FAMILY_FORMAT,
         "reward": result["reward"],
         "gallery_macs": gallery_macs,
+        "latency_table": str(latency_table),
         "members": [
             {
                 "name": b["name"],
@@ -261,6 +264,8 @@ def latency_table(cfg: Config, space: Any, embed_dim: int, path: Path) -> Latenc
         "threads": lcfg.threads,
         "repeats": lcfg.repeats,
         "warmup": lcfg.warmup,
+        "rounds": lcfg.rounds,
+        "statistic": lcfg.statistic,
         "embed_dim": embed_dim,
     }
     if path.exists():
@@ -268,9 +273,15 @@ def latency_table(cfg: Config, space: Any, embed_dim: int, path: Path) -> Latenc
         if all(table.meta.get(k) == v for k, v in wanted.items()):
             return table
     table = space.latency_table(
-        threads=lcfg.threads, repeats=lcfg.repeats, warmup=lcfg.warmup, runtime=lcfg.runtime, embed_dim=embed_dim
+        threads=lcfg.threads,
+        repeats=lcfg.repeats,
+        warmup=lcfg.warmup,
+        runtime=lcfg.runtime,
+        embed_dim=embed_dim,
+        rounds=lcfg.rounds,
+        statistic=lcfg.statistic,
     )
     table.meta.update(wanted)
     make_dirs(path.parent)
-    write_json_atomic(path, table.to_dict())
+    table.save(path)
     return table
