@@ -85,16 +85,16 @@ def export_family(
     measured latency and no error is reported.
     """
     started = time.time()
-    out = Path(out_dir)
-    make_dirs(out)
-    table_path = family.get("latency_table")
-    table = LatencyTable.load(table_path) if table_path and Path(table_path).is_file() else None
-    for m in family["members"]:
+    for m in family["members"]:  # before anything is written
         if not m.get("model"):
             raise CmpnasError(
                 f"Family member '{m['name']}' has no trained model.",
                 "retrain the members first: cmpnas retrain --family FAMILY.json --out DIR",
             )
+    out = Path(out_dir)
+    make_dirs(out)
+    table_path = family.get("latency_table")
+    table = LatencyTable.load(table_path) if table_path and Path(table_path).is_file() else None
 
     def exported(rows: list[tuple[str, Path]]) -> list[dict[str, Any]]:
         """(folder, model) -> the export, its counted MACs and its measured latency."""

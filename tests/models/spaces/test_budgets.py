@@ -1,0 +1,50 @@
+"""Budgets of a query-model family: names, caps from cost reductions, and the supernet band that spans them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from cmpnas.config import BudgetConfig, NasConfig
+from cmpnas.models.spaces import Budget, band_limits, family_budgets
+
+
+@pytest.mark.parametrize(
+    ("budget", "label"),
+    [
+        ({"cost_reduction": 80}, "80x"),
+        ({"cost_reduction": 12.5}, "12.5x"),
+        ({"macs": 1.2e6}, "1.2MMACs"),
+        ({"latency_ms": 0.3}, "0.3ms"),
+        ({"cost_reduction": 80, "latency_ms": 0.3}, "80x-0.3ms"),
+        ({"cost_reduction": 80, "name": "phone"}, "phone"),
+    ],
+)
+def test_budget_labels(budget: dict, label: str) -> None:
+    assert BudgetConfig(**budget).label() == label
+
+
+@pytest.mark.parametrize(
+    "budget", [{}, {"cost_reduction": 40, "macs": 1e6}, {"cost_reduction": 0}, {"macs": 1e6, "name": "a b"}]
+)
+def test_bad_budgets_are_refused(budget: dict) -> None:
+    with pytest.raises(ValidationError):
+        BudgetConfig(**budget)
+
+
+def test_family_budgets_turn_cost_reductions_into_caps() -> None:
+    nas = NasConfig(budgets=[{"cost_reduction": 40}, {"macs": 2e6, "latency_ms": 0.5}, {"latency_ms": 0.2}])
+    assert family_budgets(nas, 120_000_000) == [
+        Budget("40x", 3e6, None),
+        Budget("2MMACs-0.5ms", 2e6, 0.5),
+        Budget("0.2ms", None, 0.2),
+    ]
+    assert family_budgets(NasConfig(), 120_000_000) == []
+
+
+def test_the_supernet_band_spans_every_cap() -> None:
+    nas = NasConfig(sample_band=0.5, budgets=[{"cost_reduction": 40}, {"cost_reduction": 160}])
+    family = family_budgets(nas, 160_000_000)  # caps 4e6 and 1e6
+    assert band_limits(nas, 2e6, family) == (0.5 * 1e6, 4e6)
+    assert band_limits(nas, 2e6) == (1e6, 2e6)  # no family: the one budget, as before
+    assert band_limits(nas.model_copy(update={"sample_band": None}), 2e6, family) == (None, None)
