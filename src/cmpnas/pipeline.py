@@ -173,28 +173,45 @@ def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
     return run
 
 
+# searched architectures retrained on the table's schedule: stage kind -> the folder of its models
+SEARCHED_FOLDERS = {"retrain": "retrain", "member": "family"}
+
+
+def _train_searched(
+    ctx: RunContext, kind: str, name: str, arch: dict, earlier: list[str], seed: int
+) -> dict[str, Any]:
+    """Train a searched architecture for one seed, once: two rewards (or two family members) may find the same
+    arch, so an earlier stage of this kind and seed with it is pointed at instead. Only the stages before this
+    one (its deps) have records of this run; the first match was trained."""
+    for other in earlier:
+        rec = ctx.state.get(f"{kind}-{other}{seed_suffix(seed)}")
+        if rec and rec.get("outputs", {}).get("arch") == arch:
+            return {**rec["outputs"], "same_as": other}
+    folder = seed_folder(ctx.path(SEARCHED_FOLDERS[kind], name), seed)
+    res = retrain(
+        ctx.cfg,
+        ctx.gallery_path,
+        arch,
+        folder,
+        resume=True,
+        data=ctx.data,
+        name=f"cmpnas-{name}",
+        train_cfg=seeded(table_schedule(ctx.cfg), seed),
+    )
+    return {**res, "arch": arch, "dir": str(folder), "seed": seed}
+
+
+def _searched_dir(ctx: RunContext, kind: str, name: str, seed: int) -> Path:
+    """Where the model of (name, seed) is: its own folder, or that of an earlier stage with its arch."""
+    rec = ctx.state.get(f"{kind}-{name}{seed_suffix(seed)}", {}).get("outputs", {})
+    return seed_folder(ctx.path(SEARCHED_FOLDERS[kind], rec.get("same_as", name)), seed)
+
+
 def _retrain(reward: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
         arch = ctx.state[f"search-{reward}"]["outputs"]["best"]["arch"]
-        # Two rewards may find the same arch: train it once (per seed) and point the other entry at it. Only
-        # the rewards retrained before this one (this stage's deps) have records of this run; the first match
-        # was trained.
-        for other in ctx.cfg.run.rewards[: ctx.cfg.run.rewards.index(reward)]:
-            rec = ctx.state.get(f"retrain-{other}{seed_suffix(seed)}")
-            if rec and rec.get("outputs", {}).get("arch") == arch:
-                return {**rec["outputs"], "same_as": other}
-        folder = seed_folder(ctx.path("retrain", reward), seed)
-        res = retrain(
-            ctx.cfg,
-            ctx.gallery_path,
-            arch,
-            folder,
-            resume=True,
-            data=ctx.data,
-            name=f"cmpnas-{reward}",
-            train_cfg=seeded(table_schedule(ctx.cfg), seed),
-        )
-        return {**res, "arch": arch, "dir": str(folder), "seed": seed}
+        rewards = ctx.cfg.run.rewards
+        return _train_searched(ctx, "retrain", reward, arch, rewards[: rewards.index(reward)], seed)
 
     return run
 
@@ -230,43 +247,21 @@ def member_names(cfg: Config) -> list[str]:
 
 
 def _member(name: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
-    """Retrain one family member (one seed); a member whose architecture an earlier member of the same seed
-    already has points at that one instead of training it twice."""
+    """Retrain one family member (one seed) on the table's schedule."""
 
     def run(ctx: RunContext) -> dict[str, Any]:
-        members = {m["name"]: m for m in ctx.state[FAMILY_SEARCH]["outputs"]["members"]}
-        arch = members[name]["arch"]
+        arch = {m["name"]: m for m in ctx.state[FAMILY_SEARCH]["outputs"]["members"]}[name]["arch"]
         names = member_names(ctx.cfg)
-        for other in names[: names.index(name)]:
-            rec = ctx.state.get(f"member-{other}{seed_suffix(seed)}")
-            if rec and rec.get("outputs", {}).get("arch") == arch:
-                return {**rec["outputs"], "same_as": other}
-        folder = seed_folder(ctx.path("family", name), seed)
-        res = retrain(
-            ctx.cfg,
-            ctx.gallery_path,
-            arch,
-            folder,
-            resume=True,
-            data=ctx.data,
-            name=f"cmpnas-{name}",
-            train_cfg=seeded(table_schedule(ctx.cfg), seed),
-        )
-        return {**res, "arch": arch, "dir": str(folder), "seed": seed}
+        return _train_searched(ctx, "member", name, arch, names[: names.index(name)], seed)
 
     return run
-
-
-def _member_dir(ctx: RunContext, name: str, seed: int) -> Path:
-    rec = ctx.state.get(f"member-{name}{seed_suffix(seed)}", {}).get("outputs", {})
-    return seed_folder(ctx.path("family", rec.get("same_as", name)), seed)
 
 
 def _family_export(ctx: RunContext) -> dict[str, Any]:
     doc = read_json(ctx.path("search", "family", "family.json"), "redo the family search: --force family-search")
     seed = ctx.cfg.run.seeds[0]
     doc["members"] = [
-        {**m, "model": str((_member_dir(ctx, m["name"], seed) / MODEL_FILE).relative_to(ctx.out))}
+        {**m, "model": str((_searched_dir(ctx, "member", m["name"], seed) / MODEL_FILE).relative_to(ctx.out))}
         for m in doc["members"]
     ]
     references = [(b.name, seed_folder(ctx.path("baselines", b.name), seed) / MODEL_FILE) for b in ctx.cfg.run.baselines]
@@ -324,12 +319,6 @@ def _study(ctx: RunContext) -> dict[str, Any]:
     return {k: v for k, v in res.items() if k != "rows"}
 
 
-def _retrain_dir(ctx: RunContext, reward: str, seed: int) -> Path:
-    """Where the model of (reward, seed) is: its own folder, or that of an earlier reward with its arch."""
-    rec = ctx.state.get(f"retrain-{reward}{seed_suffix(seed)}", {}).get("outputs", {})
-    return seed_folder(ctx.path("retrain", rec.get("same_as", reward)), seed)
-
-
 def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str, int]]:
     """(display name, model dir, kind, seed) of every query model and seed of the run, in report order."""
     seeds = ctx.cfg.run.seeds
@@ -339,9 +328,9 @@ def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str, int]]:
         for s in seeds
     ]
     for r in ctx.cfg.run.rewards:
-        rows += [(f"CMP-NAS {r} (searched, BCT)", _retrain_dir(ctx, r, s), f"searched-{r}", s) for s in seeds]
+        rows += [(f"CMP-NAS {r} (searched, BCT)", _searched_dir(ctx, "retrain", r, s), f"searched-{r}", s) for s in seeds]
     for name in member_names(ctx.cfg):
-        rows += [(f"CMP-NAS family {name}", _member_dir(ctx, name, s), f"family-{name}", s) for s in seeds]
+        rows += [(f"CMP-NAS family {name}", _searched_dir(ctx, "member", name, s), f"family-{name}", s) for s in seeds]
     return rows
 
 
@@ -353,7 +342,7 @@ def _evaluate(ctx: RunContext) -> dict[str, Any]:
 
 def _headline_dir(ctx: RunContext) -> Path:
     """The headline reward's model of the first seed (the one exported)."""
-    return _retrain_dir(ctx, ctx.cfg.run.headline_reward, ctx.cfg.run.seeds[0])
+    return _searched_dir(ctx, "retrain", ctx.cfg.run.headline_reward, ctx.cfg.run.seeds[0])
 
 
 def _export(ctx: RunContext) -> dict[str, Any]:

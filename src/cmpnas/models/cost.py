@@ -302,25 +302,7 @@ def check_predictions(
 
 
 def check_prediction(
-    table: LatencyTable,
-    model: nn.Module,
-    arch: dict,
-    input_shape: Sequence[int],
-    *,
-    runtime: str | None = None,
-    threads: int | None = None,
-    warmup: int | None = None,
-    repeats: int | None = None,
-    rounds: int | None = None,
+    table: LatencyTable, model: nn.Module, arch: dict, input_shape: Sequence[int], **settings: Any
 ) -> dict[str, float]:
     """:func:`check_predictions` for one model (its rounds run back to back: prefer the batch form)."""
-    return check_predictions(
-        table,
-        [(model, arch)],
-        input_shape,
-        runtime=runtime,
-        threads=threads,
-        warmup=warmup,
-        repeats=repeats,
-        rounds=rounds,
-    )[0]
+    return check_predictions(table, [(model, arch)], input_shape, **settings)[0]
