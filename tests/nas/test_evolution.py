@@ -432,3 +432,17 @@ def test_family_budget_below_the_space_names_the_budget():
     )
     with pytest.raises(CmpnasError, match="budget 'tiny'"):
         search.run()
+
+
+def test_a_niche_sampler_proposes_that_niches_random_candidates():
+    space = GeneSpace()
+    rec = Recorder(space)
+    cheap = lambda rng: {"genes": [rng.randrange(2) for _ in range(space.n_genes)]}  # noqa: E731 (<= 900 MACs)
+    search = EvolutionSearch(
+        space, small_cfg(population=8, generations=2), [lambda a: space.macs(a) <= 1000, lambda a: space.macs(a) <= 900],
+        rec.evaluate, het_fitness, ["loose", "tight"], [None, cheap],
+    )
+    search.run()
+    gen0 = [e for e in search.memo.values() if e["generation"] == 0]
+    assert sum(1 in e["fits"] for e in gen0) >= 4  # the tight niche's half of generation 0
+    assert search.best(1)["macs"] <= 900

@@ -130,6 +130,7 @@ class EvolutionSearch:
         evaluate: Callable[[dict], Metrics],
         fitness: Callable[[Metrics], float],
         niche_names: Sequence[str] | None = None,
+        samplers: Sequence[Callable[[random.Random], dict] | None] | None = None,
     ) -> None:
         self.space = space
         self.cfg = cfg
@@ -137,6 +138,8 @@ class EvolutionSearch:
         if not self.niches:
             raise CmpnasError("The search has no budget.", "pass one budget check, or a list of them")
         self.niche_names = list(niche_names) if niche_names else [f"budget {i}" for i in range(len(self.niches))]
+        # random proposals of a niche: its sampler (e.g. one that lands under a tight MACs cap) or space.sample
+        self.samplers = list(samplers) if samplers else [None] * len(self.niches)
         self._fit_cache: dict[str, tuple[bool, ...]] = {}
         self.evaluate = evaluate
         self.fitness = fitness
@@ -193,7 +196,7 @@ class EvolutionSearch:
                 )
             randoms = cfg.population - len(new_keys)
             for niche in range(n):
-                new_keys += self._fill(_share(randoms, n, niche), self._sample, "random", counts, niche)
+                new_keys += self._fill(_share(randoms, n, niche), self._sampler(niche), "random", counts, niche)
         self.population = new_keys
         entry = self._history_entry(new_keys, counts, time.perf_counter() - started)
         self.history.append(entry)
@@ -216,7 +219,7 @@ class EvolutionSearch:
         keys: list[str] = []
         for niche in range(n):
             wanted = _share(cfg.population, n, niche)
-            found = self._fill(wanted, self._sample, "random", counts, niche)
+            found = self._fill(wanted, self._sampler(niche), "random", counts, niche)
             keys += found
             if not found and wanted and not self._ranked_keys(niche):
                 self._no_feasible(wanted * cfg.max_tries_factor, niche)
@@ -245,6 +248,10 @@ class EvolutionSearch:
 
     def _sample(self) -> dict:
         return self.space.sample(self.rng)
+
+    def _sampler(self, niche: int) -> Callable[[], dict]:
+        sampler = self.samplers[niche]
+        return self._sample if sampler is None else lambda: sampler(self.rng)
 
     def _crossover(self, parents: list[dict]) -> dict:
         a, b = self.rng.sample(parents, 2) if len(parents) >= 2 else (parents[0], parents[0])

@@ -101,8 +101,19 @@ def search(
         supernet, gallery, data, scfg.recal_images, scfg.recal_batch, scfg.val_images, scfg.seed
     )
     cache = SharedCandidateCache(cache_path)
+    head = space.head_macs(embed_dim)
+    samplers = [
+        (lambda rng, cap=b.macs - head: space.sample_below(rng, cap)) if family and b.macs is not None else None
+        for b in budgets
+    ]  # a family's tight caps are out of reach of uniform samples; one budget keeps SPOS's uniform sampling
     evo = EvolutionSearch(
-        space, scfg, checks, cache.wrap(space, evaluator), fitness_from_config(scfg), [b.name for b in budgets]
+        space,
+        scfg,
+        checks,
+        cache.wrap(space, evaluator),
+        fitness_from_config(scfg),
+        [b.name for b in budgets],
+        samplers,
     )
     state_path = out / "search_state.json"
     make_dirs(out)

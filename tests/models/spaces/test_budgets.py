@@ -48,3 +48,23 @@ def test_the_supernet_band_spans_every_cap() -> None:
     assert band_limits(nas, 2e6, family) == (0.5 * 1e6, 4e6)
     assert band_limits(nas, 2e6) == (1e6, 2e6)  # no family: the one budget, as before
     assert band_limits(nas.model_copy(update={"sample_band": None}), 2e6, family) == (None, None)
+
+
+def test_sample_below_lands_under_the_cap_where_uniform_sampling_does_not() -> None:
+    import random
+
+    from cmpnas.config import SpaceConfig
+    from cmpnas.models.spaces.spos import SposSpace
+
+    space = SposSpace(SpaceConfig())
+    low, high = space.min_macs(), space.max_macs()
+    cap = low + 0.08 * (high - low)  # the cheap end: ~0.85 MMACs in a 0.62-3.5 MMACs space
+    rng = random.Random(0)
+    uniform = sum(space.macs(space.sample(rng)) <= cap for _ in range(300))
+    archs = [space.sample_below(random.Random(seed), cap) for seed in range(100)]
+    assert uniform <= 3  # why the sampler exists
+    assert all(space.macs(space.validate(a)) <= cap for a in archs)
+    assert len({space.arch_key(a) for a in archs}) == len(archs)  # still random
+    assert space.sample_below(random.Random(7), cap) == space.sample_below(random.Random(7), cap)
+    # below the cheapest arch nothing fits: it stops at the cheapest one, which the budget check then refuses
+    assert space.macs(space.sample_below(random.Random(1), low - 1)) == low

@@ -326,6 +326,34 @@ class SposSpace:
             "scales": [rng.choice(self.scales) for _ in range(self.num_layers)],
         }
 
+    def sample_below(self, rng: random.Random, high: float) -> Arch:
+        """A random architecture with feature-extractor MACs <= ``high``: a uniform one, then random layers moved
+        to a random cheaper (block, scale) until it fits (or nothing is cheaper).
+
+        Uniform rejection sampling almost never reaches the cheap end of the space (here under 1 % of uniform
+        archs cost under 0.85 MMACs in a 0.62-3.5 MMACs space), so a family's tightest budget would get no
+        random candidates at all; shrinking keeps every layer's pick random while ending inside the cap.
+        """
+        a = self.sample(rng)
+        cost = [self.lut_macs(i, a["blocks"][i], a["scales"][i]) for i in range(self.num_layers)]
+        total = self.stem_macs + self.last_macs + sum(cost)
+        while total > high:
+            cheaper = [
+                (i, c, s, m)
+                for i in range(self.num_layers)
+                for c in range(len(self.choices))
+                for s in self.scales
+                if (m := self.lut_macs(i, c, s)) < cost[i]
+            ]
+            if not cheaper:
+                break
+            layer = rng.choice(sorted({i for i, *_ in cheaper}))
+            _, c, s, m = rng.choice([x for x in cheaper if x[0] == layer])
+            a["blocks"][layer], a["scales"][layer] = c, s
+            total += m - cost[layer]
+            cost[layer] = m
+        return a
+
     def mutate(self, arch: Arch, rng: random.Random, prob: float) -> Arch:
         """Resample every gene (each layer's block and its scale) independently with probability ``prob``."""
         if not 0.0 <= prob <= 1.0:
