@@ -67,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "family")
     ap.add_argument("--reuse", type=Path, default=REPO / "runs" / "full", help="a finished full-profile run")
+    ap.add_argument("--force", action="append", default=[], help="redo this stage (and what uses it)")
     args = ap.parse_args()
 
     from cmpnas.config import load_config
@@ -77,7 +78,7 @@ def main() -> None:
     started = time.time()
     cfg = load_config(REPO / "configs" / "full.yaml", OVERRIDES)
     copied = reuse_finished_stages(cfg, args.out, args.reuse) if args.reuse.exists() else []
-    state = run_pipeline(cfg, args.out)
+    state = run_pipeline(cfg, args.out, force=args.force)
     results = read_json(args.out / "results.json", "")
     family = read_json(args.out / "export" / "family" / "family.json", "")
     models = summarize_models(read_json(args.out / "evaluation" / "rows.json", ""))

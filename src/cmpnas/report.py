@@ -396,7 +396,9 @@ def family_markdown(rows: list[dict[str, Any]], latency_check: dict[str, Any] | 
     lines = [
         "One search for every budget; each member retrained with the compat objective on the table's schedule and "
         "exported to ONNX. MACs from the search's lookup table and counted on the exported model; latency predicted "
-        "by the table and measured on ONNX Runtime (batch 1, 1 thread, p50). Accuracy: test split.\n",
+        "by the table and measured whole"
+        + (f" ({latency_check['measured_as']})" if latency_check and latency_check.get("measured_as") else "")
+        + ". Accuracy: test split.\n",
         "| member | MACs cap | MMACs (LUT / counted) | cost red. | latency pred. / measured (ms) | error | "
         "homogeneous top-1 | heterogeneous top-1 | vs best hand-designed at <= MACs (het top-1) |",
         "|---|---:|---:|---:|---:|---:|---|---|---|",

@@ -129,11 +129,16 @@ def export_family(
         **{k: v for k, v in family.items() if k != "members"},
         "members": members,
         "latency_check": {
-            "runtime": "onnxruntime, batch 1, 1 thread (p50)",
+            "measured_as": (
+                f"{table.meta.get('runtime')}, batch 1, {table.meta.get('threads')} thread(s), "
+                f"{table.meta.get('statistic')} over {table.meta.get('rounds')} interleaved rounds of "
+                f"{table.meta.get('repeats')} runs (as the latency table's blocks)"
+                if table
+                else "ONNX Runtime, batch 1, 1 thread, p50 of the export's runs (no latency table)"
+            ),
             "mean_abs_error_pct": round(sum(errors) / len(errors), 2) if errors else None,
             "max_abs_error_pct": round(max(errors), 2) if errors else None,
         },
-        "latency_measured_as": dict(table.meta, calibration=None) if table else "export p50 (no latency table)",
         "references": [{"name": name, **row} for (name, _), row in zip(references, refs, strict=True)],
     }
     write_json_atomic(out / FAMILY_FILE, doc)
