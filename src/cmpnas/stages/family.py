@@ -118,12 +118,16 @@ def export_family(
         measured = measure_like(table, [model for model, _ in found], shape)  # interleaved: one busy spell hits all
         return [{**row, "latency_ms_measured": ms} for (_, row), ms in zip(found, measured, strict=True)]
 
-    rows = exported([(m["name"], (base / m["model"]).resolve()) for m in family["members"]])
+    # members and references in one call: their timings interleave, so a slow spell of the machine (seen here:
+    # one model 2x slower for a minute) hits every model alike instead of one group
+    member_rows = [(m["name"], (base / m["model"]).resolve()) for m in family["members"]]
+    reference_rows = [(f"references/{name}", Path(path)) for name, path in references]
+    found = exported(member_rows + reference_rows)
+    rows, refs = found[: len(member_rows)], found[len(member_rows) :]
     members: list[dict[str, Any]] = []
     for m, row in zip(family["members"], rows, strict=True):
         predicted = m.get("latency_ms_predicted")
         members.append({**m, **row, "latency_error_pct": _latency_error(predicted, row["latency_ms_measured"])})
-    refs = exported([(f"references/{name}", Path(path)) for name, path in references])
     errors = [abs(e) for e in (m["latency_error_pct"] for m in members) if e is not None and math.isfinite(e)]
     doc = {
         **{k: v for k, v in family.items() if k != "members"},
