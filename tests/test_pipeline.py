@@ -355,6 +355,24 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
     assert all(state(out)[s]["status"] == "done" for s in STAGES)
 
 
+def test_force_redoes_the_stage_and_what_uses_it(first_run, tmp_path: Path) -> None:
+    """A forced stage keeps its key; the stages built on its outputs (here the report) must not be skipped."""
+    out = tmp_path / "run0-forced"
+    shutil.copytree(first_run["out"], out)
+    events, _ = run_forced(out, "family-export")
+    statuses = stage_events(events)
+    for s in STAGES:
+        assert statuses[s] == (["start", "done"] if s in ("family-export", "report") else ["skipped"]), s
+
+
+def run_forced(out: Path, stage: str) -> tuple[list[dict], float]:
+    cmd = [*command(out), "--force", stage]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")], time.perf_counter() - start
+
+
 # ---------------------------------------------------------------------------------------------- one schedule
 def test_a_retrain_schedule_other_than_the_baselines_is_refused(tmp_path: Path) -> None:
     """Every row of the table trains on one schedule: a longer retrain would win by its schedule."""

@@ -638,14 +638,29 @@ def _index_problem(folder: Path) -> str | None:
     return None
 
 
-def _start_state(out: Path, force: list[str], names: list[str]) -> dict[str, Any]:
-    """Read the state and forget the forced stages (saved before their files go, so a kill cannot leave a
-    stage recorded as done without its outputs)."""
+def with_dependents(stages: list[StageDef], force: list[str]) -> list[str]:
+    """The forced stages and every stage that uses one of them, directly or not (in run order).
+
+    A key hashes its deps' keys, not their outputs: a redone stage keeps its key, so without this the stages
+    built on its old outputs (e.g. the report) would be skipped with stale results.
+    """
+    forced = set(force)
+    for stage in stages:  # in dependency order
+        if any(d in forced for d in stage.deps):
+            forced.add(stage.name)
+    return [s.name for s in stages if s.name in forced]
+
+
+def _start_state(out: Path, force: list[str], stages: list[StageDef]) -> dict[str, Any]:
+    """Read the state and forget the forced stages and what uses them (saved before their files go, so a kill
+    cannot leave a stage recorded as done without its outputs)."""
     state_path = out / STATE_FILE
     state = _read_state(state_path)
+    names = [s.name for s in stages]
     for f in force:
         if f not in names:
             raise CmpnasError(f"Unknown stage '{f}' for --force.", f"use one of: {', '.join(names)}")
+    force = with_dependents(stages, force)
     if any(f in state for f in force):
         for f in force:
             state.pop(f, None)
@@ -713,7 +728,7 @@ def _remove_leftovers(out: Path, names: list[str]) -> None:
 
 def _run_locked(cfg: Config, out: Path, force: list[str]) -> dict[str, Any]:
     stages = build_stages(cfg)
-    state = _start_state(out, force, [s.name for s in stages])
+    state = _start_state(out, force, stages)
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     state_path = out / STATE_FILE
     ctx = RunContext(cfg, out, state=state)

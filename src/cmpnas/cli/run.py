@@ -24,7 +24,7 @@ def run_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (a stage per subfolder).")] = Path(
         "runs/default"
     ),
-    force: Annotated[list[str] | None, typer.Option("--force", help="Rerun this stage (repeatable).")] = None,
+    force: Annotated[list[str] | None, typer.Option("--force", help="Rerun this stage and every stage that uses it (repeatable).")] = None,
     seeds: Annotated[
         str | None,
         typer.Option(
