@@ -46,9 +46,10 @@ def retrain_family(
     out = Path(out_dir)
     members: list[dict[str, Any]] = []
     trained: dict[str, str] = {}  # arch key -> member that trained it
-    for m in doc["members"]:
+    for m in doc["members"]:  # all checked before any training
         if "arch" not in m:
             raise CmpnasError(f"Family member '{m['name']}' has no architecture.", "pass the search's family.json")
+    for m in doc["members"]:
         key = repr(m["arch"])
         if key not in trained:
             retrain(cfg, gallery_path, m["arch"], out / m["name"], resume=resume, data=data,
