@@ -26,7 +26,10 @@ test-slow: setup
 
 # Benchmarks write JSON to benchmarks/results/; run them on an otherwise idle machine.
 # search_speed and serving need a finished `make demo` run in $(OUT) (gallery, supernet, R3 model).
+# The long ones run by hand (README): benchmarks/upgrade.py (~50 min), benchmarks/family.py (~45 min after
+# `make full`, whose gallery and baselines it reuses), benchmarks/compat_ablation.py.
 bench: setup
+	$(VENV)/bin/python benchmarks/latency_table.py
 	$(VENV)/bin/python benchmarks/training_throughput.py
 	$(VENV)/bin/python benchmarks/compat_fashion_mnist.py
 	$(VENV)/bin/python benchmarks/search_speed.py --run $(OUT)
