@@ -42,6 +42,7 @@ from cmpnas.io import (
 from cmpnas.models.embedding import verify_safetensors
 from cmpnas.report import write_report
 from cmpnas.runlock import describe, run_lock
+from cmpnas.serving.family import read_family
 from cmpnas.serving.index import GalleryIndex
 from cmpnas.stages import (
     evaluate_query_models,
@@ -258,7 +259,7 @@ def _member(name: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
 
 
 def _family_export(ctx: RunContext) -> dict[str, Any]:
-    doc = read_json(ctx.path("search", "family", "family.json"), "redo the family search: --force family-search")
+    _, doc = read_family(ctx.path("search", "family"))
     seed = ctx.cfg.run.seeds[0]
     doc["members"] = [
         {**m, "model": str((_searched_dir(ctx, "member", m["name"], seed) / MODEL_FILE).relative_to(ctx.out))}

@@ -29,8 +29,8 @@ from cmpnas.compat.transformation import load_transformation
 from cmpnas.data.sources import GallerySource, Item, load_item_image
 from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_dir, atomic_path, make_dirs, read_json, write_json_atomic
-from cmpnas.models.embedding import load_model
-from cmpnas.serving.export import Encoder, load_encoder
+from cmpnas.models.embedding import EmbeddingModel, load_model
+from cmpnas.serving.export import Encoder, load_encoder, torch_encoder
 from cmpnas.serving.index import (
     INDEX_FORMAT,
     FaissStore,
@@ -70,16 +70,17 @@ def backfill(
         raise CmpnasError(f"--fraction must be in [0, 1], got {fraction}.", "pass e.g. --fraction 0.25")
     index_dir = Path(index_dir)
     index = GalleryIndex.load(index_dir)
-    encoder = load_encoder(gallery_model)
-    if encoder.kind != "torch":
+    if Path(gallery_model).suffix.lower() == ".onnx":
         raise CmpnasError("Backfill needs the gallery model's .safetensors file.", "pass --gallery-model G.safetensors")
+    new_model = load_model(gallery_model)  # loaded once: it embeds, and its classifier orders by uncertainty
+    encoder = torch_encoder(new_model, gallery_model)
     chain = lineage_after(index.manifest, encoder, f"index '{index_dir}'")
     items = index.items
     models = _models(index, [it.id for it in items])
     stale = [i for i, m in enumerate(models) if m != encoder.fingerprint]
     target = int(round(fraction * len(items))) - (len(items) - len(stale))
     settings = {"kind": "backfill", "model": encoder.fingerprint, "fraction": fraction, "order": order, "seed": seed}
-    plan = _plan(index, settings, lambda: _select(index, encoder, gallery_model, items, stale, target, order, seed))
+    plan = _plan(index, settings, lambda: _select(index, new_model, items, stale, target, order, seed))
     ids = plan["ids"]
     by_id = {it.id: it for it in items}
     vectors, kept = _run_chunks(index, encoder, [by_id[i] for i in ids], chunk_size, progress_cb)
@@ -111,8 +112,7 @@ def backfill(
 
 def _select(
     index: GalleryIndex,
-    encoder: Encoder,
-    gallery_model: str | Path,
+    new_model: EmbeddingModel,
     items: Sequence[Item],
     stale: list[int],
     target: int,
@@ -126,7 +126,6 @@ def _select(
     old = index.store.vectors(stale_ids) if order == "uncertainty" else np.zeros((len(stale), 1))
     rows = labels = None
     if order == "uncertainty":
-        new_model = load_model(gallery_model)
         rows = new_model.classifier.weight.detach().float().numpy()
         labels = label_rows([items[i].label for i in stale], new_model.spec.class_names)
     ranking = backfill_order(old, order, class_rows=rows, labels=labels, seed=seed)

@@ -180,17 +180,22 @@ class MilvusStore:
         rows = self.client.get(self.collection, ids=[item_id], output_fields=["id", "label", "path"])
         return Item(rows[0]["id"], rows[0]["path"], rows[0]["label"]) if rows else None
 
+    def _field(self, ids: Sequence[str], field: str, batch: int = 1000) -> list[Any]:
+        """``field`` of each of ``ids``, in that order, fetched ``batch`` ids per request (one request for a
+        million-item backfill would be one huge message)."""
+        rows: dict[str, Any] = {}
+        for start in range(0, len(ids), batch):
+            chunk = list(ids[start : start + batch])
+            rows.update((r["id"], r[field]) for r in self.client.get(self.collection, ids=chunk, output_fields=[field]))
+        return [rows[i] for i in ids]
+
     def model_of(self, ids: Sequence[str]) -> list[str]:
         """The fingerprint of the gallery model that embedded each of ``ids``."""
-        rows = {r["id"]: r["model"] for r in self.client.get(self.collection, ids=list(ids), output_fields=["model"])}
-        return [rows[i] for i in ids]
+        return self._field(ids, "model")
 
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """The stored vectors of ``ids``, in that order (tests, migrations)."""
-        rows = {
-            r["id"]: r["vec"] for r in self.client.get(self.collection, ids=list(ids), output_fields=["vec"])
-        }
-        return np.asarray([rows[i] for i in ids], dtype=np.float32)
+        return np.asarray(self._field(ids, "vec"), dtype=np.float32)
 
     def all_ids(self, batch: int = 1000) -> list[str]:
         it = self.client.query_iterator(self.collection, batch_size=batch, filter="", output_fields=["id"])
