@@ -99,6 +99,9 @@ class TrainConfig(_Strict):
     )
     channels_last: bool = True
     augment: bool = True
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the gradients' global L2 norm to this (None = no clipping)"
+    )
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch default")
     log_every: int = Field(50, ge=1)
@@ -212,6 +215,38 @@ class LatencyConfig(_Strict):
     statistic: Literal["min", "p50"] = Field("min", description="per entry: the fastest run, or the quietest pass's median")
 
 
+class SupernetConfig(_Strict):
+    """How supernet paths are drawn, what they learn from, and when a supernet is too weak to search.
+
+    Band sampling favours narrow layers (the band sits at the cheap end of the space) and slicing always
+    trains the first channels, so a layer's widest channels are rarely updated: ``width_warmup`` trains every
+    layer at its widest scale first, and ``sampling: fair`` gives one random layer per step a uniformly drawn
+    scale and repairs the others into the band instead of rejecting.
+    """
+
+    width_warmup: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the steps that train random blocks at every layer's widest scale"
+    )
+    sampling: Literal["rejection", "fair"] = Field(
+        "rejection",
+        description="rejection = uniform paths rejection-sampled into the band (SPOS); fair = one layer's scale "
+        "drawn uniformly, the other layers repaired into the band",
+    )
+    compat: CompatConfig | None = Field(
+        None,
+        description="the supernet's compatibility objective (None = the run's compat); e.g. align_weight > 0 "
+        "distils every path to the cached gallery embeddings (set supernet_train.augment: false with it)",
+    )
+    health_paths: int = Field(16, ge=1, description="random in-band paths scored on validation after training")
+    min_skill: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="the search refuses a supernet whose paths score below chance + min_skill x (100 - chance) "
+        "on classifier or heterogeneous top-1 (mean over the health paths)",
+    )
+
+
 class NasConfig(_Strict):
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     budgets: list[BudgetConfig] | None = Field(
@@ -235,6 +270,7 @@ class NasConfig(_Strict):
         0.5, gt=0, le=1, description="supernet paths sampled with MACs in [band*cap, cap] (None = uniform)"
     )
     supernet_train: TrainConfig = Field(default_factory=TrainConfig)
+    supernet: SupernetConfig = Field(default_factory=SupernetConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     retrain: TrainConfig | None = Field(
         None,

@@ -18,6 +18,7 @@ from cmpnas.data.batching import fetch_batch
 from cmpnas.data.transforms import normalize_batch
 from cmpnas.evaluation.compare import score_settings
 from cmpnas.evaluation.retrieval import retrieval_metrics
+from cmpnas.models.classifiers import classifier_logits
 from cmpnas.nas.bn_recalibration import make_calibration_batches, recalibrate_bn
 from cmpnas.nas.supernet import SupernetEmbedding
 
@@ -39,7 +40,10 @@ def load_normalized(
 
 @dataclass
 class CandidateEvaluator:
-    """Callable: arch -> {"hom_top1", "het_top1", "hom_map", "het_map", ...}."""
+    """Callable: arch -> {"hom_top1", "het_top1", "hom_map", "het_map", "cls_top1"} (percent).
+
+    ``cls_top1`` is the supernet's own classifier on the path's embedding: the plainest sign that a path learned.
+    """
 
     supernet: SupernetEmbedding
     calib_batches: list[torch.Tensor]
@@ -82,6 +86,9 @@ class CandidateEvaluator:
             only=("homogeneous", "heterogeneous"),
         )
         hom, het = scored["homogeneous"], scored["heterogeneous"]
+        with torch.inference_mode():
+            predicted = classifier_logits(self.supernet.classifier, q, None).argmax(1)
+        cls_top1 = 100.0 * float((predicted == labels).float().mean())
         t4 = time.perf_counter()
         for k, dt in zip(
             ("recalibration", "query_pass", "gallery_pass", "metric"),
@@ -95,6 +102,7 @@ class CandidateEvaluator:
             "het_top1": round(het["top1"], 4),
             "hom_map": round(hom["map"], 4),
             "het_map": round(het["map"], 4),
+            "cls_top1": round(cls_top1, 4),
         }
 
 

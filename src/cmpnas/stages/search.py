@@ -21,9 +21,10 @@ from cmpnas.io import make_dirs, read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import write_manifest
 from cmpnas.models.cost import LatencyTable
 from cmpnas.models.embedding import fingerprint
-from cmpnas.models.spaces import Budget, family_budgets
+from cmpnas.models.spaces import Budget, family_budgets, sample_bands
 from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
 from cmpnas.nas.evolution import EvolutionSearch, pareto_indices
+from cmpnas.nas.health import check_health
 from cmpnas.nas.rewards import fitness_from_config
 from cmpnas.nas.supernet import load_supernet
 from cmpnas.serving.family import FAMILY_FILE, FAMILY_FORMAT
@@ -32,6 +33,7 @@ from cmpnas.stages.common import (
     nas_setup,
     supernet_identity,
 )
+from cmpnas.stages.supernet import measure_health
 
 
 class SharedCandidateCache:
@@ -84,6 +86,11 @@ def search(
     )
     supernet, meta = load_supernet(Path(supernet_path), supernet_identity(cfg, data, gallery))
     embed_dim = gallery.spec.embed_dim
+    health = meta.get("health")
+    if health is None:  # a supernet saved before health was recorded: measure it now
+        bands = sample_bands(cfg.nas, budget, family_budgets(cfg.nas, g_macs))
+        health = measure_health(cfg, supernet, gallery, data, space, bands)
+    check_health(health, str(supernet_path), cfg.nas.supernet.min_skill)
     budgets = family_budgets(cfg.nas, g_macs) if family else [Budget("main", budget, cfg.nas.budget_latency_ms)]
     if not budgets:
         raise CmpnasError("A family search needs nas.budgets.", "add nas.budgets to the config (docs/family.md)")
@@ -177,6 +184,7 @@ def search(
         "seconds": round(seconds, 2),
         "evaluator_timings": {k: round(v, 3) for k, v in evaluator.timings.items()},
         "evaluator_calls": evaluator.n_evaluated,
+        "supernet_health": {k: v for k, v in health.items() if k != "paths"},
         "candidates": [
             {
                 "arch": v["arch"],

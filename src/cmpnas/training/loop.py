@@ -80,6 +80,13 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def schedule_steps(n_images: int, cfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a schedule: what the loop runs, for tasks that plan by step."""
+    per_rank_batch = max(1, cfg.batch_size // world_size)
+    steps_per_epoch = (n_images // world_size) // per_rank_batch
+    return steps_per_epoch, max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(module, cfg.optim.weight_decay)
     factories = {
@@ -164,13 +171,12 @@ def train(
 
     n = len(dataset)
     per_rank_batch = max(1, cfg.batch_size // info.world_size)
-    steps_per_epoch = (n // info.world_size) // per_rank_batch
+    steps_per_epoch, total_steps = schedule_steps(n, cfg, info.world_size)
     if steps_per_epoch < 1:
         raise CmpnasError(
             f"Stage '{stage}': {n} training images is less than one batch of {cfg.batch_size}.",
             "lower the batch_size or use more data",
         )
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     device = training_device(info)
@@ -261,6 +267,8 @@ def train(
                 loss.backward()
                 if hasattr(task, "after_backward"):
                     task.after_backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_([p for p in task.parameters() if p.grad is not None], cfg.grad_clip)
                 if hasattr(task, "before_step"):
                     task.before_step(optimizer)
                 optimizer.step()

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from cmpnas.config import BudgetConfig, NasConfig
-from cmpnas.models.spaces import Budget, band_limits, family_budgets
+from cmpnas.models.spaces import Budget, family_budgets, sample_bands
 
 
 @pytest.mark.parametrize(
@@ -42,12 +42,13 @@ def test_family_budgets_turn_cost_reductions_into_caps() -> None:
     assert family_budgets(NasConfig(), 120_000_000) == []
 
 
-def test_the_supernet_band_spans_every_cap() -> None:
+def test_the_supernet_trains_every_caps_band() -> None:
     nas = NasConfig(sample_band=0.5, budgets=[{"cost_reduction": 40}, {"cost_reduction": 160}])
     family = family_budgets(nas, 160_000_000)  # caps 4e6 and 1e6
-    assert band_limits(nas, 2e6, family) == (0.5 * 1e6, 4e6)
-    assert band_limits(nas, 2e6) == (1e6, 2e6)  # no family: the one budget, as before
-    assert band_limits(nas.model_copy(update={"sample_band": None}), 2e6, family) == (None, None)
+    # one band per cap, cheapest first (the 2e6 budget is the 80x member's cap): [0.5 x cap, cap]
+    assert sample_bands(nas, 2e6, family) == [(0.5e6, 1e6), (1e6, 2e6), (2e6, 4e6)]
+    assert sample_bands(nas, 2e6) == [(1e6, 2e6)]  # no family: the one budget
+    assert sample_bands(nas.model_copy(update={"sample_band": None}), 2e6, family) == []
 
 
 def test_sample_below_lands_under_the_cap_where_uniform_sampling_does_not() -> None:

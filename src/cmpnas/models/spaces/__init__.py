@@ -83,15 +83,13 @@ def family_budgets(nas: NasConfig, gallery_macs: int) -> list[Budget]:
     ]
 
 
-def band_limits(
-    nas: NasConfig, budget: float, family: list[Budget] | None = None
-) -> tuple[float | None, float | None]:
-    """The MACs band supernet paths are sampled from (None: uniform over the whole space).
+def sample_bands(nas: NasConfig, budget: float, family: list[Budget] | None = None) -> list[tuple[float, float]]:
+    """The query-MACs bands supernet paths are drawn from, one per MACs cap: [band x cap, cap] ([] = uniform).
 
-    With a family, the band spans every MACs cap: [band x the smallest cap, the largest cap], so one supernet
-    serves every member's search (a path never sampled in training is a path the supernet cannot rank).
+    A family's caps each get their own band, drawn in turn: the union's uniform samples would almost never reach
+    the tightest cap, and a budget whose band was never trained is one the supernet cannot rank.
     """
     if nas.sample_band is None:
-        return None, None
-    caps = [budget] + [b.macs for b in family or [] if b.macs is not None]
-    return nas.sample_band * min(caps), max(caps)
+        return []
+    caps = sorted({budget, *(b.macs for b in family or [] if b.macs is not None)})
+    return [(nas.sample_band * cap, cap) for cap in caps]

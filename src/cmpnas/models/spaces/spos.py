@@ -467,23 +467,77 @@ class SposSpace:
             )
 
     def path_sampler(
-        self, seed: int, low: float | None, high: float | None, embed_dim: int
+        self,
+        seed: int,
+        low: float | None,
+        high: float | None,
+        embed_dim: int,
+        *,
+        sampling: str = "rejection",
+        widest_until: int = 0,
+        bands: Sequence[tuple[float, float]] | None = None,
     ) -> Callable[[int], Arch]:
         """Path for a global step: seeded by (seed, step) so every DDP rank samples the same path.
 
-        With a band, paths are rejection-sampled into [low, high] MACs (SPOS's budget-binned sampling,
-        here with one bin); after 100 misses a uniform path is used so training never stalls.
+        Steps before ``widest_until`` train random blocks at every layer's widest scale (widest-first warm-up).
+        After that a path lies in the query-MACs band [low, high], or in one of ``bands`` drawn per step (a
+        family: every budget's band is trained, not only the union). ``rejection``: uniform paths rejected
+        until one fits (SPOS's budget-binned sampling with one bin; after 100 misses the fair repair is used
+        so training never stalls on a narrow band); ``fair``: see :meth:`sample_fair`.
         """
         hm = self.head_macs(embed_dim)
+        if bands is None:
+            bands = [] if low is None or high is None else [(low, high)]
+        widest = max(self.scales)
 
         def sample(step: int) -> Arch:
             rng = random.Random(seed * 1_000_003 + step)
-            if low is None or high is None:
+            if step < widest_until:
+                return {
+                    "blocks": [rng.randrange(len(self.choices)) for _ in range(self.num_layers)],
+                    "scales": [widest] * self.num_layers,
+                }
+            if not bands:
                 return self.sample(rng)
-            arch = self.sample_in_band(rng, low - hm, high - hm, max_tries=100)
-            return arch if arch is not None else self.sample(rng)
+            lo, hi = bands[rng.randrange(len(bands))]
+            if sampling == "fair":
+                return self.sample_fair(rng, lo - hm, hi - hm)
+            arch = self.sample_in_band(rng, lo - hm, hi - hm, max_tries=100)
+            return arch if arch is not None else self.sample_fair(rng, lo - hm, hi - hm)
 
         return sample
+
+    def sample_fair(self, rng: random.Random, low: float, high: float) -> Arch:
+        """A path in the backbone-MACs band [low, high] whose width does not starve any layer's channels.
+
+        Rejection keeps only paths that happen to be narrow where the band is cheap, so wide channels are rarely
+        trained. Here one random layer keeps a uniformly drawn scale and the other layers are moved one scale step
+        at a time (random layer each time) down while the path costs too much, or up while it costs too little.
+        """
+        a = self.sample(rng)
+        keep = rng.randrange(self.num_layers)
+        idx = [self.scales.index(s) for s in a["scales"]]
+        top = len(self.scales) - 1
+
+        def cost(layer: int) -> int:
+            return self.lut_macs(layer, a["blocks"][layer], self.scales[idx[layer]])
+
+        total = self.stem_macs + self.last_macs + sum(cost(i) for i in range(self.num_layers))
+        for direction, outside in ((-1, lambda t: t > high), (1, lambda t: t < low)):
+            while outside(total):
+                movable = [
+                    i for i in range(self.num_layers) if i != keep and 0 <= idx[i] + direction <= top
+                ]
+                if not movable:
+                    break
+                layer = rng.choice(movable)
+                before = cost(layer)
+                idx[layer] += direction
+                total += cost(layer) - before
+        a["scales"] = [self.scales[i] for i in idx]
+        if total > high:  # the kept layer alone is too wide for the band: shrink anything
+            return self.sample_below(rng, high)
+        return a
 
     # ----------------------------------------------------------------------------------- networks
     def build(self, arch: Arch) -> SposNet:
