@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,3 +333,36 @@ def test_search_under_a_latency_cap_times_query_models_in_onnx_runtime(
     res = search(cfg, tiny_gallery, supernet, tmp_path / "search", data=tiny_data)
     best = res["best"]
     assert best["latency_ms"] is not None and 0 < best["latency_ms"] <= 100.0
+
+
+def test_ranking_protocol_two_seeds_stratified(chain, tmp_path: Path, tiny_data, tiny_gallery) -> None:
+    """Two seeds per ranking arch: per-arch rows kept, split-half reliability, ceiling, MACs-only tau, a verdict."""
+    from cmpnas.evaluation.ranking import ranking_report
+    from cmpnas.stages import study
+    from cmpnas.stages.common import nas_setup
+
+    cfg = chain["cfg"].model_copy(deep=True)
+    cfg.nas.ranking_archs, cfg.nas.ranking_seeds, cfg.nas.study_modes = 4, [0, 1], ["bct"]
+    res = study(cfg, tiny_gallery, tmp_path / "study", supernet_path=chain["root"] / "supernet" / SUPERNET_FILE,
+                data=tiny_data, n_archs=0)
+    setup = nas_setup(cfg, tiny_gallery, tiny_data)
+    ranking = res["ranking"]
+    assert ranking["n"] == 4 and ranking["seeds"] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "study").iterdir() if p.is_dir()) == sorted(
+        [f"rank00{i}_bct" for i in range(4)] + [f"rank00{i}_bct_s1" for i in range(4)]
+    )
+    archs = ranking["archs"]
+    assert all(len(a["standalone"]) == 2 and [s["seed"] for s in a["standalone"]] == [0, 1] for a in archs)
+    # stratified: two archs in each half of the band [0.5 x budget, budget]
+    mid = 0.75 * setup.budget
+    assert sorted(a["macs"] <= mid for a in archs) == [False, False, True, True]
+    het = ranking["heterogeneous"]
+    expect = ranking_report(
+        [a["supernet"]["het_top1"] for a in archs],
+        [a["macs"] for a in archs],
+        np.array([[s["het_top1"] for s in a["standalone"]] for a in archs]),
+        np.array([[s["het_map"] for s in a["standalone"]] for a in archs]),
+    )
+    assert {k: het[k] for k in expect} == expect
+    assert set(het["split_half"]) == {"r1", "r2", "tau_ceiling"}
+    assert het["verdict"]["verdict"] in {"pass", "fail", "not measurable"}
