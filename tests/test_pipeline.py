@@ -3,7 +3,8 @@
 One full run is shared by the structure and skip tests; a second run with another training seed is killed
 once the gallery stage is recorded as done and then continued; a copy of the first run is rerun with a
 changed retrain seed. The smoke profile trains every query model for two seeds (run.seeds: [0, 1]), so
-these runs also cover the per-seed stages, rows and the paired comparisons of the report.
+these runs also cover the per-seed stages, rows and the paired comparisons of the report; its random controls
+(run.random_controls: 3) and a stem-matched baseline (ShuffleNetV2 units on the space's stem) are in the table.
 """
 
 from __future__ import annotations
@@ -33,16 +34,26 @@ SMALL_QUERY = (
     "{backbone: resnet_small, embed_dim: 16, "
     "backbone_kwargs: {widths: [4, 8], depths: [1, 1], strides: [2, 2]}}"
 )
+TINY_SPACE = (
+    "{stem_channels: 8, stage_repeats: [1, 1], stage_widths: [16, 32], stage_strides: [2, 2], last_channels: 32, "
+    "channel_scales: [0.5, 1.0]}"
+)
+MATCHED_QUERY = (
+    "{backbone: spos, embed_dim: 16, arch: {blocks: [0, 0], scales: [0.5, 0.5]}, "
+    f"backbone_kwargs: {{space: {TINY_SPACE}, input_size: 28}}}}"
+)
 SHRINK = [
     "data.name=synthetic", "data.subset_train=300", "data.subset_test=100", "data.val_size=60",
     "gallery.embed_dim=16", "query.embed_dim=16",
     "gallery.backbone_kwargs={widths: [8, 16], depths: [1, 1], strides: [1, 2]}",
     f"gallery_train={TRAIN}", f"query_train={TRAIN}",
     f"run.baselines=[{{name: small-independent, compat: independent, model: {SMALL_QUERY}}}, "
-    f"{{name: small-bct, compat: bct, model: {SMALL_QUERY}}}]",
-    "nas.space={stem_channels: 8, stage_repeats: [1, 1], stage_widths: [16, 32], stage_strides: [2, 2], "
-    "last_channels: 32, channel_scales: [0.5, 1.0]}",
+    f"{{name: small-bct, compat: bct, model: {SMALL_QUERY}}}, "
+    f"{{name: small-matched-bct, compat: bct, stem: matched, model: {MATCHED_QUERY}}}]",
+    f"nas.space={TINY_SPACE}",
     "nas.budget_cost_reduction=5",
+    # as in tests/conftest.py: the tiny supernet stays a few points above chance, so its health floor is chance
+    "nas.supernet={min_skill: 0.0, health_paths: 4}",
     f"nas.supernet_train={TRAIN}",
     "nas.study_train={epochs: 0.5, batch_size: 50, warmup_epochs: 0.0, log_every: 5, threads: 1}",
     "nas.search={population: 4, generations: 2, parents: 2, mutations: 2, crossovers: 2, recal_images: 64, "
@@ -53,17 +64,19 @@ SHRINK = [
 ]  # fmt: skip
 OTHER_SEED = ["gallery_train.seed=1", "query_train.seed=1", "nas.supernet_train.seed=1"]
 SEEDS = [0, 1]  # the smoke profile's run.seeds
+CONTROLS = [f"control-random{i}{s}" for i in range(3) for s in ("", "@s1")]  # the smoke profile's 3 controls
 STAGES = [
     "gallery", "baseline-small-independent", "baseline-small-independent@s1", "baseline-small-bct",
-    "baseline-small-bct@s1", "supernet", "search-R1", "search-R2", "search-R3", "retrain-R1", "retrain-R1@s1",
-    "retrain-R2", "retrain-R2@s1", "retrain-R3", "retrain-R3@s1", "study", "family-search", "member-4x",
-    "member-4x@s1", "member-6x-5ms", "member-6x-5ms@s1", "evaluate", "export", "family-export", "index",
-    "upgrade-gallery", "upgrade-control", "evaluate-upgrade", "report",
+    "baseline-small-bct@s1", "baseline-small-matched-bct", "baseline-small-matched-bct@s1", "supernet",
+    "search-R1", "search-R2", "search-R3", "retrain-R1", "retrain-R1@s1", "retrain-R2", "retrain-R2@s1",
+    "retrain-R3", "retrain-R3@s1", "study", *CONTROLS, "family-search", "member-4x", "member-4x@s1",
+    "member-6x-5ms", "member-6x-5ms@s1", "evaluate", "export", "family-export", "index", "upgrade-gallery",
+    "upgrade-control", "evaluate-upgrade", "report",
 ]  # fmt: skip
 MEMBERS = ["4x", "6x-5ms"]
 NAMES = [
-    "small-independent", "small-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3")),
-    *(f"CMP-NAS family {m}" for m in MEMBERS),
+    "small-independent", "small-bct", "small-matched-bct", *(f"CMP-NAS {r} (searched, BCT)" for r in ("R1", "R2", "R3")),
+    *(f"random arch {i} (same space, BCT)" for i in range(3)), *(f"CMP-NAS family {m}" for m in MEMBERS),
 ]  # fmt: skip
 
 
@@ -228,17 +241,21 @@ def test_report_has_the_paired_comparisons(first_run) -> None:
     pairs = {(c["a"], c["b"]): c for c in results["paired_comparisons"]}
     r3, r1, r2 = (f"CMP-NAS {r} (searched, BCT)" for r in ("R3", "R1", "R2"))
     expected = {(r3, r1), (r3, r2), ("small-bct", "small-independent")}
-    searched = next(m for m in results["query_models"] if m["name"] == r3)
-    cheaper = [
-        m for m in results["query_models"] if m["kind"] == "baseline" and m["macs"] <= searched["macs"]
-    ]
-    if cheaper:
-        expected.add((r3, max(cheaper, key=lambda m: m["heterogeneous"]["top1"])["name"]))
-    for member in (m for m in results["query_models"] if m["kind"].startswith("family-")):
-        cheaper = [m for m in results["query_models"] if m["kind"] == "baseline" and m["macs"] <= member["macs"]]
-        if cheaper:
-            expected.add((member["name"], max(cheaper, key=lambda m: m["heterogeneous"]["top1"])["name"]))
-    assert set(pairs) == expected
+    models = results["query_models"]
+    searched = next(m for m in models if m["name"] == r3)
+    by_val = lambda group: max(group, key=lambda m: m["validation"]["heterogeneous_top1"])["name"]  # noqa: E731
+    chosen = {(r3, by_val([m for m in models if m["kind"] == "control-random"]))}  # the best random control
+    stems = {"small-independent": "stock", "small-bct": "stock", "small-matched-bct": "matched"}
+    for stem in ("matched", "stock"):  # the best hand-designed model of each stem at <= the searched MACs
+        cheaper = [m for m in models if stems.get(m["name"]) == stem and m["macs"] <= searched["macs"]]
+        chosen |= {(r3, by_val(cheaper))} if cheaper else set()
+    assert (r3, "small-bct") in chosen or (r3, "small-independent") in chosen
+    for member in (m for m in models if m["kind"].startswith("family-")):
+        cheaper = [m for m in models if m["kind"] == "baseline" and m["macs"] <= member["macs"]]
+        chosen |= {(member["name"], by_val(cheaper))} if cheaper else set()
+    assert set(pairs) == expected | chosen
+    assert all(pairs[p]["chosen_on"] == "val" and "(chosen on validation)" in pairs[p]["comparison"] for p in chosen)
+    assert all(pairs[p]["chosen_on"] is None for p in expected)
     rows = json.loads((out / "evaluation" / "rows.json").read_text())
     het = {(r["query"]["name"], r["query"]["seed"]): r["heterogeneous"]["top1"] for r in rows}
     md = (out / "report.md").read_text()
@@ -251,6 +268,34 @@ def test_report_has_the_paired_comparisons(first_run) -> None:
         assert low <= c["mean_difference"] <= high
         assert c["verdict"] in ("not distinguishable", f"{a} better", f"{b} better")
         assert c["sentence"].startswith(f"{a} vs {b}: ") and c["sentence"] in section
+    said = results["what_the_search_buys"]
+    assert said[0].startswith("Search vs a random architecture from the same space (the best of 3, chosen on ")
+    assert len(said) == 3 and all(s in md.split("## What the search buys", 1)[1] for s in said)
+
+
+def test_random_controls_and_the_stem_matched_baseline(first_run) -> None:
+    """3 distinct random archs of the search band, drawn once for every seed and recorded; each trained and
+    evaluated like the searched models; every row also scored on the validation split."""
+    out = first_run["out"]
+    st = state(out)
+    records = [st[f"control-random{i}"]["outputs"] for i in range(3)]
+    archs = [json.dumps(r["arch"], sort_keys=True) for r in records]
+    assert len(set(archs)) == 3
+    for i, r in enumerate(records):
+        low, high = r["draw"]["band"]
+        assert r["draw"]["index"] == i and low <= r["macs"] <= high  # counted MACs of the trained model
+        assert st[f"control-random{i}@s1"]["outputs"]["arch"] == r["arch"]  # every seed trains the drawn arch
+    manifest = json.loads((out / "controls" / "random0" / "seed1" / "manifest.json").read_text())
+    assert manifest["inputs"]["train"]["seed"] == 1
+    results = json.loads((out / "results.json").read_text())
+    assert [a["arch"] for a in results["random_controls"]["archs"]] == [r["arch"] for r in records]
+    rows = json.loads((out / "evaluation" / "rows.json").read_text())
+    assert {r["query"]["kind"] for r in rows if r["query"]["name"].startswith("random arch")} == {"control-random"}
+    assert all(r["validation"]["split"] == "val" and r["validation"]["n_images"] == 60 for r in rows)
+    assert all(r["validation"]["heterogeneous_top1"] is not None for r in rows)
+    md = (out / "report.md").read_text()
+    assert "| random arch 0 (same space, BCT) |" in md and "| small-matched-bct |" in md
+    assert "Stem-matched hand-designed rows" in md and "Random controls: 3 distinct architectures" in md
 
 
 def test_the_family_is_searched_once_retrained_exported_and_reported(first_run) -> None:
@@ -273,7 +318,7 @@ def test_the_family_is_searched_once_retrained_exported_and_reported(first_run) 
         assert m["latency_ms_predicted"] == pytest.approx(table.latency_ms(m["arch"]))
         assert cap["latency_ms"] is None or m["latency_ms_predicted"] <= cap["latency_ms"]
         assert (out / "export" / "family" / m["onnx"]).is_file()
-    assert [r["name"] for r in family["references"]] == ["small-independent", "small-bct"]
+    assert [r["name"] for r in family["references"]] == ["small-independent", "small-bct", "small-matched-bct"]
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["family"]["members"]] == MEMBERS
     md = (out / "report.md").read_text()
@@ -342,7 +387,8 @@ def test_changed_config_reruns_only_the_affected_stages(first_run, tmp_path: Pat
     statuses = stage_events(events)
     rerun = {
         *(f"retrain-{r}{s}" for r in ("R1", "R2", "R3") for s in ("", "@s1")),
-        *(f"baseline-small-{m}{s}" for m in ("independent", "bct") for s in ("", "@s1")),
+        *(f"baseline-small-{m}{s}" for m in ("independent", "bct", "matched-bct") for s in ("", "@s1")),
+        *CONTROLS,
         *(f"member-{m}{s}" for m in MEMBERS for s in ("", "@s1")),
         "evaluate",
         "export",

@@ -110,6 +110,7 @@ def _row(name: str, kind: str, seed: int, het: float, macs: int = 1000, fp: str 
         "paragon": m(90.0), "homogeneous": m(hom), "heterogeneous": m(het),
         "gap_to_paragon": {"top1": 90.0 - het, "map": 90.0 - het}, "cost_reduction": 100.0,
         "compatible": True, "protocol": {"name": "leave_one_out", "split": "test", "n_images": 100},
+        "validation": {"split": "val", "n_images": 50, "heterogeneous_top1": het, "homogeneous_top1": hom},
     }  # fmt: skip
 
 

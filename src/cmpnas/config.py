@@ -285,8 +285,15 @@ class NasConfig(_Strict):
     ranking_archs: int = Field(
         0,
         ge=0,
-        description="archs spread over the search band [sample_band*cap, cap], trained stand-alone with BCT "
-        "(study_train), against the supernet's estimates: how far the search's ranking can be trusted",
+        description="archs stratified by MACs over the bands the supernet trains ([sample_band*cap, cap] per cap), "
+        "trained stand-alone with BCT (study_train, ranking_seeds), against the supernet's estimates: how far the "
+        "search's ranking can be trusted",
+    )
+    ranking_seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="each ranking arch is trained once per seed s (study_train seed + s); with two or more the "
+        "report measures the target's split-half reliability and the Kendall ceiling it implies",
     )
     study_band: float = Field(0.15, gt=0, lt=1, description="study archs within +-band of the budget")
     study_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
@@ -309,6 +316,12 @@ class BaselineConfig(_Strict):
     compat: Literal["independent", "bct"] = "bct"
     family: str | None = Field(
         None, description="hand-designed family it belongs to (e.g. MobileNetV2): one line in the family plot"
+    )
+    stem: Literal["stock", "matched"] = Field(
+        "stock",
+        description="a label for the report: 'matched' = the model downsamples as the search space does (same "
+        "final feature-map size, e.g. tv: backbone_kwargs stem_stride: 1), so it is compared with the searched "
+        "model apart from the stock-stem models; the model itself is what `model` says",
     )
 
 
@@ -344,6 +357,16 @@ class RunConfig(_Strict):
         description="every query model (baselines, retrains) is trained once per seed s, with its TrainConfig "
         "seed + s, over the same gallery and supernet; the search runs once. Seed 0 keeps the stage names and "
         "folders of a single-seed run",
+    )
+    random_controls: int = Field(
+        0,
+        ge=0,
+        description="beside a search: this many distinct architectures drawn uniformly from the search space "
+        "within the search's MACs band [nas.sample_band x budget, budget], each trained like a searched one "
+        "(table schedule, compat objective, every seed): what the search buys over a random pick",
+    )
+    random_controls_seed: int = Field(
+        0, description="seed of the random controls' draw (one draw for the run, recorded in the report)"
     )
 
     @field_validator("seeds")

@@ -12,6 +12,10 @@ over the same gallery, supernet and search, with its TrainConfig seed + ``s``. S
 single-seed stage names and folders (``baseline-NAME``, ``baselines/NAME``), so existing runs stay
 valid; seed ``s > 0`` is ``baseline-NAME@s<s>`` in ``baselines/NAME/seed<s>`` (``retrain-R3@s1`` in
 ``retrain/R3/seed1``). The search runs once.
+
+Random controls (``run.random_controls``): architectures drawn uniformly from the searched space within the
+search's MACs band, trained like a searched one (``control-random<i>`` in ``controls/random<i>``), so the
+table says what the search buys over a random pick.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from cmpnas.io import (
     write_text_atomic,
 )
 from cmpnas.models.embedding import verify_safetensors
-from cmpnas.report import write_report
+from cmpnas.report import CONTROL_KIND, write_report
 from cmpnas.runlock import describe, run_lock
 from cmpnas.serving.family import read_family
 from cmpnas.serving.index import GalleryIndex
@@ -56,8 +60,9 @@ from cmpnas.stages import (
     train_query,
     train_supernet,
 )
-from cmpnas.stages.common import MODEL_FILE
+from cmpnas.stages.common import MODEL_FILE, nas_setup
 from cmpnas.stages.family import export_family
+from cmpnas.stages.study import sample_archs
 from cmpnas.stages.upgrade import evaluate_upgrade, upgrade_gallery
 
 STATE_FILE = "run_state.json"
@@ -175,7 +180,7 @@ def _search(reward: str) -> Callable[[RunContext], dict[str, Any]]:
 
 
 # searched architectures retrained on the table's schedule: stage kind -> the folder of its models
-SEARCHED_FOLDERS = {"retrain": "retrain", "member": "family"}
+SEARCHED_FOLDERS = {"retrain": "retrain", "member": "family", "control": "controls"}
 
 
 def _train_searched(
@@ -215,6 +220,73 @@ def _retrain(reward: str, seed: int) -> Callable[[RunContext], dict[str, Any]]:
         return _train_searched(ctx, "retrain", reward, arch, rewards[: rewards.index(reward)], seed)
 
     return run
+
+
+# ------------------------------------------------------------------------------------------ random controls
+def control_names(cfg: Config) -> list[str]:
+    """The random controls of a run: only beside a search (they are what the search is measured against)."""
+    return [f"random{i}" for i in range(cfg.run.random_controls)] if cfg.run.rewards else []
+
+
+def draw_random_controls(cfg: Config, gallery_path: str | Path, data: Any = None) -> dict[str, Any]:
+    """``run.random_controls`` distinct archs drawn uniformly from the space's archs whose query MACs (embedding
+    head included) lie in the band the search samples, [nas.sample_band x budget, budget].
+
+    The draw depends only on the config and the gallery's MACs, with its own seed, so every control stage draws
+    the same list and a rerun draws it again; the search's result is not looked at.
+    """
+    setup = nas_setup(cfg, gallery_path, data)
+    low, high = (cfg.nas.sample_band or 0.0) * setup.budget, setup.budget
+    n, seed = cfg.run.random_controls, cfg.run.random_controls_seed
+    archs = sample_archs(setup.space, low, high, n, seed, setup.gallery.spec.embed_dim)
+    if len(archs) < n:
+        raise CmpnasError(
+            f"Only {len(archs)} of {n} random controls were found in the search band "
+            f"{low / 1e6:.3f}-{high / 1e6:.3f} MMACs.",
+            "lower run.random_controls, or widen the band (nas.sample_band)",
+        )
+    return {"archs": archs, "band": [low, high], "budget": high, "seed": seed}
+
+
+def _control(index: int, seed: int) -> Callable[[RunContext], dict[str, Any]]:
+    """Train random control ``index`` for one seed as a searched architecture is: the table's schedule, the
+    run's compat objective."""
+
+    def run(ctx: RunContext) -> dict[str, Any]:
+        draw = draw_random_controls(ctx.cfg, ctx.gallery_path, ctx.data)
+        name = f"random{index}"
+        folder = seed_folder(ctx.path(SEARCHED_FOLDERS["control"], name), seed)
+        res = retrain(
+            ctx.cfg,
+            ctx.gallery_path,
+            draw["archs"][index],
+            folder,
+            resume=True,
+            data=ctx.data,
+            name=f"{CONTROL_KIND}{index}",
+            train_cfg=seeded(table_schedule(ctx.cfg), seed),
+        )
+        where = {"index": index, "seed": draw["seed"], "band": draw["band"]}
+        return {**res, "arch": draw["archs"][index], "draw": where, "dir": str(folder), "seed": seed}
+
+    return run
+
+
+def _control_stages(cfg: Config) -> list[StageDef]:
+    """One stage per random control and seed, built on the gallery only (the draw needs its MACs)."""
+
+    def parts(c: Config, index: int) -> list[Any]:
+        # what fixes the drawn arch (the space, the budget, the band, the seed, its index; the gallery's MACs via
+        # the dep) and how it is trained (the model settings of a retrain, the table's schedule, the compat)
+        draw = [_dump(c.nas.space), c.nas.budget_macs, c.nas.budget_cost_reduction, c.nas.sample_band]
+        model = [c.query.classifier, c.query.cosine_scale, c.query.margin]
+        return [draw, c.run.random_controls_seed, index, model, _dump(table_schedule(c)), _dump(c.compat)]
+
+    return [
+        StageDef(f"control-{name}{seed_suffix(s)}", ["gallery"], lambda c, i=i: parts(c, i), _control(i, s))
+        for i, name in enumerate(control_names(cfg))
+        for s in cfg.run.seeds
+    ]
 
 
 # ------------------------------------------------------------------------------------------ family
@@ -330,9 +402,17 @@ def query_model_dirs(ctx: RunContext) -> list[tuple[str, Path, str, int]]:
     ]
     for r in ctx.cfg.run.rewards:
         rows += [(f"CMP-NAS {r} (searched, BCT)", _searched_dir(ctx, "retrain", r, s), f"searched-{r}", s) for s in seeds]
+    for i, name in enumerate(control_names(ctx.cfg)):
+        rows += [
+            (control_display_name(i), _searched_dir(ctx, "control", name, s), CONTROL_KIND, s) for s in seeds
+        ]
     for name in member_names(ctx.cfg):
         rows += [(f"CMP-NAS family {name}", _searched_dir(ctx, "member", name, s), f"family-{name}", s) for s in seeds]
     return rows
+
+
+def control_display_name(index: int) -> str:
+    return f"random arch {index} (same space, BCT)"
 
 
 def _evaluate(ctx: RunContext) -> dict[str, Any]:
@@ -435,9 +515,10 @@ def build_stages(cfg: Config) -> list[StageDef]:
                 StageDef(
                     f"baseline-{b.name}{seed_suffix(s)}",
                     ["gallery"],
-                    # the family label only names a line in a plot: changing it retrains nothing
+                    # the family and stem labels only name a line in a plot and a row's group in the report:
+                    # changing them retrains nothing
                     lambda c, i=i: [
-                        c.run.baselines[i].model_dump(mode="json", exclude={"family"}),
+                        c.run.baselines[i].model_dump(mode="json", exclude={"family", "stem"}),
                         _dump(table_schedule(c)),
                         _dump(c.compat),
                     ],
@@ -458,6 +539,7 @@ def build_stages(cfg: Config) -> list[StageDef]:
                     nas_common(c),
                     c.nas.sample_band,
                     _dump(c.nas.supernet_train),
+                    _dump(c.nas.supernet),
                     _dump(c.compat),
                     _dump(c.query),
                 ],
@@ -497,18 +579,22 @@ def build_stages(cfg: Config) -> list[StageDef]:
                     _dump(c.nas.search),
                     c.nas.study_modes,
                     c.nas.ranking_archs,
+                    c.nas.ranking_seeds,
                     c.nas.sample_band,
                 ],
                 _study,
             )
         )
+    stages += _control_stages(cfg)
     stages += family_stages
-    evaluate_deps = [s.name for s in stages if s.name.startswith(("baseline-", "retrain-", "member-"))]
+    query_stages = ("baseline-", "retrain-", "control-", "member-")
+    evaluate_deps = [s.name for s in stages if s.name.startswith(query_stages)]
     stages.append(
         StageDef(
             "evaluate",
             ["gallery", *evaluate_deps],
-            lambda c: [c.eval_batch_size, c.run.latency_repeats],
+            # "val": every model is also scored on the validation split (what the report chooses the best by)
+            lambda c: [c.eval_batch_size, c.run.latency_repeats, "val"],
             _evaluate,
         )
     )
@@ -551,8 +637,8 @@ def stage_paths(out: Path, name: str) -> list[Path]:
         return [out / "export" / "family"]
     if kind == "search":  # + candidate metrics shared by the searches (measured on this supernet)
         return [out / kind / arg, out / "search" / "candidates.json"]
-    if kind in ("retrain", "baseline", "member"):
-        folder = out / {"baseline": "baselines", "retrain": "retrain", "member": "family"}[kind] / arg
+    if kind in ("retrain", "baseline", "member", "control"):
+        folder = out / {"baseline": "baselines", **SEARCHED_FOLDERS}[kind] / arg
         if seed:
             return [seed_folder(folder, seed)]
         if not folder.is_dir():

@@ -1,9 +1,11 @@
 """The run report: results.json, report.md and a self-contained report.html (PNG plots inlined).
 
 Every number says which split it comes from: the query-model table and the paired comparisons are on
-the test split (reported, never used to pick anything); the search rewards and the study are on the
-validation split. With several seeds (``run.seeds``) a query model's numbers are mean ± sample std over
-its seeds, and models are compared paired by seed (``cmpnas.evaluation.stats``).
+the test split (reported, never used to pick anything); the search rewards, the study and the scores that
+choose "the best" model of a group for a comparison (the best hand-designed model at <= the searched model's
+MACs, the best random control) are on the validation split. With several seeds (``run.seeds``) a query
+model's numbers are mean ± sample std over its seeds, and models are compared paired by seed
+(``cmpnas.evaluation.stats``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import io
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cmpnas.config import Config
 from cmpnas.evaluation.stats import (
@@ -30,6 +32,7 @@ from cmpnas.io import read_json, write_json_atomic, write_text_atomic
 from cmpnas.manifest import environment
 from cmpnas.progress import format_seconds
 from cmpnas.stages.upgrade import upgrade_markdown
+from cmpnas.supernet_report import supernet_markdown, supernet_results
 
 # Which split each number of results.json comes from (None: no split, e.g. MACs or timings).
 SPLITS = {
@@ -39,9 +42,12 @@ SPLITS = {
     "paragon": "test",
     "query_models": "test",
     "paired_comparisons": "test",
+    "what_the_search_buys": "test",
+    "random_controls": None,
     "gallery": None,
     "searches": "val",
     "study": "val",
+    "supernet": "val",
     "stage_seconds": None,
     "environment": None,
 }
@@ -85,6 +91,19 @@ def headline(
     )
 
 
+VALIDATION_KEYS = ("heterogeneous_top1", "homogeneous_top1")
+
+
+def mean_validation(group: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Validation top-1 of one model, mean over its seeds (what "the best" of a group is chosen by); None when a
+    seed has none (rows of an evaluation without a validation split)."""
+    scores = [r.get("validation") for r in group]
+    if not scores or any(v is None for v in scores):
+        return None
+    out: dict[str, Any] = {k: statistics.fmean(v[k] for v in scores) for k in VALIDATION_KEYS}
+    return {"split": "val", **out, "n_seeds": len(scores)}
+
+
 def summarize_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """rows.json (one row per model and seed) -> one entry per model: mean, std and each seed's numbers."""
     out = []
@@ -92,6 +111,7 @@ def summarize_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         model = aggregate_model(group)
         model["split"] = group[0].get("protocol", {}).get("split", "test")
         model["fingerprint"] = group[0]["query"]["fingerprint"]
+        model["validation"] = mean_validation(group)
         model["per_seed"] = [
             {
                 "seed": int(r["query"].get("seed", 0)),
@@ -101,6 +121,7 @@ def summarize_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "compatible": r["compatible"],
                 "latency_ms_b1": r["query"].get("latency_ms_b1"),
                 "fingerprint": r["query"]["fingerprint"],
+                "validation": r.get("validation"),
             }
             for r in group
         ]
@@ -109,39 +130,97 @@ def summarize_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ paired
+CONTROL_KIND = "control-random"
+CHOSEN = "chosen on validation"
+# what the headline model is measured against -> how the report says it
+AGAINST = {
+    "random": "a random architecture from the same space",
+    "matched": "the best hand-designed model with the search space's stem at <= its MACs",
+    "stock": "the best hand-designed model with a stock stem at <= its MACs",
+}
+# a baseline's stem label -> how a comparison names its group (None: every hand-designed model)
+STEM_GROUPS = {None: "baseline", "matched": "model with the search space's stem", "stock": "model with a stock stem"}
+
+
+class Pair(NamedTuple):
+    """One comparison A - B: why it is made, whether B is "the best" of a group (then chosen on validation), and
+    what the headline model is measured against (for the summary of what the search buys)."""
+
+    a: str
+    b: str
+    why: str
+    chosen_on: str | None = None
+    against: str | None = None
+
+
 def _same_model(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     """Both names point at the same weights on every seed (two rewards that found one architecture)."""
     return [r["query"]["fingerprint"] for r in a] == [r["query"]["fingerprint"] for r in b]
 
 
-def _reward_pairs(cfg: Config, head: dict[str, Any], by_kind: dict[str, Any]) -> list[tuple[str, str, str]]:
+def _val_top1(model: dict[str, Any]) -> float | None:
+    v = model.get("validation")
+    return None if v is None else v["heterogeneous_top1"]
+
+
+def best_on_validation(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The candidate with the highest heterogeneous top-1 on the validation split (mean over seeds), or None.
+
+    The test split only reports: had it also picked the competitor, the comparison would be judged on the very
+    numbers that chose one side of it.
+    """
+    scored = [m for m in candidates if _val_top1(m) is not None]
+    return max(scored, key=lambda m: _val_top1(m)) if scored else None
+
+
+def _reward_pairs(cfg: Config, head: dict[str, Any], by_kind: dict[str, Any]) -> list[Pair]:
     """The headline reward's model against each other reward's (R3 vs R1, R3 vs R2)."""
     others = [by_kind.get(f"searched-{r}") for r in cfg.run.rewards]
     return [
-        (head["name"], o["name"], f"reward {cfg.run.headline_reward} vs {o['kind'].split('-', 1)[1]}")
+        Pair(head["name"], o["name"], f"reward {cfg.run.headline_reward} vs {o['kind'].split('-', 1)[1]}")
         for o in others
         if o is not None and o is not head
     ]
 
 
-def _baseline_pair(head: dict[str, Any], models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """The searched model against the best hand-designed baseline that costs at most as many MACs.
+def hand_designed(cfg: Config, models: list[dict[str, Any]], stem: str | None = None) -> list[dict[str, Any]]:
+    """The baseline rows of the run, of one stem label ('stock' / 'matched') or all."""
+    stems = {b.name: b.stem for b in cfg.run.baselines}
+    return [m for m in models if m["kind"] == "baseline" and stem in (None, stems.get(m["name"], "stock"))]
 
-    "Best" is on the test split: choosing the strongest competitor can only make the searched model look
-    worse, and no model is trained, kept or exported because of it.
+
+def _baseline_pair(
+    head: dict[str, Any], candidates: list[dict[str, Any]], stem: str | None = None
+) -> list[Pair]:
+    """The searched model against the best hand-designed baseline (of ``candidates``) that costs at most as many
+    MACs.
+
+    "Best" is the highest heterogeneous top-1 on the validation split (mean over seeds), and the comparison
+    itself is on the test split, paired by seed: choosing on test would let the test split both pick the
+    competitor and judge it.
     """
-    cheaper = [m for m in models if m["kind"] == "baseline" and m["macs"] <= head["macs"]]
-    if not cheaper:
+    best = best_on_validation([m for m in candidates if m["macs"] <= head["macs"]])
+    if best is None:
         return []
-    best = max(cheaper, key=lambda m: m["heterogeneous"]["top1"])
-    why = "searched vs the best hand-designed baseline at <= its MACs (strongest on test: conservative)"
-    return [(head["name"], best["name"], why)]
+    why = f"searched vs the best hand-designed {STEM_GROUPS[stem]} at <= its MACs ({CHOSEN})"
+    return [Pair(head["name"], best["name"], why, "val", stem)]
 
 
-def _compat_pairs(cfg: Config, names: set[str]) -> list[tuple[str, str, str]]:
+def _control_pair(head: dict[str, Any], models: list[dict[str, Any]]) -> list[Pair]:
+    """The searched model against the best random control (same space, same MACs band, same training)."""
+    controls = [m for m in models if m["kind"] == CONTROL_KIND]
+    best = best_on_validation(controls)
+    if best is None:
+        return []
+    n = len(controls)
+    why = f"searched vs the best of {n} random architectures of the same space and MACs band ({CHOSEN})"
+    return [Pair(head["name"], best["name"], why, "val", "random")]
+
+
+def _compat_pairs(cfg: Config, names: set[str]) -> list[Pair]:
     """Each BCT baseline against the independent baseline of the same architecture."""
     return [
-        (bct.name, ind.name, "BCT vs independent, same architecture")
+        Pair(bct.name, ind.name, "BCT vs independent, same architecture")
         for bct in cfg.run.baselines
         for ind in cfg.run.baselines
         if (bct.compat, ind.compat) == ("bct", "independent")
@@ -150,13 +229,19 @@ def _compat_pairs(cfg: Config, names: set[str]) -> list[tuple[str, str, str]]:
     ]
 
 
-def _pairs(cfg: Config, models: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(name A, name B, why) of the comparisons the report makes, where both rows exist."""
+def _pairs(cfg: Config, models: list[dict[str, Any]]) -> list[Pair]:
+    """The comparisons the report makes, where both rows exist: the headline reward against the other rewards,
+    the best random control, the best stem-matched and the best stock-stem hand-designed model at <= its MACs;
+    each family member against the best hand-designed model at <= its MACs; BCT against independent."""
     by_kind = {m["kind"]: m for m in models}
     head = by_kind.get(f"searched-{cfg.run.headline_reward}")
-    pairs = [] if head is None else _reward_pairs(cfg, head, by_kind) + _baseline_pair(head, models)
+    pairs = []
+    if head is not None:
+        pairs += _reward_pairs(cfg, head, by_kind) + _control_pair(head, models)
+        for stem in ("matched", "stock"):
+            pairs += _baseline_pair(head, hand_designed(cfg, models, stem), stem)
     for member in (m for m in models if m["kind"].startswith("family-")):
-        pairs += _baseline_pair(member, models)
+        pairs += _baseline_pair(member, hand_designed(cfg, models))
     return pairs + _compat_pairs(cfg, {m["name"] for m in models})
 
 
@@ -164,9 +249,12 @@ def paired_comparisons(cfg: Config, rows: list[dict[str, Any]], models: list[dic
     """Heterogeneous top-1 (test) of each pair of :func:`_pairs`, paired by seed, with a t interval."""
     groups = {g[0]["query"]["name"]: g for g in group_by_model(rows)}
     out = []
-    for a, b, why in _pairs(cfg, models):
+    for pair in _pairs(cfg, models):
+        a, b = pair.a, pair.b
         diff: PairedDifference = paired_comparison(a, by_seed(groups[a]), b, by_seed(groups[b]))
-        entry = {"comparison": why, "metric": "heterogeneous top1", "split": "test", **diff.to_dict()}
+        entry = {"comparison": pair.why, "metric": "heterogeneous top1", "split": "test", **diff.to_dict()}
+        entry["chosen_on"] = pair.chosen_on
+        entry["against"] = pair.against
         if _same_model(groups[a], groups[b]):
             entry["same_model"] = True
             entry["sentence"] += " (the same model: both rewards found one architecture)"
@@ -174,13 +262,64 @@ def paired_comparisons(cfg: Config, rows: list[dict[str, Any]], models: list[dic
     return out
 
 
+def what_the_search_buys(cfg: Config, models: list[dict[str, Any]], comparisons: list[dict]) -> list[str]:
+    """In words, the headline model against a random pick and the best hand-designed models (test, paired by
+    seed), for each group the run has; a group with no comparable model says why."""
+    head = next((m for m in models if m["kind"] == f"searched-{cfg.run.headline_reward}"), None)
+    if head is None:
+        return []
+    groups = {
+        "random": [m for m in models if m["kind"] == CONTROL_KIND],
+        "matched": hand_designed(cfg, models, "matched"),
+        "stock": hand_designed(cfg, models, "stock"),
+    }
+    out = []
+    for against, candidates in groups.items():
+        if not candidates:
+            continue
+        c = next((c for c in comparisons if c["a"] == head["name"] and c.get("against") == against), None)
+        lead = f"Search vs {AGAINST[against]}"
+        if c is not None:
+            chosen = f"the best of {len(candidates)}" if against == "random" else c["b"]
+            rest = c["sentence"].removeprefix(f"{c['a']} vs {c['b']}: ")
+            out.append(f"{lead} ({chosen}, {CHOSEN}): {rest}")
+        elif all(_val_top1(m) is None for m in candidates):
+            out.append(f"{lead}: not compared (no validation scores to choose by; redo the evaluate stage)")
+        else:
+            out.append(f"{lead}: none of the {len(candidates)} costs <= its MACs ({head['macs'] / 1e6:.2f} M)")
+    return out
+
+
+def random_controls(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The random controls' draw as the stages recorded it (seed, MACs band, each arch and its MACs)."""
+    recs: dict[str, dict[str, Any]] = {}  # one record per control (each seed trained the same arch)
+    for name, rec in state.items():
+        if name.startswith("control-") and rec.get("status") == "done" and rec.get("outputs"):
+            recs.setdefault(name.split("@", 1)[0], rec["outputs"])
+    if not recs:
+        return None
+    draw = next(iter(recs.values()))["draw"]
+    archs = [
+        {"stage": k, "index": o["draw"]["index"], "arch": o["arch"], "macs": o.get("macs")}
+        for k, o in recs.items()
+    ]
+    return {"seed": draw["seed"], "band": draw["band"], "archs": sorted(archs, key=lambda a: a["index"])}
+
+
 # ------------------------------------------------------------------------------------------ tables
+def _val_text(model: dict[str, Any]) -> str:
+    """Validation heterogeneous top-1 (mean over seeds), the number "the best" of a group is chosen by."""
+    top1 = _val_top1(model)
+    return "-" if top1 is None else f"{top1:.{2 if model['n_seeds'] == 1 else 1}f}"
+
+
 def models_table(models: list[dict[str, Any]]) -> str:
-    """Paragon / homogeneous / heterogeneous per query model: mean ± std over seeds (test split)."""
+    """Paragon / homogeneous / heterogeneous per query model: mean ± std over seeds (test split), and the
+    validation heterogeneous top-1 the comparisons choose by."""
     lines = [
         "| query model | MACs | cost reduction | seeds | paragon top-1 / mAP | homogeneous top-1 / mAP | "
-        "heterogeneous top-1 / mAP | gap to paragon (top-1) | M(q,g) > M(q,q) |",
-        "|---|---:|---:|---:|---|---|---|---:|:---:|",
+        "heterogeneous top-1 / mAP | gap to paragon (top-1) | M(q,g) > M(q,q) | val heterogeneous top-1 |",
+        "|---|---:|---:|---:|---|---|---|---:|:---:|---:|",
     ]
     for m in models:
         p = m["paragon"]
@@ -191,7 +330,7 @@ def models_table(models: list[dict[str, Any]]) -> str:
             f"| {m['name']} | {m['macs'] / 1e6:.2f} M | {m['cost_reduction']:.1f}x | {m['n_seeds']} | "
             f"{p['top1']:.2f} / {p['map']:.2f} | {_pm(m, 'homogeneous')} / {_pm(m, 'homogeneous', 'map')} | "
             f"{_pm(m, 'heterogeneous')} / {_pm(m, 'heterogeneous', 'map')} | {_pm(m, 'gap_to_paragon')} | "
-            f"{compatible} |"
+            f"{compatible} | {_val_text(m)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -492,6 +631,7 @@ def _results(
     gallery = rows[0]["gallery"] if rows else None
     head, pick = headline(models, gallery, cfg.run.headline_reward)
     timings = {k: v.get("seconds") for k, v in state.items() if v.get("status") == "done"}
+    comparisons = paired_comparisons(cfg, rows, models)
     return {
         "headline": head,
         "splits": SPLITS,
@@ -503,7 +643,11 @@ def _results(
         "gap_to_paragon": pick["gap_to_paragon"] if pick else None,
         "paragon": pick["paragon"] if pick else None,
         "query_models": models,
-        "paired_comparisons": paired_comparisons(cfg, rows, models),
+        "paired_comparisons": comparisons,
+        "selection": "the best hand-designed model and the best random control of a comparison are chosen by "
+        "heterogeneous top-1 on the validation split (mean over seeds); the comparison itself is on test",
+        "what_the_search_buys": what_the_search_buys(cfg, models, comparisons),
+        "random_controls": random_controls(state),
         "gallery": gallery,
         "searches": {
             k: {
@@ -515,6 +659,9 @@ def _results(
             for k, v in searches.items()
         },
         "study": ({k: v for k, v in study.items() if k != "rows"} | {"split": "val"}) if study else None,
+        "supernet": supernet_results(
+            (state.get("supernet") or {}).get("outputs", {}).get("health"), (study or {}).get("ranking"), models
+        ),
         "stage_seconds": timings,
         "total_seconds": round(sum(t for t in timings.values() if t), 1),
         "environment": environment(),
@@ -534,8 +681,9 @@ def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], st
         f"# cmpnas report\n\n**{results['headline']}**\n",
         f"Data: {cfg.data.name}; protocol: leave-one-out retrieval on the test split "
         "(every image queries all other images; top-1 = nearest neighbour has the same class). "
-        "Test numbers are reported only: the search rewards and the study use the validation split, and "
-        "nothing is chosen by a test number.\n",
+        "Test numbers are reported only: the search rewards, the study and the choice of the best hand-designed "
+        "model and the best random control in the comparisons use the validation split, and nothing is chosen "
+        "by a test number.\n",
         f"Seeds: {seeds}.\n",
         f"## Paragon / homogeneous / heterogeneous (test split, {n_seeds} seed{'s' if n_seeds > 1 else ''})\n",
         models_table(models) if models else "(no models evaluated)\n",
@@ -546,9 +694,11 @@ def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], st
             + ", ".join(f"{m['name']} {m['latency_ms_b1']:.2f} ms" for m in models)
             + f"; gallery {results['gallery'].get('latency_ms_b1', float('nan')):.2f} ms.\n"
         )
+    md += _rows_note(cfg, models, results.get("random_controls"))
     if models and n_seeds > 1:
         md += ["### Per seed (test split)\n", per_seed_table(models)]
     md += _paired_section(results["paired_comparisons"], n_seeds)
+    md += _search_buys_section(results["what_the_search_buys"], n_seeds)
     if searches:
         md.append(
             "## Searches (val split, supernet weights after BN recalibration; run once, not per seed)\n"
@@ -563,6 +713,7 @@ def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], st
                 f"| {v['n_candidates']} | {v['seconds']:.0f} |"
             )
         md.append("")
+    md += supernet_markdown(results.get("supernet"))
     if study:
         md += _study_section(study)
     md.append("## Stage timings\n")
@@ -599,6 +750,37 @@ def _paired_section(comparisons: list[dict[str, Any]], n_seeds: int) -> list[str
         md.append("(no pair of comparable query models in this run)\n")
         return md
     md += [f"- {c['sentence']} — {c['comparison']}" for c in comparisons]
+    md.append("")
+    return md
+
+
+def _rows_note(cfg: Config, models: list[dict[str, Any]], controls: dict[str, Any] | None) -> list[str]:
+    """Which hand-designed rows have the search space's stem, and how the random controls were drawn."""
+    md = []
+    matched = [m["name"] for m in hand_designed(cfg, models, "matched")]
+    if matched:
+        md.append(
+            f"Stem-matched hand-designed rows (they downsample as the search space does, same final feature-map "
+            f"size): {', '.join(matched)}; the other hand-designed rows keep their stock stems.\n"
+        )
+    if controls:
+        low, high = controls["band"]
+        md.append(
+            f"Random controls: {len(controls['archs'])} distinct architectures drawn uniformly from the search "
+            f"space with query MACs in [{low / 1e6:.2f}, {high / 1e6:.2f}] MMACs (the band the search samples; "
+            f"draw seed {controls['seed']}), each trained like the searched model (same schedule, compat "
+            "objective and seeds).\n"
+        )
+    return md
+
+
+def _search_buys_section(sentences: list[str], n_seeds: int) -> list[str]:
+    """The headline comparisons in words: what the search buys over a random pick and the hand-designed models."""
+    if not sentences:
+        return []
+    how = f"paired by seed over {n_seeds} seeds" if n_seeds > 1 else "1 seed: no interval"
+    md = [f"## What the search buys (heterogeneous top-1, test split; {how})\n"]
+    md += [f"- {s}" for s in sentences]
     md.append("")
     return md
 

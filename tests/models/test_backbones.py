@@ -70,6 +70,54 @@ def test_tv_models_keep_their_stem_stride_without_small_input() -> None:
     assert feat == 1280  # mobilenet_v2 keeps a 1280-wide last layer for width < 1
 
 
+def final_map(net: nn.Module, size: int = 28) -> tuple[int, int]:
+    """Height x width of the last feature map (the output of the last conv before global pooling)."""
+    shapes: list[tuple[int, ...]] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        for m in net.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    net.eval()
+    with torch.no_grad():
+        net(torch.randn(1, 1, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes[-1][2], shapes[-1][3]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("tv:mobilenet_v2", {"width_mult": 0.35}),
+        ("tv:mobilenet_v2", {"width_mult": 0.15, "round_nearest": 4}),
+        ("tv:shufflenet_v2_x0_5", {}),
+    ],
+)
+def test_stem_stride_1_matches_the_search_space_final_map(name: str, kwargs: dict) -> None:
+    """The SPOS space (stride-1 stem, four stride-2 stages) ends at 2x2 on 28 px; a stock ImageNet stem at 1x1."""
+    from cmpnas.config import SpaceConfig
+    from cmpnas.models.spaces import create_space
+
+    space = create_space(SpaceConfig(), in_chans=1, input_size=28)
+    searched = space.build({"blocks": [0] * space.num_layers, "scales": [1.0] * space.num_layers})
+    assert final_map(searched) == (2, 2)
+    stock, _ = create_backbone(name, in_chans=1, **kwargs)
+    matched, _ = create_backbone(name, in_chans=1, stem_stride=1, **kwargs)
+    assert final_map(stock) == (1, 1) and final_map(matched) == (2, 2)
+    # only the first conv's stride changed: same kernel, same layers (ShuffleNetV2 keeps its maxpool)
+    assert first_conv(matched).stride == (1, 1) and first_conv(matched).kernel_size == first_conv(stock).kernel_size
+    assert [type(m) for m in matched.modules()] == [type(m) for m in stock.modules()]
+
+
+def test_small_input_still_drops_the_shufflenet_maxpool() -> None:
+    """small_input is unchanged by stem_stride: 3x3 stride-1 stem and no maxpool, so ShuffleNetV2 ends at 4x4."""
+    net, _ = create_backbone("tv:shufflenet_v2_x0_5", in_chans=1, small_input=True)
+    assert final_map(net) == (4, 4) and isinstance(net.maxpool, nn.Identity)
+    with pytest.raises(CmpnasError, match="small_input and stem_stride"):
+        create_backbone("tv:shufflenet_v2_x0_5", in_chans=1, small_input=True, stem_stride=1)
+
+
 def test_cifar_resnet20_structure() -> None:
     net, feat = create_backbone("cifar_resnet20", in_chans=1)
     blocks = [m for m in net.modules() if isinstance(m, BasicBlock)]

@@ -7,6 +7,9 @@ Names:
 - ``spos``: a standalone subnet of the SPOS search space (needs ``arch``).
 ``small_input=True`` (timm/tv kwargs) swaps the stride-2 stem for a stride-1 3x3 conv so 28x28 inputs
 keep their resolution (stock ImageNet stems downsample 28 px to 1 px too early).
+``stem_stride=S`` (tv kwarg) only sets the first conv's stride, keeping its kernel and every later layer
+(ShuffleNetV2 keeps its maxpool): with S=1 the total downsampling equals the SPOS space's (stride-1 stem),
+so a hand-designed model can be compared with a searched one at the same final feature-map size.
 """
 
 from __future__ import annotations
@@ -185,7 +188,12 @@ def _small_input_stem(net: nn.Module, in_chans: int) -> None:
 
 
 def _torchvision(
-    name: str, in_chans: int, pretrained: bool, small_input: bool = False, **kw: Any
+    name: str,
+    in_chans: int,
+    pretrained: bool,
+    small_input: bool = False,
+    stem_stride: int | None = None,
+    **kw: Any,
 ) -> tuple[nn.Module, int]:
     import torchvision.models as tvm
 
@@ -205,7 +213,15 @@ def _torchvision(
             raise _pretrained_error(f"tv:{name}", exc) from None
         raise
     feat_dim = _strip_tv_head(net)
-    _adapt_tv_stem(net, in_chans, small_input)
+    if stem_stride is not None:
+        if small_input:
+            raise CmpnasError(
+                f"tv:{name}: small_input and stem_stride both change the stem.",
+                "use one: small_input (3x3 stride-1 stem, ShuffleNetV2 without maxpool) or stem_stride",
+            )
+        _set_stem_stride(net, in_chans, stem_stride)
+    else:
+        _adapt_tv_stem(net, in_chans, small_input)
     return net, feat_dim
 
 
@@ -247,6 +263,15 @@ def _adapt_tv_stem(net: nn.Module, in_chans: int, small_input: bool) -> None:
         and "shufflenet" in type(net).__name__.lower()
     ):
         net.maxpool = nn.Identity()
+
+
+def _set_stem_stride(net: nn.Module, in_chans: int, stride: int) -> None:
+    """The first conv with another stride (and ``in_chans``); its kernel, padding, weights and every later
+    layer stay, so the stem's downsampling changes by exactly the stride's factor."""
+    if stride < 1:
+        raise CmpnasError(f"stem_stride must be >= 1, got {stride}.", "use stem_stride: 1 or 2")
+    _adapt_tv_stem(net, in_chans, small_input=False)
+    _first_conv(net)[2].stride = (stride, stride)
 
 
 def create_backbone(

@@ -1,8 +1,8 @@
 """Stage ``evaluate``: paragon / homogeneous / heterogeneous of query models against the gallery model.
 
 Leave-one-out on a split of the config's data (``evaluate_models``, ``evaluate_query_models`` for a
-run's table with latencies), a registered benchmark protocol (``evaluate_protocol``), or a query model
-against a built index on either backend (``evaluate_index``).
+run's table with latencies and validation scores), a registered benchmark protocol (``evaluate_protocol``),
+or a query model against a built index on either backend (``evaluate_index``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cmpnas.evaluation.protocols import run_protocol_evaluation
 from cmpnas.evaluation.retrieval import ranked_label_metrics
 from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.models.cost import measure_latency_ms
-from cmpnas.models.embedding import load_model
+from cmpnas.models.embedding import EmbeddingModel, load_model
 from cmpnas.serving.export import load_encoder
 from cmpnas.serving.index import GalleryIndex, check_compatible, embed_source
 from cmpnas.stages.common import StageResult, check_gallery, load_data
@@ -67,6 +67,27 @@ def evaluate_models(
     return StageResult("evaluate", None if out_dir is None else Path(out_dir), res)
 
 
+def validation_scores(
+    gallery: EmbeddingModel,
+    query: EmbeddingModel,
+    protocol: LeaveOneOut | None,
+    batch_size: int,
+    cache: dict,
+) -> dict | None:
+    """Top-1 of one query model on the validation split (the same ``compare`` as the table's): what the report
+    chooses "the best" model of a group by, so that no test number picks anything. None without a split."""
+    if protocol is None:
+        return None
+    res = compare(gallery, query, protocol, batch_size=batch_size, gallery_cache=cache)
+    return {
+        "split": "val",
+        "n_images": len(protocol.dataset),
+        "heterogeneous_top1": res["heterogeneous"]["top1"],
+        "homogeneous_top1": res["homogeneous"]["top1"],
+        "paragon_top1": res["paragon"]["top1"],
+    }
+
+
 def evaluate_query_models(
     cfg: Config,
     gallery_path: str | Path,
@@ -74,12 +95,15 @@ def evaluate_query_models(
     out_dir: str | Path,
     data: DataBundle | None = None,
 ) -> StageResult:
-    """The run's table: every (name, model file, kind[, seed]) on the test split, with batch-1 latencies ->
-    rows.json, one row per (model, seed). Reporting only: nothing is picked by these numbers."""
+    """The run's table: every (name, model file, kind[, seed]) on the test split, with batch-1 latencies, and
+    its top-1 on the validation split (``row["validation"]``) -> rows.json, one row per (model, seed). Test
+    numbers are reported only; the report picks "the best" of a group by the validation numbers."""
     data = data or load_data(cfg)
     gallery = load_model(gallery_path)
     protocol = LeaveOneOut(data.test)
+    val_protocol = LeaveOneOut(data.val) if len(data.val) > 1 else None
     cache: dict = {}
+    val_cache: dict = {}
     rows = []
     g_lat = measure_latency_ms(gallery, gallery.input_shape(1), repeats=cfg.run.latency_repeats, threads=1)
     for name, model_file, kind, *seed in models:
@@ -93,12 +117,15 @@ def evaluate_query_models(
             query, query.input_shape(1), repeats=cfg.run.latency_repeats, threads=1
         )["p50"]
         res["gallery"]["latency_ms_b1"] = g_lat["p50"]
+        res["validation"] = validation_scores(gallery, query, val_protocol, cfg.eval_batch_size, val_cache)
         rows.append(res)
+        val = res["validation"]
         progress.event(
             "evaluate",
             message=(
                 f"{name} (seed {res['query']['seed']}): hom {res['homogeneous']['top1']:.2f} het "
                 f"{res['heterogeneous']['top1']:.2f} paragon {res['paragon']['top1']:.2f}"
+                + (f" (val het {val['heterogeneous_top1']:.2f})" if val else "")
             ),
         )
     out = Path(out_dir)
