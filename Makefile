@@ -11,7 +11,7 @@ setup:
 demo: setup
 	$(VENV)/bin/cmpnas run --profile default --out $(OUT)
 
-# The evidence run of issue 11 (<= 90 min on 2 cores, 3 seeds, study and supernet ranking).
+# The evidence run (<= 90 min on 2 cores: 3 seeds, the family, the ranking protocol, the controls).
 full: setup
 	$(VENV)/bin/cmpnas run --profile full --out runs/full
 

@@ -863,7 +863,7 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     write_json_atomic(out / "results.json", results)
     markdown = _markdown(cfg, results, searches, study)
     if upgrade:
-        markdown += "\n## Gallery-model upgrade (issue 13)\n\n" + upgrade_markdown(upgrade)
+        markdown += "\n## Gallery-model upgrade\n\n" + upgrade_markdown(upgrade)
     if family:
         markdown += "\n## Query-model family (one search, several budgets)\n\n" + family_markdown(
             results["family"]["members"], family.get("latency_check")
