@@ -38,7 +38,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"nas.supernet_train.epochs": 6, "nas.supernet.width_warmup": 0.2},
     ),
     "6ep+warmup+fair": (
-        "+ fair width sampling",
+        "+ widest-first warm-up (20 % of steps) and fair width sampling",
         {"nas.supernet_train.epochs": 6, "nas.supernet.width_warmup": 0.2, "nas.supernet.sampling": "fair"},
     ),
     "6ep+warmup+fair+align4": (

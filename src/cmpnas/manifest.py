@@ -24,6 +24,7 @@ def environment() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_bf16": _cpu_bf16(),
         "threads": torch.get_num_threads(),
     }
     for mod in ("torchvision", "timm", "faiss", "onnxruntime"):
@@ -42,6 +43,20 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_bf16() -> bool | None:
+    """Whether the CPU has native bf16 (AVX512-BF16 or AMX): training times differ by about 2x between the two
+    kinds of machine, so a time is only comparable with one measured on the same kind. None where unknown."""
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("flags")),
+            None,
+        )
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def write_manifest(
