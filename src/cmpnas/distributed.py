@@ -37,10 +37,3 @@ def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()
 
-
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    if not info.enabled:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -75,7 +75,6 @@ class StageDef:
     deps: list[str]
     config_parts: Callable[[Config], Any]
     fn: Callable[[RunContext], dict[str, Any]]
-    folder: str | None = None
 
 
 @dataclass

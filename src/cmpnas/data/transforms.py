@@ -93,8 +93,3 @@ def pil_to_uint8(img: Image.Image, in_chans: int, size: int) -> torch.Tensor:
         arr = arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.copy())
 
-
-def preprocess_images(images: Sequence[Image.Image], spec: object) -> torch.Tensor:
-    """PIL images -> the normalised float batch a model with this ``ModelSpec`` expects."""
-    batch = torch.stack([pil_to_uint8(im, spec.in_chans, spec.input_size) for im in images])  # type: ignore[attr-defined]
-    return normalize_batch(batch, spec.mean, spec.std)  # type: ignore[attr-defined]

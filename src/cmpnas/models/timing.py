@@ -101,11 +101,6 @@ def summarize(sorted_times: Sequence[float]) -> dict[str, float]:
     }
 
 
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
-    """``{"p50", "p90", "mean"}`` wall ms of ``fn()`` over ``repeats`` timed calls after ``warmup`` untimed."""
-    return summarize(sample_times(fn, warmup, repeats))
-
-
 @dataclass
 class Timer:
     """A prepared measurement: ``run()`` is one forward pass, ``context()`` what it must run inside (threads,
