@@ -11,12 +11,13 @@ model's numbers are mean ± sample std over its seeds, and models are compared p
 from __future__ import annotations
 
 import base64
-import html
 import io
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from markdown_it import MarkdownIt
 
 from cmpnas.config import Config
 from cmpnas.evaluation.stats import (
@@ -885,31 +886,8 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
 
 
 def _html(markdown: str, plots: dict[str, str]) -> str:
-    """Minimal Markdown (headings, tables, paragraphs) to HTML, then the plots; no external assets."""
-    out, in_table = [], False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-:"):
-                continue
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-                out.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
-            else:
-                out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            text = html.escape(line).replace("**", "")
-            out.append(f"<p>{text}</p>")
-    if in_table:
-        out.append("</table>")
+    """The report's Markdown as HTML (CommonMark + tables, raw HTML off), then the plots; no external assets."""
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     imgs = "".join(
         f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
         for k, v in plots.items()
@@ -921,5 +899,5 @@ def _html(markdown: str, plots: dict[str, str]) -> str:
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>cmpnas report</title><style>{style}</style>"
-        f"</head><body>{''.join(out)}<h2>Plots</h2>{imgs}</body></html>"
+        f"</head><body>{body}<h2>Plots</h2>{imgs}</body></html>"
     )

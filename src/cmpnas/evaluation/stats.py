@@ -97,13 +97,12 @@ def by_seed(rows: Sequence[Mapping[str, Any]], setting: str = "heterogeneous", m
 # ------------------------------------------------------------------------------------------ paired
 def t_interval(diffs: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Two-sided paired-t interval of the mean difference; None with fewer than two pairs."""
-    n = len(diffs)
-    if n < 2:
+    if len(diffs) < 2:
         return None
-    s = summarize(diffs)
-    assert s.std is not None
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * s.std / math.sqrt(n)
-    return s.mean - half, s.mean + half
+    with warnings.catch_warnings():  # identical differences: scipy warns, and the interval is the point itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = stats.ttest_1samp(list(diffs), 0.0).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
 
 
 @dataclass(frozen=True)

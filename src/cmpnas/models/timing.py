@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,16 +72,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (same convention as numpy's default)."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = q / 100.0 * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def sample_times(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     """Sorted wall ms of ``repeats`` timed calls of ``fn()`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -95,8 +86,8 @@ def sample_times(fn: Callable[[], object], warmup: int, repeats: int) -> list[fl
 
 def summarize(sorted_times: Sequence[float]) -> dict[str, float]:
     return {
-        "p50": percentile(sorted_times, 50),
-        "p90": percentile(sorted_times, 90),
+        "p50": float(np.percentile(sorted_times, 50)),
+        "p90": float(np.percentile(sorted_times, 90)),
         "mean": statistics.fmean(sorted_times),
     }
 
@@ -148,6 +139,6 @@ def measure_rounds(
                 timer = ready[i] = item if isinstance(item, Timer) else item()
             times = timer.sample(warmup, repeats)
             fastest[i] = min(fastest[i], times[0])
-            if not quietest[i] or percentile(times, 50) < percentile(quietest[i], 50):
+            if not quietest[i] or np.percentile(times, 50) < np.percentile(quietest[i], 50):
                 quietest[i] = times
     return [{**summarize(q), "min": f} for q, f in zip(quietest, fastest, strict=True)]
