@@ -17,6 +17,7 @@ from torch import nn
 from cmpnas.config import CompatConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.models.classifiers import freeze
+from cmpnas.registry import Registry
 
 
 class CompatTerm(nn.Module):
@@ -238,14 +239,12 @@ _MISSING = {
 }
 
 # The compatibility terms: config weight name -> term class (one line each; see docs/extending.md).
-TERMS: dict[str, type[CompatTerm]] = {
-    "bct": InfluenceLoss,
-    "align": AlignmentLoss,
-    "regress": RegressionLoss,
-    "csd": ContextualSimilarityLoss,
-}
+TERMS: Registry[type[CompatTerm]] = Registry(
+    "compatibility term",
+    {"bct": InfluenceLoss, "align": AlignmentLoss, "regress": RegressionLoss, "csd": ContextualSimilarityLoss},
+)
 
 
 def register_term(name: str, cls: type[CompatTerm]) -> None:
     """Add a term; its weight is ``compat.terms.<name>`` in the config."""
-    TERMS[name] = cls
+    TERMS.register(name, cls)

@@ -23,6 +23,7 @@ from cmpnas.data.base import (
     stratified_subset,
 )
 from cmpnas.errors import CmpnasError
+from cmpnas.registry import Registry
 
 VAL_MAX_FRACTION = 0.2  # val never takes more than this share of the training pool
 SYNTHETIC_DEFAULT_TRAIN, SYNTHETIC_DEFAULT_TEST = 2000, 500
@@ -159,14 +160,14 @@ def _ijbc_train_source(cfg: DataConfig) -> SourceSplits:
     return source
 
 
-DATA_SOURCES: dict[str, Callable[[DataConfig], SourceSplits]] = {
+DATA_SOURCES: Registry[Callable[[DataConfig], SourceSplits]] = Registry("data source", {
     "fashion_mnist": _fashion_mnist_source,
     "folder": _folder_source,
     "csv": _csv_source,
     "synthetic": _synthetic_source,
     "deepfashion2": _deepfashion2_source,
     "ijbc_train": _ijbc_train_source,
-}
+})
 
 OPEN_SET_SOURCES = frozenset({"folder", "csv", "ijbc_train"})
 

@@ -27,6 +27,7 @@ from cmpnas.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from cmpnas.data.fashion_mnist import load_fashion_mnist
 from cmpnas.data.folder import IMAGE_EXTENSIONS, open_bounded, read_csv_rows, walk_images
 from cmpnas.errors import CmpnasError
+from cmpnas.registry import Registry
 
 __all__ = [
     "RAW_DATASETS",
@@ -146,7 +147,7 @@ def _fashion_mnist(split: str, root: str | None, download: bool) -> tuple[np.nda
 
 # name -> loader(split, root, download) -> (uint8 images [N,H,W] or [N,H,W,3] in file order, labels [N],
 # class names). Rows are never subset or shuffled: dataset item ids and thumbnails refer to them.
-RAW_DATASETS: dict[str, RawLoader] = {"fashion_mnist": _fashion_mnist}
+RAW_DATASETS: Registry[RawLoader] = Registry("raw dataset", {"fashion_mnist": _fashion_mnist})
 
 
 @lru_cache(maxsize=4)

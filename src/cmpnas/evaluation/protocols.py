@@ -48,6 +48,7 @@ from cmpnas.evaluation.verification import (
 from cmpnas.io import write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, load_model, model_summary
 from cmpnas.models.inference import embed
+from cmpnas.registry import Registry
 
 RESULTS_FILE = "results.json"
 ROC_FILE = "roc.png"
@@ -393,7 +394,7 @@ class ProtocolSpec:
 
 
 # One line per protocol (see docs/extending.md); `cmpnas evaluate --protocol NAME` looks it up here.
-PROTOCOLS: dict[str, ProtocolSpec] = {
+PROTOCOLS: Registry[ProtocolSpec] = Registry("protocol", {
     "deepfashion2": ProtocolSpec(
         _evaluate_deepfashion2,
         "validation/annos and validation/image",
@@ -406,9 +407,9 @@ PROTOCOLS: dict[str, ProtocolSpec] = {
         _ijbc_split,
         lambda m: (f"TAR@FAR={HEADLINE_FAR:g}", m["tar_at_far"]["insightface"][far_key(HEADLINE_FAR)]),
     ),
-}
+})
 
 
 def register_protocol(name: str, spec: ProtocolSpec) -> None:
     """Add a protocol under ``name`` (what ``--protocol`` selects)."""
-    PROTOCOLS[name] = spec
+    PROTOCOLS.register(name, spec)

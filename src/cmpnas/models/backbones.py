@@ -24,20 +24,17 @@ from torch import nn
 
 from cmpnas.errors import CmpnasError
 from cmpnas.models.spaces import space_backbone
+from cmpnas.registry import Registry
 
 BackboneFactory = Callable[..., tuple[nn.Module, int]]
 FamilyFactory = Callable[..., tuple[nn.Module, int]]  # (model name, in_chans, pretrained, **kw)
-_REGISTRY: dict[str, BackboneFactory] = {}
+_REGISTRY: Registry[BackboneFactory] = Registry("backbone")
 
 
 def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
     """Decorator: add a built-in backbone factory ``(in_chans, **backbone_kwargs) -> (module, F)``."""
 
-    def deco(fn: BackboneFactory) -> BackboneFactory:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def available() -> list[str]:
@@ -305,16 +302,13 @@ def create_backbone(
 
 
 # Families of named models (``prefix:<model name>``): one line each.
-_FAMILIES: dict[str, FamilyFactory] = {
-    "timm": _timm,
-    "tv": _torchvision,
-}
+_FAMILIES: Registry[FamilyFactory] = Registry("backbone family", {"timm": _timm, "tv": _torchvision})
 
 
 def register_family(prefix: str, factory: FamilyFactory) -> None:
     """Add a family of named models: ``backbone: "<prefix>:<model name>"`` calls ``factory(name, in_chans,
     pretrained, **backbone_kwargs)``."""
-    _FAMILIES[prefix] = factory
+    _FAMILIES.register(prefix, factory)
 
 
 # A searched architecture of a registered search space is a backbone too.

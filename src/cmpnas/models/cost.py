@@ -30,6 +30,7 @@ from cmpnas.errors import CmpnasError
 from cmpnas.io import read_json, write_json_atomic
 from cmpnas.models.onnx_runtime import prepare_onnx
 from cmpnas.models.timing import Timer, check_timing_args, dummy_input, measure_rounds, torch_threads
+from cmpnas.registry import Registry
 
 
 def _prod(values: Any) -> int:
@@ -233,10 +234,9 @@ def fit_overhead(raw_sums: Sequence[float], measured: Sequence[float], parts: in
 # A runtime prepares a module for timing: (module, input_shape, threads) -> Timer. Preparing apart from timing
 # lets a latency table interleave its blocks over several rounds (timing.measure_rounds).
 LatencyRuntime = Callable[[nn.Module, Sequence[int], int | None], Timer]
-LATENCY_RUNTIMES: dict[str, LatencyRuntime] = {
-    "torch": prepare_torch,
-    "onnxruntime": prepare_onnx,
-}
+LATENCY_RUNTIMES: Registry[LatencyRuntime] = Registry(
+    "latency runtime", {"torch": prepare_torch, "onnxruntime": prepare_onnx}
+)
 
 
 def latency_runtime(name: str) -> LatencyRuntime:

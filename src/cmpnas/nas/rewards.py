@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from cmpnas.config import SearchConfig
 from cmpnas.errors import CmpnasError
+from cmpnas.registry import Registry
 
 # (homogeneous, heterogeneous, weight) -> reward to maximise
 RewardFn = Callable[[float, float, float], float]
@@ -33,11 +34,9 @@ def _r3_weighted(hom: float, het: float, weight: float) -> float:
     return weight * het + (1.0 - weight) * hom
 
 
-REWARDS: dict[str, RewardFn] = {
-    "R1": _r1_homogeneous,
-    "R2": _r2_heterogeneous,
-    "R3": _r3_weighted,
-}
+REWARDS: Registry[RewardFn] = Registry(
+    "reward", {"R1": _r1_homogeneous, "R2": _r2_heterogeneous, "R3": _r3_weighted}
+)
 
 
 def reward(metrics: dict[str, float], name: str = "R3", weight: float = 0.5, metric: str = "top1") -> float:

@@ -17,15 +17,14 @@ from typing import Any
 from cmpnas.config import NasConfig, SpaceConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.models.spaces.spos import SposSpace
+from cmpnas.registry import Registry
 
-SPACES: dict[str, Callable[..., Any]] = {
-    "spos": SposSpace,
-}
+SPACES: Registry[Callable[..., Any]] = Registry("search space", {"spos": SposSpace})
 
 
 def register_space(name: str, cls: Callable[..., Any]) -> None:
     """Add a space under ``name`` (what ``nas.space.name`` selects)."""
-    SPACES[name] = cls
+    SPACES.register(name, cls)
 
 
 def create_space(cfg: SpaceConfig | dict[str, Any], in_chans: int = 1, input_size: int = 28) -> Any:
