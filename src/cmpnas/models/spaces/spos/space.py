@@ -1,29 +1,5 @@
-"""The SPOS one-shot search space over ShuffleNetV2 choice blocks (paper_spec §3.2, anchors §2.1).
-
-Layout: stem conv 3x3 -> stages of choice layers -> conv 1x1 to ``last_channels`` -> global average pool.
-Every layer picks one of ``cfg.choices`` (Shuffle 3x3 / 5x5 / 7x7, Shuffle-Xception) and one mid-channel
-scale from ``cfg.channel_scales``. An architecture is plain JSON::
-
-    {"blocks": [choice index per layer], "scales": [mid-channel scale per layer]}
-
-Blocks follow megvii's SPOS code. The first block of every stage has a projection branch (dw k x k with
-the stage stride -> pw) next to the main branch, and the two outputs are concatenated, so the width can
-change even when the stage stride is 1. The other blocks split the input in half with a fixed channel
-shuffle; one half passes through and the other goes through the main branch.
-Main branch: pw 1x1 -> dw k x k (stride) -> pw 1x1 (Shuffle k), or 3 x (dw 3x3 -> pw) (Xception).
-``mid = stage_width // 2 * scale``, rounded to the nearest even number (at least 2).
-
-Channel search shares weights the SPOS way. The supernet allocates every (layer, choice) block at the
-largest mid width, and a path with a smaller scale uses the *first* ``mid`` channels: the pw-in weight
-``W[:mid]``, the depthwise weight ``W[:mid]`` with ``groups=mid``, the pw-out weight ``W[:, :mid]``, and
-BN over the first ``mid`` running statistics (updated in place through the slice).
-
-MACs come from an analytic per-(layer, choice, scale) lookup table (the LUT). The tests check it against
-the hook counter in :mod:`cmpnas.models.cost` on :func:`build` subnets.
-
-Everything about the space lives here: encoding, sampling, mutate/crossover, the MAC LUT, the budget
-checks, the supernet and the standalone subnet (a search never needs another module of the space).
-"""
+"""The SPOS space itself: encoding, sampling and the evolution's operators, the MAC lookup table, budgets, the
+path sampler of supernet training and the latency table."""
 
 from __future__ import annotations
 
@@ -31,202 +7,19 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from cmpnas.config import SpaceConfig, build_config
 from cmpnas.errors import CmpnasError
 from cmpnas.models import onnx_runtime
 from cmpnas.models.cost import LatencyTable, fit_overhead, latency_runtime
 from cmpnas.models.heads import embedding_head
+from cmpnas.models.spaces.spos.blocks import Arch, ChoiceBlock, LayerSpec, block_macs, mid_channels, out_size
+from cmpnas.models.spaces.spos.networks import Head, SposNet, Stem, Supernet
 from cmpnas.models.timing import STATISTICS, Timer, check_timing_args, measure_rounds
-
-Arch = dict
-KERNELS = {"shuffle3": 3, "shuffle5": 5, "shuffle7": 7, "xception": 3}
-
-
-def mid_channels(stage_width: int, scale: float) -> int:
-    """Mid width of a block: stage_width // 2 * scale, rounded to the nearest even number, at least 2."""
-    raw = (stage_width // 2) * scale
-    return max(2, int(raw / 2 + 0.5) * 2)
-
-
-def _out_size(size: int, stride: int) -> int:
-    """Spatial size after an odd k x k conv with padding k // 2 (every conv in this space)."""
-    return (size - 1) // stride + 1
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """Shape facts of one choice layer; everything the LUT and the blocks need."""
-
-    index: int
-    stage: int
-    in_channels: int
-    out_channels: int
-    stride: int
-    project: bool  # first block of a stage: projection branch instead of channel split
-    in_size: int
-    out_size: int
-    mids: tuple[int, ...]  # mid width per channel scale (same order as cfg.channel_scales)
-
-    @property
-    def main_in(self) -> int:
-        return self.in_channels if self.project else self.out_channels // 2
-
-    @property
-    def main_out(self) -> int:
-        return self.out_channels - (self.in_channels if self.project else self.out_channels // 2)
-
-
-def block_macs(spec: LayerSpec, choice: str, mid: int) -> int:
-    """Conv MACs of one block, counted as the hook counter counts them (out elems x in/groups x k^2)."""
-    a_in, a_out = spec.in_size**2, spec.out_size**2
-    kernel = KERNELS[choice]
-    if choice == "xception":
-        main = a_out * spec.main_in * 9 + a_out * spec.main_in * mid  # dw 3x3 (strided) -> pw in->mid
-        main += a_out * mid * 9 + a_out * mid * mid  # dw 3x3 -> pw mid->mid
-        main += a_out * mid * 9 + a_out * mid * spec.main_out  # dw 3x3 -> pw mid->out
-    else:
-        main = a_in * spec.main_in * mid  # pw before the strided dw: input resolution
-        main += a_out * mid * kernel * kernel
-        main += a_out * mid * spec.main_out
-    proj = 0
-    if spec.project:
-        proj = a_out * spec.in_channels * kernel * kernel + a_out * spec.in_channels * spec.in_channels
-    return main + proj
-
-
-def _sliced_batch_norm(bn: nn.BatchNorm2d, x: Tensor, channels: int) -> Tensor:
-    """BN over the first ``channels`` features, updating those running statistics in place."""
-    factor = 0.0
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or bn.running_mean is None
-    track = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean[:channels] if bn.running_mean is not None and track else None
-    running_var = bn.running_var[:channels] if bn.running_var is not None and track else None
-    weight = bn.weight[:channels] if bn.weight is not None else None
-    bias = bn.bias[:channels] if bn.bias is not None else None
-    return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, bn.eps)
-
-
-class ConvBN(nn.Module):
-    """conv -> BN (-> ReLU). ``in_mid``/``out_mid`` mark the sides that carry the block's searchable mid
-    width; such a conv can run on the first ``mid`` channels only (weight slicing, see module docstring)."""
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        kernel: int,
-        stride: int = 1,
-        *,
-        depthwise: bool = False,
-        relu: bool = False,
-        affine: bool = True,
-        in_mid: bool = False,
-        out_mid: bool = False,
-    ) -> None:
-        super().__init__()
-        groups = cin if depthwise else 1
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout, affine=affine)
-        self.relu = relu
-        self.depthwise = depthwise
-        self.in_mid, self.out_mid = in_mid, out_mid
-        self.mid_width = cout if out_mid else cin if in_mid else None
-
-    def forward(self, x: Tensor, mid: int | None = None) -> Tensor:
-        if self.mid_width is None or mid is None or mid == self.mid_width:
-            y = self.bn(self.conv(x))
-        else:
-            y = self._sliced(x, mid)
-        return F.relu(y) if self.relu else y
-
-    def used_slice(self, mid: int | None) -> tuple[slice, ...]:
-        """The part of the conv weight a path with this ``mid`` width uses (all of it at full width)."""
-        if self.mid_width is None or mid is None or mid == self.mid_width:
-            return (slice(None),)
-        rows = slice(0, mid) if self.out_mid else slice(None)
-        cols = slice(0, mid) if (self.in_mid and not self.depthwise) else slice(None)
-        return (rows, cols)
-
-    def _sliced(self, x: Tensor, mid: int) -> Tensor:
-        if mid > self.mid_width:
-            raise ValueError(f"mid {mid} exceeds the allocated width {self.mid_width}")
-        weight = self.conv.weight
-        out_c = mid if self.out_mid else weight.shape[0]
-        if self.depthwise:
-            weight, groups = weight[:out_c], out_c
-        else:
-            in_c = mid if self.in_mid else weight.shape[1]
-            weight, groups = weight[:out_c, :in_c], 1
-        y = F.conv2d(x, weight, None, self.conv.stride, self.conv.padding, 1, groups)
-        return _sliced_batch_norm(self.bn, y, out_c)
-
-
-def split_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
-    """SPOS channel shuffle + split: even channels (pass-through) and odd channels (main branch).
-
-    Shuffling c channels as (c/2, 2) -> transpose -> flatten puts the even channels first, so the shuffle
-    and the split are two strided slices: two ONNX Slice ops instead of Reshape/Transpose/Reshape/Slice/Slice
-    (fewer ops is what counts for the batch-1 latency of these small nets).
-    """
-    return x[:, 0::2], x[:, 1::2]
-
-
-class ChoiceBlock(nn.Module):
-    """One ShuffleNetV2 unit (Shuffle k x k or Shuffle-Xception) allocated at ``mid`` width."""
-
-    def __init__(self, spec: LayerSpec, choice: str, mid: int, affine: bool = True) -> None:
-        super().__init__()
-        if choice not in KERNELS:
-            raise CmpnasError(f"Unknown block choice '{choice}'.", f"use one of {', '.join(KERNELS)}")
-        self.choice, self.mid, self.stride = choice, mid, spec.stride
-        kernel = KERNELS[choice]
-        cin, cout, s = spec.main_in, spec.main_out, spec.stride
-        if choice == "xception":
-            ops = [
-                ConvBN(cin, cin, 3, s, depthwise=True, affine=affine),
-                ConvBN(cin, mid, 1, relu=True, affine=affine, out_mid=True),
-                ConvBN(mid, mid, 3, depthwise=True, affine=affine, in_mid=True, out_mid=True),
-                ConvBN(mid, mid, 1, relu=True, affine=affine, in_mid=True, out_mid=True),
-                ConvBN(mid, mid, 3, depthwise=True, affine=affine, in_mid=True, out_mid=True),
-                ConvBN(mid, cout, 1, relu=True, affine=affine, in_mid=True),
-            ]
-        else:
-            ops = [
-                ConvBN(cin, mid, 1, relu=True, affine=affine, out_mid=True),
-                ConvBN(mid, mid, kernel, s, depthwise=True, affine=affine, in_mid=True, out_mid=True),
-                ConvBN(mid, cout, 1, relu=True, affine=affine, in_mid=True),
-            ]
-        self.main = nn.ModuleList(ops)
-        self.proj: nn.ModuleList | None = None
-        if spec.project:
-            inp = spec.in_channels
-            self.proj = nn.ModuleList(
-                [
-                    ConvBN(inp, inp, kernel, s, depthwise=True, affine=affine),
-                    ConvBN(inp, inp, 1, relu=True, affine=affine),
-                ]
-            )
-
-    def forward(self, x: Tensor, mid: int | None = None) -> Tensor:
-        if self.proj is not None:
-            passthrough = x
-            for op in self.proj:
-                passthrough = op(passthrough)
-        else:
-            passthrough, x = split_shuffle(x)
-        for op in self.main:
-            x = op(x, mid)
-        return torch.cat([passthrough, x], 1)
 
 
 class SposSpace:
@@ -240,7 +33,7 @@ class SposSpace:
         _check_space(cfg, self.in_chans, self.input_size)
         self.choices: list[str] = list(cfg.choices)
         self.scales: list[float] = [float(s) for s in cfg.channel_scales]
-        self.stem_size = _out_size(self.input_size, cfg.stem_stride)
+        self.stem_size = out_size(self.input_size, cfg.stem_stride)
         self.layers: list[LayerSpec] = self._layer_specs()
         self.num_layers = len(self.layers)
         final = self.layers[-1]
@@ -261,7 +54,7 @@ class SposSpace:
             for i in range(repeats):
                 s = stride if i == 0 else 1
                 mids = tuple(mid_channels(width, scale) for scale in cfg.channel_scales)
-                out = _out_size(size, s)
+                out = out_size(size, s)
                 specs.append(LayerSpec(len(specs), stage, channels, width, s, i == 0, size, out, mids))
                 channels, size = width, out
         return specs
@@ -609,13 +402,13 @@ class SposSpace:
         started = time.perf_counter()
         image = (1, self.in_chans, self.input_size, self.input_size)
         final = self.layers[-1]
-        tail: nn.Module = _Head(self, affine=True)
+        tail: nn.Module = Head(self, affine=True)
         if embed_dim is not None:
             tail = nn.Sequential(tail, embedding_head(self.cfg.last_channels, embed_dim))
         calib_archs = [self.sample(random.Random(seed)) for seed in range(calibrate)]
         jobs: list[Callable[[], Timer]] = [
             lambda: prepare(nn.Conv2d(1, 1, 1, bias=False), (1, 1, 1, 1), threads),
-            lambda: prepare(_Stem(self, affine=True), image, threads),
+            lambda: prepare(Stem(self, affine=True), image, threads),
             lambda: prepare(tail, (1, final.out_channels, final.out_size, final.out_size), threads),
         ]
         jobs += [lambda a=a: prepare(self.query_net(a, embed_dim), image, threads) for a in calib_archs]
@@ -727,116 +520,6 @@ def _check_space(cfg: SpaceConfig, in_chans: int, input_size: int) -> None:
         raise CmpnasError(
             f"Input {in_chans}x{input_size}x{input_size} is not an image shape.", "use e.g. 1x28x28"
         )
-
-
-def _pool(x: Tensor) -> Tensor:
-    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-
-class _Stem(ConvBN):
-    """conv 3x3 (stem_stride) in_chans -> stem_channels, BN, ReLU."""
-
-    def __init__(self, space: SposSpace, affine: bool) -> None:
-        cfg = space.cfg
-        super().__init__(space.in_chans, cfg.stem_channels, 3, cfg.stem_stride, relu=True, affine=affine)
-
-
-class _Head(nn.Module):
-    """conv 1x1 -> last_channels, BN, ReLU, global average pool -> [B, last_channels]."""
-
-    def __init__(self, space: SposSpace, affine: bool) -> None:
-        super().__init__()
-        self.last = ConvBN(
-            space.layers[-1].out_channels, space.cfg.last_channels, 1, relu=True, affine=affine
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _pool(self.last(x))
-
-
-class Supernet(nn.Module):
-    """Weight-sharing SPOS supernet; BN has ``affine=False`` everywhere (as SPOS), so a path's BN statistics
-    can be re-estimated cheaply (BN recalibration) without learned scale/shift tied to other paths.
-
-    Each (layer, choice) block is allocated at the layer's largest mid width; ``forward(x, arch)`` runs only
-    the path's blocks, slicing the first ``mid`` channels for smaller scales.
-    """
-
-    def __init__(self, space: SposSpace) -> None:
-        super().__init__()
-        self.space = space
-        cfg = space.cfg
-        self.num_features = cfg.last_channels
-        self.stem = _Stem(space, affine=False)
-        self.layers = nn.ModuleList(
-            nn.ModuleList(ChoiceBlock(spec, choice, max(spec.mids), affine=False) for choice in space.choices)
-            for spec in space.layers
-        )
-        self.head = _Head(space, affine=False)
-
-    def path_slices(self, arch: Arch) -> list[tuple[nn.Parameter, tuple[slice, ...]]]:
-        """(parameter, the slice the path uses) for the sliced weights of ``arch``'s blocks; parameters not
-        listed are either wholly used (stem, head) or off the path (their gradient is None)."""
-        a = self.space.validate(arch)
-        out = []
-        for layer, (choice, scale) in enumerate(zip(a["blocks"], a["scales"], strict=True)):
-            mid = self.space.mid(layer, scale)
-            for op in self.layers[layer][choice].main:
-                out.append((op.conv.weight, op.used_slice(mid)))
-        return out
-
-    def forward(self, x: Tensor, arch: Arch) -> Tensor:
-        a = self.space.validate(arch)
-        x = self.stem(x)
-        for layer, (choice, scale) in enumerate(zip(a["blocks"], a["scales"], strict=True)):
-            x = self.layers[layer][choice](x, self.space.mid(layer, scale))
-        return self.head(x)
-
-
-class SposNet(nn.Module):
-    """A standalone subnet (ordinary affine BN): plain ops only, so it exports to ONNX."""
-
-    def __init__(self, space: SposSpace, arch: Arch) -> None:
-        super().__init__()
-        cfg = space.cfg
-        self.arch = space.validate(arch)
-        self.num_features = cfg.last_channels
-        self.stem = _Stem(space, affine=True)
-        self.blocks = nn.ModuleList(
-            space.block(layer, choice, scale)
-            for layer, (choice, scale) in enumerate(
-                zip(self.arch["blocks"], self.arch["scales"], strict=True)
-            )
-        )
-        self.head = _Head(space, affine=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def build(space: SposSpace, arch: Arch) -> SposNet:
-    """The standalone network of ``arch`` (for retraining, counting MACs, export)."""
-    return space.build(arch)
-
-
-def extract_subnet(supernet: Supernet, arch: Arch) -> SposNet:
-    """A standalone net carrying the supernet path's weights: the first ``mid`` channels of every shared
-    tensor (the same slices the supernet's forward uses), BN running statistics included, and the affine
-    BN parameters at identity. In eval mode it computes exactly ``supernet(x, arch)``; use it to export or
-    fine-tune a searched path without retraining from scratch."""
-    net = build(supernet.space, arch)
-    pairs = [(net.stem, supernet.stem), (net.head, supernet.head)]
-    pairs += [(net.blocks[i], supernet.layers[i][c]) for i, c in enumerate(net.arch["blocks"])]
-    with torch.no_grad():
-        for dst, src in pairs:
-            src_state = src.state_dict()
-            for name, tensor in dst.state_dict().items():
-                if name in src_state:  # affine BN weight/bias exist only in dst: they keep their 1 / 0 init
-                    tensor.copy_(src_state[name][tuple(slice(0, n) for n in tensor.shape)])
-    return net
 
 
 def _macs_text(macs: float) -> str:
