@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 from markdown_it import MarkdownIt
 
 from cmpnas.config import Config
+from cmpnas.errors import CmpnasError
 from cmpnas.evaluation.stats import (
     PairedDifference,
     Summary,
@@ -30,8 +32,11 @@ from cmpnas.evaluation.stats import (
     paired_comparison,
 )
 from cmpnas.io import read_json, write_json_atomic, write_text_atomic
+from cmpnas.learning_check import learning_check, learning_markdown
 from cmpnas.manifest import environment
+from cmpnas.models.embedding import safetensors_header
 from cmpnas.progress import format_seconds
+from cmpnas.stages.common import MODEL_FILE
 from cmpnas.stages.upgrade import upgrade_markdown
 from cmpnas.supernet_report import supernet_markdown, supernet_results
 
@@ -49,6 +54,7 @@ SPLITS = {
     "searches": "val",
     "study": "val",
     "supernet": "val",
+    "learning_check": "test",
     "stage_seconds": None,
     "environment": None,
 }
@@ -626,6 +632,7 @@ def _results(
     searches: dict[str, Any],
     study: dict[str, Any] | None,
     state: dict[str, Any],
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """results.json: the headline, each model's mean ± std and per-seed numbers, the paired comparisons,
     searches and study, each with the split it comes from (``splits``)."""
@@ -660,6 +667,13 @@ def _results(
             for k, v in searches.items()
         },
         "study": ({k: v for k, v in study.items() if k != "rows"} | {"split": "val"}) if study else None,
+        "learning_check": learning_check(
+            models,
+            (pick or {}).get("paragon", {}).get("top1") if pick else None,
+            num_classes,
+            {b.name for b in cfg.run.baselines if b.compat == "independent"},
+            cfg.nas.supernet.min_skill,
+        ),
         "supernet": supernet_results(
             (state.get("supernet") or {}).get("outputs", {}).get("health"), (study or {}).get("ranking"), models
         ),
@@ -667,6 +681,16 @@ def _results(
         "total_seconds": round(sum(t for t in timings.values() if t), 1),
         "environment": environment(),
     }
+
+
+def _num_classes(out: Path) -> int | None:
+    """The gallery model's number of classes (from its file's header), None when it cannot be read."""
+    path = out / "gallery" / MODEL_FILE
+    try:
+        spec = json.loads(safetensors_header(path)["spec"]) if path.is_file() else None
+    except (OSError, KeyError, ValueError, CmpnasError):
+        return None
+    return int(spec["num_classes"]) if spec and spec.get("num_classes") else None
 
 
 def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], study: dict | None) -> str:
@@ -686,6 +710,7 @@ def _markdown(cfg: Config, results: dict[str, Any], searches: dict[str, Any], st
         "model and the best random control in the comparisons use the validation split, and nothing is chosen "
         "by a test number.\n",
         f"Seeds: {seeds}.\n",
+        *learning_markdown(results.get("learning_check")),
         f"## Paragon / homogeneous / heterogeneous (test split, {n_seeds} seed{'s' if n_seeds > 1 else ''})\n",
         models_table(models) if models else "(no models evaluated)\n",
     ]
@@ -851,7 +876,7 @@ def write_report(out: Path, cfg: Config, state: dict[str, Any]) -> dict[str, Any
     upgrade = _load(out / "upgrade" / "evaluate" / "results.json")
     family = _load(out / "export" / "family" / "family.json")
     models = summarize_models(rows)
-    results = _results(cfg, rows, models, searches, study, state)
+    results = _results(cfg, rows, models, searches, study, state, _num_classes(out))
     if upgrade:
         results["upgrade"] = upgrade
     if family:
