@@ -298,6 +298,32 @@ def test_random_controls_and_the_stem_matched_baseline(first_run) -> None:
     assert "Stem-matched hand-designed rows" in md and "Random controls: 3 distinct architectures" in md
 
 
+def test_supernet_health_ranking_protocol_and_learning_check_are_reported(first_run) -> None:
+    """The supernet's health (manifest, health.json, results.json, report), the ranking protocol over two seeds
+    with its reliability and verdict, per-arch rows kept, and the learning check."""
+    out = first_run["out"]
+    health = state(out)["supernet"]["outputs"]["health"]
+    assert health["n_paths"] == 4 and health["split"] == "val" and health["ok"] is True
+    assert health["chance"] == 10.0 and health["cls_top1"]["min"] <= health["cls_top1"]["mean"]
+    assert json.loads((out / "supernet" / "health.json").read_text())["n_paths"] == 4
+    manifest = json.loads((out / "supernet" / "manifest.json").read_text())
+    assert manifest["outputs"]["health"] == health
+    results = json.loads((out / "results.json").read_text())
+    assert results["supernet"]["health"] == health and results["splits"]["supernet"] == "val"
+    ranking = results["study"]["ranking"]
+    assert ranking["seeds"] == [0, 1] and ranking["n"] == len(ranking["archs"]) >= 3
+    assert all([s["seed"] for s in a["standalone"]] == [0, 1] for a in ranking["archs"])
+    for side in ("heterogeneous", "homogeneous"):
+        report = ranking[side]
+        assert set(report["split_half"]) == {"r1", "r2", "tau_ceiling"}
+        assert report["verdict"]["verdict"] in {"pass", "fail", "not measurable"}
+        assert report["macs_only"]["kendall"] is not None
+    check = results["learning_check"]
+    assert check["chance"] == 10.0 and check["split"] == "test"
+    md = (out / "report.md").read_text()
+    assert "## The supernet (validation split)" in md and "Ranking, heterogeneous (top-1 + mAP)" in md
+
+
 def test_the_family_is_searched_once_retrained_exported_and_reported(first_run) -> None:
     """2 budgets, one search; members within their caps (LUT MACs = counted MACs; the table's latency); the
     report's family table and plot."""
