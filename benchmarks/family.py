@@ -11,7 +11,7 @@ the same stage key means the same config and inputs, so the result is what train
 
 Choose on validation, report on test: the search ranks candidates on the validation split; every number in the
 table is the test split, and the comparison with the hand-designed families (the best one at <= the member's
-MACs, picked on test: the conservative choice) decides nothing that was trained.
+MACs, chosen on validation by the report) decides nothing that was trained.
 
 Usage: python benchmarks/family.py [--out runs/family] [--reuse runs/full]
 Writes benchmarks/results/family.json and benchmarks/results/family.png.
