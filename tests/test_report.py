@@ -137,3 +137,19 @@ def test_the_report_says_what_the_search_buys(tmp_path, tiny_raw: dict) -> None:
     section = md.split("## What the search buys", 1)[1].split("\n## ", 1)[0]
     assert all(s in section for s in said) and "test split" in section.splitlines()[0]
     assert "Stem-matched hand-designed rows" in md and "matched-a, matched-b" in md
+
+
+def test_family_budget_use_names_unused_caps_and_shared_archs() -> None:
+    from cmpnas.report import budget_use_notes
+
+    a, b = {"blocks": [0], "scales": [1.0]}, {"blocks": [1], "scales": [0.5]}
+    rows = [
+        {"name": "40x", "budget_used": 0.485, "arch": a},  # 1.64 of a 3.38 MMACs cap
+        {"name": "80x", "budget_used": 0.97, "arch": a},
+        {"name": "160x", "budget_used": 0.99, "arch": b},
+    ]
+    assert budget_use_notes(rows) == [
+        "Member 40x uses 48 % of its MACs cap (under 70 %): the search found nothing it scored higher with more room.",
+        "Members 40x and 80x got the same architecture.",
+    ]
+    assert budget_use_notes([rows[1], rows[2]]) == []

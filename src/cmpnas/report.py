@@ -533,9 +533,32 @@ def family_rows(
                 "heterogeneous_top1": asdict(_summary(model, "heterogeneous")),
                 "versus_best_hand_designed": versus,
                 "model": model["name"],
+                "budget_used": round(member["macs"] / member["budget"]["macs"], 3) if member["budget"].get("macs") else None,
+                "arch": member.get("arch"),
             }
         )
     return rows
+
+
+BUDGET_USE = 0.7  # a member whose MACs sit under this share of its cap left its budget unused
+
+
+def budget_use_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What the family's members made of their budgets: each one below ``BUDGET_USE`` of its cap, and members of
+    different budgets that got the same architecture (a search that found nothing better with more room)."""
+    notes = [
+        f"Member {r['name']} uses {100 * r['budget_used']:.0f} % of its MACs cap (under {100 * BUDGET_USE:.0f} %): "
+        "the search found nothing it scored higher with more room."
+        for r in rows
+        if r["budget_used"] is not None and r["budget_used"] < BUDGET_USE
+    ]
+    seen: dict[str, str] = {}
+    for r in rows:
+        key = json.dumps(r["arch"], sort_keys=True)
+        if r["arch"] is not None and key in seen:
+            notes.append(f"Members {seen[key]} and {r['name']} got the same architecture.")
+        seen.setdefault(key, r["name"])
+    return notes
 
 
 def family_markdown(rows: list[dict[str, Any]], latency_check: dict[str, Any] | None) -> str:
@@ -562,6 +585,8 @@ def family_markdown(rows: list[dict[str, Any]], latency_check: dict[str, Any] | 
             f"{format_mean_std(Summary(**r['heterogeneous_top1']))} | "
             f"{versus['sentence'] if versus else 'no hand-designed model at <= its MACs'} |"
         )
+    notes = budget_use_notes(rows)
+    lines.append("\n" + ("\n".join(f"- {n}" for n in notes) if notes else f"Every member uses >= {100 * BUDGET_USE:.0f} % of its MACs cap, each with its own architecture.") + "\n")
     if latency_check and latency_check.get("mean_abs_error_pct") is not None:
         lines.append(
             f"\nLatency table vs measured (members): mean |error| {latency_check['mean_abs_error_pct']:.1f} %, "
