@@ -39,10 +39,17 @@ def supernet_results(
 
 
 def _tau_text(side: dict[str, Any]) -> str:
+    """The ranking's figures in words; an unreliable target gets no τ (it would be read as a result)."""
     est, macs, half, verdict = side["estimate"], side["macs_only"], side["split_half"], side["verdict"]
     lo, hi = est["kendall_interval"]
     ceiling = half.get("tau_ceiling")
     r1 = half.get("r1")
+    if verdict["verdict"] == "not measurable":
+        return (
+            f"**not measurable at this schedule**: the split-half reliability of the stand-alone target is r1 "
+            f"{'n/a' if r1 is None else f'{r1:.2f}'} (< 0.4), so no τ is quoted; train the ranking archs longer "
+            "(nas.study_train) or with more seeds (nas.ranking_seeds)"
+        )
     return (
         f"Kendall τ {est['kendall']:+.2f} [{lo:+.2f}, {hi:+.2f}] (90 % bootstrap), MACs-only τ {macs['kendall']:+.2f}; "
         f"split-half reliability r1 {'n/a' if r1 is None else f'{r1:.2f}'}, ceiling τ "
