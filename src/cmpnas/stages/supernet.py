@@ -115,7 +115,9 @@ def train_supernet(
     )
     outputs: dict[str, Any] = {}
     if init_distributed().is_main:
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
         health = measure_health(cfg, model, gallery, data, space, bands)
+        model.load_state_dict(trained)  # the saved supernet is the trained one, not the last path's BN statistics
         write_json_atomic(out / HEALTH_FILE, health)
         summary = {k: v for k, v in health.items() if k != "paths"}
         save_supernet(
