@@ -96,7 +96,7 @@ def sample_ranking_archs(
             if found >= want:
                 break
             a, b = edges[i], edges[i + 1]
-            arch = space.sample_in_band(rng, a - hm, b - hm, max_tries=200) or space.sample_fair(rng, a - hm, b - hm)
+            arch = space.sample_in_band_or_fair(rng, a - hm, b - hm, max_tries=200)
             cost = space.query_macs(arch, embed_dim)
             key = space.arch_key(arch)
             inside = a <= cost <= b and any(bl <= cost <= bh for bl, bh in bands)

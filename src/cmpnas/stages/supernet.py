@@ -50,8 +50,7 @@ def measure_health(
         if not bands:
             return space.sample(rng)
         lo, hi = bands[rng.randrange(len(bands))]
-        arch = space.sample_in_band(rng, lo - hm, hi - hm, max_tries=500)
-        return arch if arch is not None else space.sample_fair(rng, lo - hm, hi - hm)
+        return space.sample_in_band_or_fair(rng, lo - hm, hi - hm, max_tries=500)
 
     paths = health_paths(sample, space.arch_key, cfg.nas.supernet.health_paths, s.seed + 41)
     evaluator = build_evaluator(model, gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed)

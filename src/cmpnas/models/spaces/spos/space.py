@@ -295,10 +295,14 @@ class SposSpace:
             lo, hi = bands[rng.randrange(len(bands))]
             if sampling == "fair":
                 return self.sample_fair(rng, lo - hm, hi - hm)
-            arch = self.sample_in_band(rng, lo - hm, hi - hm, max_tries=100)
-            return arch if arch is not None else self.sample_fair(rng, lo - hm, hi - hm)
+            return self.sample_in_band_or_fair(rng, lo - hm, hi - hm, max_tries=100)
 
         return sample
+
+    def sample_in_band_or_fair(self, rng: random.Random, low: float, high: float, max_tries: int) -> Arch:
+        """A uniform in-band path (rejection), or the fair repair when ``max_tries`` draws miss a narrow band."""
+        arch = self.sample_in_band(rng, low, high, max_tries=max_tries)
+        return arch if arch is not None else self.sample_fair(rng, low, high)
 
     def sample_fair(self, rng: random.Random, low: float, high: float) -> Arch:
         """A path in the backbone-MACs band [low, high] whose width does not starve any layer's channels.
