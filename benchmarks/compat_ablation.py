@@ -254,6 +254,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override of the base config (compute settings, e.g. gallery_train.threads=1); recorded in the JSON",
     )
+    ap.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the data section (e.g. name=digits, open_set=true): another setting; recorded in the JSON",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compat_ablation.json)")
     args = ap.parse_args()
 
@@ -271,11 +278,14 @@ def main() -> None:
         if key.split(".")[0] in ("compat", "data") or key.startswith("query_train.seed"):
             raise SystemExit(f"--set {key}: the ablation owns compat, data and the query seed")
         _set_dotted(raw, key, value)
+    for item in args.data:
+        key, value = parse_override(item)
+        _set_dotted(raw, f"data.{key}", value)
     cfg = build_config(raw)
     out_dir = Path(args.out_dir)
     out_json = Path(args.out) if args.out else RESULTS / "compat_ablation.json"
     data = load_data(cfg)
-    print(f"data: train {len(data.train)} val {len(data.val)} (test split not used)", flush=True)
+    print(f"data: train {len(data.train)} val {len(data.val)} (test split not used); {data.notes}", flush=True)
 
     # The gallery: once.
     if args.gallery:
@@ -330,7 +340,9 @@ def main() -> None:
             "machine": {"hostname": socket.gethostname(), "platform": platform.platform(), **environment()},
             "profile": str(config_path),
             "overrides": args.set,
-            "protocol": "leave-one-out on the 5,000-image validation split held out of training; test split unused",
+            "data_overrides": args.data,
+            "data": data.describe(),
+            "protocol": "leave-one-out on the validation split (held out of training); test split unused",
             "base_config": {
                 k: raw.get(k) for k in ("data", "gallery", "gallery_train", "query", "query_train")
             },

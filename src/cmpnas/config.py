@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where images come from and how they are split."""
 
-    name: Literal["fashion_mnist", "folder", "csv", "synthetic", "deepfashion2", "ijbc_train"] = (
+    name: Literal["fashion_mnist", "folder", "csv", "synthetic", "deepfashion2", "ijbc_train", "digits"] = (
         "fashion_mnist"
     )
     root: str | None = Field(None, description="dataset folder / CSV file; None = look up defaults")
@@ -40,7 +40,11 @@ class DataConfig(_Strict):
     subset_test: int | None = Field(None, ge=1, description="use only this many test images (smoke runs)")
     image_size: int = Field(28, ge=8, description="side length images are resized to (folder/csv)")
     in_chans: int = Field(1, description="1 = grayscale, 3 = RGB")
-    open_set: bool = Field(False, description="folder/csv: test classes disjoint from training classes")
+    open_set: bool = Field(
+        False,
+        description="test classes disjoint from training classes (folder, csv, fashion_mnist, digits; the last "
+        "two also draw val from the held-out classes)",
+    )
     open_set_test_fraction: float = Field(0.3, gt=0, lt=1)
     on_bad_image: Literal["skip", "error"] = "skip"
     margin: float = Field(0.0, ge=0, description="deepfashion2: widen item boxes by this fraction per side")

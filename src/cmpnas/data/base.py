@@ -298,6 +298,50 @@ def split_train_val(labels: Any, val_size: int, seed: SeedLike = 0) -> tuple[np.
     return np.flatnonzero(keep).astype(np.int64), val_idx.astype(np.int64)
 
 
+def hold_out_classes(
+    source: SourceSplits, test_fraction: float, val_size: int, seed: SeedLike = 0
+) -> SourceSplits:
+    """An open-set version of an in-memory source: a seeded share of the classes never appears in training.
+
+    Retrieval is deployed on classes the models never saw, so the held-out classes form both val (their images
+    from the training pool, stratified, at most ``val_size``) and test (their test images); choosing on val
+    then mimics the test without touching it. Training classes are numbered ``0..C-1``, held-out ones after.
+    """
+    k = source.num_classes
+    if k < 2:
+        raise ValueError("an open set needs at least 2 classes")
+    n_held = min(k - 1, max(1, round(test_fraction * k)))
+    held = sorted(int(c) for c in np.random.default_rng(seed).permutation(k)[:n_held])
+    order = [c for c in range(k) if c not in held] + held
+    new_label = torch.empty(k, dtype=torch.int64)
+    new_label[torch.tensor(order)] = torch.arange(k)
+    parts = []
+    for ds in (source.train, source.test):
+        if not isinstance(ds, TensorImageDataset):
+            raise TypeError("hold_out_classes needs in-memory datasets")
+        relabelled = TensorImageDataset(ds.images, new_label[ds.labels])
+        is_held = relabelled.labels >= k - n_held
+        seen_rows, held_rows = torch.nonzero(~is_held).flatten(), torch.nonzero(is_held).flatten()
+        parts.append((relabelled.subset(seen_rows), relabelled.subset(held_rows)))
+    (train, held_pool), (_, test) = parts
+    val = held_pool.subset(stratified_subset(held_pool.labels, min(val_size, len(held_pool)), seed))
+    return SourceSplits(
+        train=train,
+        test=test,
+        val=val,
+        class_names=[source.class_names[c] for c in order],
+        num_classes=k - n_held,
+        in_chans=source.in_chans,
+        image_size=source.image_size,
+        open_set=True,
+        notes=[
+            *source.notes,
+            f"open set: {n_held} of {k} classes ({', '.join(source.class_names[c] for c in held)}) are held out "
+            f"of training; val is {len(val)} of their training-pool images, test their {len(test)} test images",
+        ],
+    )
+
+
 def stratified_subset(labels: Any, size: int, seed: SeedLike = 0) -> np.ndarray:
     """Sorted indices of a deterministic class-stratified subset of ``size`` items."""
     return split_train_val(labels, size, seed)[1]

@@ -9,26 +9,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from cmpnas.config import DataConfig
-from cmpnas.data import deepfashion2, fashion_mnist, folder, synthetic
+from cmpnas.data import deepfashion2, digits, fashion_mnist, folder, synthetic
 from cmpnas.data.base import (
     DataBundle,
     ImageDataset,
     SourceSplits,
     TensorImageDataset,
     compute_mean_std,
+    hold_out_classes,
     split_train_val,
     stratified_subset,
 )
+from cmpnas.data.transforms import resize_uint8
 from cmpnas.errors import CmpnasError
 from cmpnas.registry import Registry
 
 VAL_MAX_FRACTION = 0.2  # val never takes more than this share of the training pool
 SYNTHETIC_DEFAULT_TRAIN, SYNTHETIC_DEFAULT_TEST = 2000, 500
 # Sub-seeds: each random step gets its own stream, so changing one setting does not reshuffle the others.
-_SEED_SUBSET_TRAIN, _SEED_SUBSET_TEST, _SEED_VAL, _SEED_STATS = 1, 2, 3, 4
+_SEED_SUBSET_TRAIN, _SEED_SUBSET_TEST, _SEED_VAL, _SEED_STATS, _SEED_OPEN_SET = 1, 2, 3, 4, 6
 
 
 def _fashion_mnist_source(cfg: DataConfig) -> SourceSplits:
@@ -38,7 +39,7 @@ def _fashion_mnist_source(cfg: DataConfig) -> SourceSplits:
     for images, labels in ((train_x, train_y), (test_x, test_y)):
         x = torch.from_numpy(images).unsqueeze(1)
         if cfg.image_size != x.shape[-1]:
-            x = _resize_uint8(x, cfg.image_size)
+            x = resize_uint8(x, cfg.image_size)
         if cfg.in_chans == 3:
             x = x.expand(-1, 3, -1, -1).contiguous()
         datasets.append(TensorImageDataset(x, labels))
@@ -46,15 +47,28 @@ def _fashion_mnist_source(cfg: DataConfig) -> SourceSplits:
         notes.append(f"images resized from {train_x.shape[-1]} to {cfg.image_size} pixels")
     if cfg.in_chans == 3:
         notes.append("grayscale images repeated to 3 channels (data.in_chans=3)")
-    return SourceSplits(
-        train=datasets[0],
-        test=datasets[1],
-        class_names=list(fashion_mnist.CLASS_NAMES),
-        num_classes=len(fashion_mnist.CLASS_NAMES),
-        in_chans=cfg.in_chans,
-        image_size=cfg.image_size,
-        notes=notes,
+    return _maybe_open_set(
+        cfg,
+        SourceSplits(
+            train=datasets[0],
+            test=datasets[1],
+            class_names=list(fashion_mnist.CLASS_NAMES),
+            num_classes=len(fashion_mnist.CLASS_NAMES),
+            in_chans=cfg.in_chans,
+            image_size=cfg.image_size,
+            notes=notes,
+        ),
     )
+
+
+def _digits_source(cfg: DataConfig) -> SourceSplits:
+    return _maybe_open_set(cfg, digits.load_digits_splits(cfg.image_size, cfg.in_chans, seed=cfg.seed))
+
+
+def _maybe_open_set(cfg: DataConfig, source: SourceSplits) -> SourceSplits:
+    if not cfg.open_set:
+        return source
+    return hold_out_classes(source, cfg.open_set_test_fraction, cfg.val_size, seed=[cfg.seed, _SEED_OPEN_SET])
 
 
 def _folder_options(cfg: DataConfig) -> dict:
@@ -165,11 +179,12 @@ DATA_SOURCES: Registry[Callable[[DataConfig], SourceSplits]] = Registry("data so
     "folder": _folder_source,
     "csv": _csv_source,
     "synthetic": _synthetic_source,
+    "digits": _digits_source,
     "deepfashion2": _deepfashion2_source,
     "ijbc_train": _ijbc_train_source,
 })
 
-OPEN_SET_SOURCES = frozenset({"folder", "csv", "ijbc_train"})
+OPEN_SET_SOURCES = frozenset({"folder", "csv", "ijbc_train", "fashion_mnist", "digits"})
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
@@ -231,15 +246,3 @@ def _subset(
         return ds
     notes.append(f"{split}: stratified subset of {size} of {len(ds)} images")
     return ds.subset(stratified_subset(ds.labels, size, seed=seed))
-
-
-def _resize_uint8(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
-    """Bilinear (antialiased) resize of uint8 ``[N,C,H,W]`` in chunks, to bound the float copy."""
-    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
-    for start in range(0, images.shape[0], chunk):
-        block = images[start : start + chunk].float()
-        resized = F.interpolate(
-            block, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-        out[start : start + chunk] = resized.round().clamp(0, 255).to(torch.uint8)
-    return out

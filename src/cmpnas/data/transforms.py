@@ -93,3 +93,14 @@ def pil_to_uint8(img: Image.Image, in_chans: int, size: int) -> torch.Tensor:
         arr = arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.copy())
 
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 ``[N,C,H,W]`` in chunks, to bound the float copy."""
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk].float()
+        resized = F.interpolate(
+            block, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        out[start : start + chunk] = resized.round().clamp(0, 255).to(torch.uint8)
+    return out

@@ -68,7 +68,7 @@ class CandidateEvaluator:
             ]
         )
 
-    def __call__(self, arch: dict) -> dict[str, float]:
+    def __call__(self, arch: dict) -> dict[str, float | None]:
         t0 = time.perf_counter()
         recalibrate_bn(self.supernet, self.calib_batches, forward=lambda x: self.supernet(x, arch))
         t1 = time.perf_counter()
@@ -87,8 +87,12 @@ class CandidateEvaluator:
         )
         hom, het = scored["homogeneous"], scored["heterogeneous"]
         with torch.inference_mode():
-            predicted = classifier_logits(self.supernet.classifier, q, None).argmax(1)
-        cls_top1 = 100.0 * float((predicted == labels).float().mean())
+            logits = classifier_logits(self.supernet.classifier, q, None)
+        # an open-set split's classes are not the classifier's: it is only scored on classes it was trained on
+        seen = labels < logits.shape[1]
+        cls_top1 = (
+            100.0 * float((logits[seen].argmax(1) == labels[seen]).float().mean()) if bool(seen.any()) else None
+        )
         t4 = time.perf_counter()
         for k, dt in zip(
             ("recalibration", "query_pass", "gallery_pass", "metric"),
@@ -102,7 +106,7 @@ class CandidateEvaluator:
             "het_top1": round(het["top1"], 4),
             "hom_map": round(hom["map"], 4),
             "het_map": round(het["map"], 4),
-            "cls_top1": round(cls_top1, 4),
+            "cls_top1": round(cls_top1, 4) if cls_top1 is not None else None,
         }
 
 

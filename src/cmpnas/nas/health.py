@@ -41,7 +41,11 @@ def supernet_health(
     macs: Callable[[dict], float] | None = None,
 ) -> dict[str, Any]:
     """Score ``paths`` with the candidate evaluator (BN recalibrated, validation split): per-metric mean, min
-    and max, chance, and whether the supernet is fit to search (every judged mean above the skill floor)."""
+    and max, chance, and whether the supernet is fit to search (every judged mean above the skill floor).
+
+    ``num_classes`` is the number of classes in the validation split (retrieval chance is one over it). A metric
+    the evaluator cannot measure (the classifier on an open-set split, whose classes it never saw) is ``None``
+    and not judged."""
     if not paths:
         raise CmpnasError("The supernet's health needs at least one in-band path.", "check nas.sample_band")
     rows = []
@@ -49,7 +53,10 @@ def supernet_health(
         rows.append({"arch": arch, **({"macs": macs(arch)} if macs else {}), **evaluate(arch)})
     summary: dict[str, Any] = {"n_paths": len(rows), "split": "val", "chance": round(100.0 / num_classes, 2)}
     for m in METRICS:
-        values = [r[m] for r in rows]
+        values = [r[m] for r in rows if r.get(m) is not None]
+        if not values:
+            summary[m] = None
+            continue
         summary[m] = {
             "mean": round(statistics.fmean(values), 2),
             "min": round(min(values), 2),
@@ -62,16 +69,18 @@ def judge(health: dict[str, Any], min_skill: float) -> dict[str, Any]:
     """``health`` with its verdict for ``min_skill``: the floor every judged mean must reach, which fall short."""
     chance = health["chance"]
     floor = chance + min_skill * (100.0 - chance)
-    weak = [m for m in JUDGED if health[m]["mean"] < floor]
+    weak = [m for m in JUDGED if health.get(m) is not None and health[m]["mean"] < floor]
     return {**health, "min_skill": min_skill, "floor": round(floor, 2), "ok": not weak, "weak": weak}
 
 
 def health_line(health: dict[str, Any]) -> str:
     """One line for the progress output and the report."""
     verdict = "learned" if health["ok"] else f"NEAR CHANCE (floor {health['floor']:.1f} %)"
+    cls = health.get("cls_top1")
+    classifier = f"classifier top-1 {cls['mean']:.1f} %, " if cls is not None else ""
     return (
-        f"supernet health over {health['n_paths']} in-band paths (val, after BN recalibration): classifier top-1 "
-        f"{health['cls_top1']['mean']:.1f} %, heterogeneous top-1 {health['het_top1']['mean']:.1f} %, homogeneous "
+        f"supernet health over {health['n_paths']} in-band paths (val, after BN recalibration): {classifier}"
+        f"heterogeneous top-1 {health['het_top1']['mean']:.1f} %, homogeneous "
         f"top-1 {health['hom_top1']['mean']:.1f} % (chance {health['chance']:.1f} %): {verdict}"
     )
 

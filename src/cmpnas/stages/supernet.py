@@ -57,7 +57,7 @@ def measure_health(
     health = supernet_health(
         evaluator,
         paths,
-        data.num_classes,
+        len(set(data.val.labels.tolist())),
         cfg.nas.supernet.min_skill,
         macs=lambda a: space.query_macs(a, embed_dim),
     )
