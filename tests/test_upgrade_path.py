@@ -157,6 +157,13 @@ def test_evaluate_upgrade_table_and_curve_agree(upgrade: dict) -> None:
         assert [p["fraction"] for p in curve] == [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
         assert curve[0]["top1"] == pytest.approx(table[("new", "old")]["top1"])
         assert curve[-1]["top1"] == pytest.approx(table[("new", "new")]["top1"])
+        old_top1 = table[("old", "old")]["top1"]
+        for p in curve:  # flips are counted on the same queries as top-1: their balance is the change in top-1
+            assert p["positive_flips"] - p["negative_flips"] == pytest.approx(p["top1"] - old_top1)
+        assert res["backfill_summary"][order]["min_top1"] == min(p["top1"] for p in curve)
+    assert table[("old", "old")]["negative_flips"] == table[("old", "old")]["positive_flips"] == 0.0
+    for r in res["table"]:
+        assert r["positive_flips"] - r["negative_flips"] == pytest.approx(r["top1"] - old_top1)
     assert "BCT criterion" in (d / "eval" / "results.md").read_text()
 
 

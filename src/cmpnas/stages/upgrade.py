@@ -32,6 +32,7 @@ from cmpnas.data.base import DataBundle
 from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
 from cmpnas.evaluation.evaluate import LeaveOneOut, evaluate_embeddings
+from cmpnas.evaluation.flips import flip_rates, top1_hits
 from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.manifest import write_manifest
 from cmpnas.models.embedding import EmbeddingModel, fingerprint
@@ -169,8 +170,16 @@ def evaluate_upgrade(
             )
         emb["fct(old)"] = torch.from_numpy(fct.apply_numpy(torch.nn.functional.normalize(emb["old"], dim=1).numpy()))
         pairs.append((target, "fct(old)"))
+    labels = labels_of(dataset)
+    reference = top1_hits(emb["old"], emb["old"], labels)  # what users get today: M(old, old), query by query
     table = [
-        {"query": q, "gallery": g, **_headline(evaluate_embeddings(emb[q], emb[g], protocol))} for q, g in pairs
+        {
+            "query": q,
+            "gallery": g,
+            **_headline(evaluate_embeddings(emb[q], emb[g], protocol)),
+            **flip_rates(reference, top1_hits(emb[q], emb[g], labels)),
+        }
+        for q, g in pairs
     ]
     top1 = {(r["query"], r["gallery"]): r["top1"] for r in table}
     criterion = {
@@ -183,13 +192,23 @@ def evaluate_upgrade(
         if (name, "old") in top1
     }
     curve = backfill_curve(models["new"], emb["old"], emb["new"], data, dataset, fractions, seed)
+    curve_summary = {
+        order: {
+            "min_top1": min(p["top1"] for p in points),
+            "max_negative_flips": max(p["negative_flips"] for p in points),
+            "never_below_old": min(p["top1"] for p in points) >= top1[("old", "old")],
+        }
+        for order, points in curve.items()
+    }
     res: dict[str, Any] = {
         "split": split,
         "n_images": len(dataset),
         "models": {name: {"fingerprint": fingerprint(m), "compatible_with": m.spec.compatible_with} for name, m in models.items()},
         "table": table,
         "bct_criterion": criterion,
+        "flips_against": "old/old",
         "backfill_curve": curve,
+        "backfill_summary": curve_summary,
     }
     if out_dir is not None and init_distributed().is_main:
         write_json_atomic(Path(out_dir) / "results.json", res)
@@ -210,9 +229,11 @@ def backfill_curve(
     seed: int = 0,
 ) -> dict[str, list[dict[str, float]]]:
     """Per order, the metrics of new-model queries against a gallery whose first ``f`` of items (in that order)
-    are re-embedded by the new model — the same order :func:`cmpnas.serving.backfill.backfill` uses."""
+    are re-embedded by the new model — the same order :func:`cmpnas.serving.backfill.backfill` uses — with the
+    negative and positive flips against M(old, old) at every point."""
     old_n = torch.nn.functional.normalize(old_emb.float(), dim=1)
     labels = labels_of(dataset)
+    reference = top1_hits(old_emb, old_emb, labels)
     names = [str(data.class_names[int(y)]) for y in labels]
     rows = new_model.classifier.weight.detach().float().numpy()
     protocol = LeaveOneOut(dataset)
@@ -227,7 +248,13 @@ def backfill_curve(
             gallery = old_emb.clone()
             chosen = torch.from_numpy(perm[:n].copy())
             gallery[chosen] = new_emb[chosen]
-            points.append({"fraction": float(f), **_headline(evaluate_embeddings(new_emb, gallery, protocol))})
+            points.append(
+                {
+                    "fraction": float(f),
+                    **_headline(evaluate_embeddings(new_emb, gallery, protocol)),
+                    **flip_rates(reference, top1_hits(new_emb, gallery, labels)),
+                }
+            )
         out[order] = points
     return out
 
@@ -242,17 +269,36 @@ def upgrade_markdown(res: dict[str, Any]) -> str:
         f"Compatibility table ({res['split']} split, {res['n_images']} images, leave-one-out retrieval), "
         "M(query model, gallery model):",
         "",
-        "| query | gallery | top-1 | mAP |",
-        "|---|---|---|---|",
+        "| query | gallery | top-1 | mAP | negative flips vs old/old | positive flips |",
+        "|---|---|---|---|---|---|",
     ]
-    md += [f"| {r['query']} | {r['gallery']} | {r['top1']:.1f} | {r.get('map', float('nan')):.1f} |" for r in res["table"]]
+    md += [
+        f"| {r['query']} | {r['gallery']} | {r['top1']:.1f} | {r.get('map', float('nan')):.1f} | "
+        f"{r['negative_flips']:.2f} % | {r['positive_flips']:.2f} % |"
+        for r in res["table"]
+    ]
     for name, c in res["bct_criterion"].items():
         verdict = "holds" if c["compatible"] else "does not hold"
         md.append(f"\nBCT criterion M({name}, old) > M(old, old): {c['cross']:.1f} vs {c['old']:.1f} — {verdict}.")
-    md += ["", "Backfill curve (new-model queries; top-1 by fraction of the gallery re-embedded):", ""]
+    md += [
+        "",
+        "Backfill curve (new-model queries; top-1 / negative flips vs old/old by fraction of the gallery "
+        "re-embedded):",
+        "",
+    ]
     orders = list(res["backfill_curve"])
     md += ["| fraction | " + " | ".join(orders) + " |", "|---" * (len(orders) + 1) + "|"]
     points = res["backfill_curve"][orders[0]]
     for i, p in enumerate(points):
-        md.append(f"| {p['fraction']:.0%} | " + " | ".join(f"{res['backfill_curve'][o][i]['top1']:.1f}" for o in orders) + " |")
+        cells = [
+            f"{res['backfill_curve'][o][i]['top1']:.1f} / {res['backfill_curve'][o][i]['negative_flips']:.2f} %"
+            for o in orders
+        ]
+        md.append(f"| {p['fraction']:.0%} | " + " | ".join(cells) + " |")
+    for order, s in res.get("backfill_summary", {}).items():
+        below = "never below M(old, old)" if s["never_below_old"] else "drops below M(old, old)"
+        md.append(
+            f"\n{order}: lowest top-1 along the curve {s['min_top1']:.1f} ({below}); most negative flips "
+            f"{s['max_negative_flips']:.2f} %."
+        )
     return "\n".join(md) + "\n"
