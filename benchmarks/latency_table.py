@@ -3,7 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/latency_table.py [--runtime onnxruntime|torch] [--builds 3]
         [--archs 8] [--embed-dim 128] [--calibrate 3] [--rounds 10] [--statistic min|p50] [--out FILE]
 
-Per build: ``SposSpace.latency_table`` of the default 28x28 space (build time), then ``check_predictions``
+Per build: ``measure_latency_table`` of the default 28x28 space (build time), then ``check_predictions``
 on ``--archs`` random architectures (seed 100, not the table's calibration archs 0..calibrate-1): each
 whole query model (backbone + embedding head) is exported and timed in the same runtime, 1 thread, the
 way the table's blocks were. Reports the signed error per arch and the mean / max absolute error.
@@ -40,6 +40,7 @@ def main() -> None:
     from cmpnas.config import SpaceConfig
     from cmpnas.models.cost import check_predictions
     from cmpnas.models.spaces.spos import SposSpace
+    from cmpnas.models.spaces.spos.latency import measure_latency_table, query_net
 
     space = SposSpace(SpaceConfig())
     rng = random.Random(100)
@@ -48,7 +49,8 @@ def main() -> None:
     for _ in range(args.builds):
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        table = space.latency_table(
+        table = measure_latency_table(
+            space,
             threads=1,
             runtime=args.runtime,
             embed_dim=args.embed_dim,
@@ -57,7 +59,7 @@ def main() -> None:
             calibrate=args.calibrate,
         )
         build_s = time.perf_counter() - t0
-        models = [(space.query_net(a, args.embed_dim), a) for a in archs]
+        models = [(query_net(space, a, args.embed_dim), a) for a in archs]
         rows = check_predictions(table, models, (1, space.in_chans, space.input_size, space.input_size))
         errors = [r["error_pct"] for r in rows]
         builds.append(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cmpnas.learning_check import learning_check, learning_markdown
+from cmpnas.report.learning_check import learning_check, learning_markdown
 
 
 def model(name: str, hom: float, het: float) -> dict:

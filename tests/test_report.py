@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cmpnas.report import _environment_section, _study_section
+from cmpnas.report.sections import environment_section as _environment_section
+from cmpnas.report.sections import study_section as _study_section
 
 
 def _study() -> dict:
@@ -74,7 +75,7 @@ def _models() -> list[dict]:
 
 
 def test_the_best_of_a_group_is_chosen_on_validation_not_on_test(tiny_raw: dict) -> None:
-    from cmpnas.report import _pairs
+    from cmpnas.report.comparisons import comparison_pairs as _pairs
 
     pairs = {p.against: p for p in _pairs(_config(tiny_raw), _models()) if p.a == R3 and p.against}
     assert pairs["stock"].b == "stock-b"  # stock-a is the best on test, stock-big costs more than R3
@@ -85,7 +86,7 @@ def test_the_best_of_a_group_is_chosen_on_validation_not_on_test(tiny_raw: dict)
 
 
 def test_without_validation_scores_nothing_is_chosen(tiny_raw: dict) -> None:
-    from cmpnas.report import _pairs
+    from cmpnas.report.comparisons import comparison_pairs as _pairs
 
     models = [{**m, "validation": None} for m in _models()]
     assert [(p.a, p.b) for p in _pairs(_config(tiny_raw), models)] == [(R3, R1)]

@@ -63,7 +63,7 @@ from cmpnas.stages import (
 from cmpnas.stages.common import MODEL_FILE, nas_setup
 from cmpnas.stages.family import export_family
 from cmpnas.stages.study import sample_archs
-from cmpnas.stages.upgrade import evaluate_upgrade, upgrade_gallery
+from cmpnas.stages.upgrade import evaluate_upgrade, upgrade_gallery, upgrade_markdown
 
 STATE_FILE = "run_state.json"
 SEED_DIR = re.compile(r"seed\d+")
@@ -495,7 +495,7 @@ def _upgrade_stages(cfg: Config, earlier: list[StageDef]) -> list[StageDef]:
 
 
 def _report(ctx: RunContext) -> dict[str, Any]:
-    return write_report(ctx.out, ctx.cfg, ctx.state)
+    return write_report(ctx.out, ctx.cfg, ctx.state, gallery_model=ctx.gallery_path, upgrade_markdown=upgrade_markdown)
 
 
 def wants_study(cfg: Config) -> bool:

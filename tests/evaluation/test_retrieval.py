@@ -380,7 +380,7 @@ def test_l2_normalize_unit_rows_and_zero_safe():
             id="lone-mode",
         ),
         pytest.param(
-            lambda: retrieval_metrics(_emb(3), _ids(0, 0, 0), _emb(3), _ids(0, 0, 0), backend="annoy"),
+            lambda: knn(_emb(3), _emb(3), 1, backend="annoy"),
             id="backend",
         ),
         pytest.param(

@@ -484,7 +484,6 @@ def retrieval_metrics(
     *,
     exclude_self: bool = False,
     ks: tuple[int, ...] = (1, 5, 10),
-    backend: str = "auto",
     chunk_size: int = 1024,
     lone_queries: str = "exclude",
 ) -> dict[str, float]:
@@ -492,8 +491,7 @@ def retrieval_metrics(
 
     Also returns ``n_queries`` (queries averaged over) and ``n_lone`` (queries with no relevant gallery item).
     Every metric, top-K included, is read off one full ranking per query, so they can never disagree about
-    the order. ``backend`` is validated but does not change the result: mAP needs the whole ranking, which a
-    top-k index cannot give, so faiss would only add a second, redundant ranking.
+    the order. There is no knn backend to choose: mAP needs the whole ranking, which a top-k index cannot give.
     """
     query = l2_normalize(_as_embeddings("query", query_emb))
     gallery = l2_normalize(_as_embeddings("gallery", gallery_emb)).to(query.device)
@@ -504,7 +502,6 @@ def retrieval_metrics(
     ks = _check_ks(ks)
     _check_lone_mode(lone_queries)
     _check_chunk_size(chunk_size)
-    _resolve_backend(backend)
     per_query = _PerQuery(n_query, query.device)
     block_rows = _rows_per_block(chunk_size, n_gallery)
     for start in range(0, n_query, block_rows):

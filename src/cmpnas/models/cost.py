@@ -199,7 +199,7 @@ class LatencyTable:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CmpnasError(
-                f"Latency table is malformed ({exc!r}).", "rebuild it with SposSpace.latency_table()"
+                f"Latency table is malformed ({exc!r}).", "rebuild it with spos.latency.measure_latency_table()"
             ) from None
 
     def save(self, path: str | Path) -> None:
@@ -210,9 +210,9 @@ class LatencyTable:
         if not Path(path).is_file():
             raise CmpnasError(
                 f"Latency table '{path}' does not exist.",
-                "build it with SposSpace.latency_table() and save it",
+                "build it with spos.latency.measure_latency_table() and save it",
             )
-        return cls.from_dict(read_json(path, "rebuild it with SposSpace.latency_table() and save it again"))
+        return cls.from_dict(read_json(path, "rebuild it with spos.latency.measure_latency_table() and save it again"))
 
 
 def fit_overhead(raw_sums: Sequence[float], measured: Sequence[float], parts: int) -> float:
@@ -288,9 +288,9 @@ def check_predictions(
 ) -> list[dict[str, float]]:
     """The table's prediction against whole models measured as one, for ``(model, arch)`` pairs.
 
-    ``model`` is the whole network of ``arch`` (e.g. ``SposSpace.query_net(arch, embed_dim)`` for a table
-    built with that ``embed_dim``), timed by :func:`measure_like` (``settings``: its overrides), so both sides
-    are estimated the same way; a ``min`` over more runs would be lower by itself. ``error_pct`` is signed,
+    ``model`` is the whole network of ``arch`` (e.g. ``spos.latency.query_net(space, arch, embed_dim)`` for a
+    table built with that ``embed_dim``), timed by :func:`measure_like` (``settings``: its overrides), so both
+    sides are estimated the same way; a ``min`` over more runs would be lower by itself. ``error_pct`` is signed,
     100 x (predicted - measured) / measured: positive means the table over-estimates.
     """
     predicted = [table.latency_ms(arch) for _, arch in models]

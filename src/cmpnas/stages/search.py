@@ -22,6 +22,7 @@ from cmpnas.manifest import write_manifest
 from cmpnas.models.cost import LatencyTable
 from cmpnas.models.embedding import fingerprint
 from cmpnas.models.spaces import Budget, family_budgets, sample_bands
+from cmpnas.models.spaces.spos.latency import measure_latency_table
 from cmpnas.nas.candidates import CandidateEvaluator, build_evaluator
 from cmpnas.nas.evolution import EvolutionSearch, pareto_indices
 from cmpnas.nas.health import check_health
@@ -291,7 +292,8 @@ def latency_table(cfg: Config, space: Any, embed_dim: int, path: Path) -> Latenc
         table = LatencyTable.from_dict(read_json(path, f"delete '{path}' (a cache: it is measured again)"))
         if all(table.meta.get(k) == v for k, v in wanted.items()):
             return table
-    table = space.latency_table(
+    table = measure_latency_table(
+        space,
         threads=lcfg.threads,
         repeats=lcfg.repeats,
         warmup=lcfg.warmup,

@@ -17,6 +17,7 @@ from cmpnas.config import SpaceConfig
 from cmpnas.errors import CmpnasError
 from cmpnas.models.cost import LatencyTable, check_prediction, check_predictions, count_macs
 from cmpnas.models.spaces.spos import SposSpace, Supernet, build, extract_subnet, mid_channels, split_shuffle
+from cmpnas.models.spaces.spos.latency import measure_latency_table, query_net
 
 SPOS_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
 
@@ -246,7 +247,7 @@ def test_build_exports_to_onnx(tiny: SposSpace) -> None:
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_latency_table(tiny: SposSpace, runtime: str) -> None:
-    table = tiny.latency_table(threads=1, repeats=2, rounds=2, runtime=runtime, calibrate=0)
+    table = measure_latency_table(tiny, threads=1, repeats=2, rounds=2, runtime=runtime, calibrate=0)
     arch = tiny.sample(random.Random(0))
     assert table.fixed_ms > 0
     assert table.latency_ms(arch) > table.fixed_ms
@@ -265,7 +266,7 @@ def repeated() -> SposSpace:
 
 @pytest.fixture(scope="module")
 def ort_table(repeated: SposSpace) -> LatencyTable:
-    return repeated.latency_table(threads=1, repeats=3, rounds=2, runtime="onnxruntime", embed_dim=16)
+    return measure_latency_table(repeated, threads=1, repeats=3, rounds=2, runtime="onnxruntime", embed_dim=16)
 
 
 def test_onnx_latency_table_structure(repeated: SposSpace, ort_table: LatencyTable) -> None:
@@ -309,13 +310,13 @@ def test_check_predictions_against_whole_query_models(
 ) -> None:
     rng = random.Random(3)
     archs = [repeated.sample(rng) for _ in range(3)]
-    rows = check_predictions(ort_table, [(repeated.query_net(a, 16), a) for a in archs], (1, 1, 16, 16))
+    rows = check_predictions(ort_table, [(query_net(repeated, a, 16), a) for a in archs], (1, 1, 16, 16))
     for arch, row in zip(archs, rows, strict=True):
         assert row["predicted_ms"] == pytest.approx(ort_table.latency_ms(arch))
         assert row["measured_ms"] > 0 and math.isfinite(row["error_pct"])
         expected = 100 * (row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"]
         assert row["error_pct"] == pytest.approx(expected)
-    one = check_prediction(ort_table, repeated.query_net(archs[0], 16), archs[0], (1, 1, 16, 16))
+    one = check_prediction(ort_table, query_net(repeated, archs[0], 16), archs[0], (1, 1, 16, 16))
     assert set(one) == {"predicted_ms", "measured_ms", "error_pct"}
     with capsys.disabled():  # recorded, not asserted: timing noise on a shared machine
         print("\nlatency table error %:", [round(r["error_pct"], 1) for r in rows + [one]])
@@ -323,8 +324,8 @@ def test_check_predictions_against_whole_query_models(
 
 def test_query_net_is_backbone_plus_embedding_head(repeated: SposSpace) -> None:
     arch = repeated.sample(random.Random(0))
-    assert repeated.query_net(arch, 16).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 16)
-    assert repeated.query_net(arch).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 24)
+    assert query_net(repeated, arch, 16).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 16)
+    assert query_net(repeated, arch).eval()(torch.randn(2, 1, 16, 16)).shape == (2, 24)
 
 
 @pytest.mark.parametrize(
@@ -332,7 +333,7 @@ def test_query_net_is_backbone_plus_embedding_head(repeated: SposSpace) -> None:
 )
 def test_latency_table_bad_settings_are_user_errors(tiny: SposSpace, kwargs: dict) -> None:
     with pytest.raises(CmpnasError, match="onnxruntime|min|rounds|calibrate"):
-        tiny.latency_table(repeats=1, **kwargs)
+        measure_latency_table(tiny, repeats=1, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- operators

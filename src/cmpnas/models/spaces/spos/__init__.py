@@ -23,8 +23,9 @@ the hook counter in :mod:`cmpnas.models.cost` on :func:`build` subnets.
 
 Everything about the space lives in this package (a search never needs another module of the space):
 ``blocks`` (a layer's choice blocks, channel slicing, block MACs), ``networks`` (the supernet, the standalone
-net of an architecture, a supernet path's weights as a standalone net) and ``space`` (encoding, sampling and
-the evolution's operators, the MAC lookup table, budgets, the supernet's path sampler, the latency table).
+net of an architecture, a supernet path's weights as a standalone net), ``space`` (encoding, sampling and
+the evolution's operators, the MAC lookup table, budgets, the supernet's path sampler) and ``latency`` (the
+latency table: every block timed alone on the deployment runtime, a predictor kept apart from the space).
 """
 
 from cmpnas.models.spaces.spos.blocks import (

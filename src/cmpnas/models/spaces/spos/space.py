@@ -1,25 +1,18 @@
-"""The SPOS space itself: encoding, sampling and the evolution's operators, the MAC lookup table, budgets, the
-path sampler of supernet training and the latency table."""
+"""The SPOS space itself: encoding, sampling and the evolution's operators, the MAC lookup table, budgets and
+the path sampler of supernet training. Its latency table is measured apart (:mod:`.latency`)."""
 
 from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
-
-from torch import nn
 
 from cmpnas.config import SpaceConfig, build_config
 from cmpnas.errors import CmpnasError
-from cmpnas.models import onnx_runtime
-from cmpnas.models.cost import LatencyTable, fit_overhead, latency_runtime
-from cmpnas.models.heads import embedding_head
+from cmpnas.models.cost import LatencyTable
 from cmpnas.models.spaces.spos.blocks import Arch, ChoiceBlock, LayerSpec, block_macs, mid_channels, out_size
-from cmpnas.models.spaces.spos.networks import Head, SposNet, Stem, Supernet
-from cmpnas.models.timing import STATISTICS, Timer, check_timing_args, measure_rounds
+from cmpnas.models.spaces.spos.networks import SposNet, Supernet
 
 
 class SposSpace:
@@ -123,9 +116,8 @@ class SposSpace:
         """A random architecture with feature-extractor MACs <= ``high``: a uniform one, then random layers moved
         to a random cheaper (block, scale) until it fits (or nothing is cheaper).
 
-        Uniform rejection sampling almost never reaches the cheap end of the space (here under 1 % of uniform
-        archs cost under 0.85 MMACs in a 0.62-3.5 MMACs space), so a family's tightest budget would get no
-        random candidates at all; shrinking keeps every layer's pick random while ending inside the cap.
+        Uniform rejection sampling rarely reaches the cheap end of the space, so a family's tightest budget would
+        get no random candidates at all; shrinking keeps every layer's pick random while ending inside the cap.
         """
         a = self.sample(rng)
         cost = [self.lut_macs(i, a["blocks"][i], a["scales"][i]) for i in range(self.num_layers)]
@@ -345,141 +337,9 @@ class SposSpace:
         """The weight-sharing supernet over every path of the space."""
         return Supernet(self)
 
-    # ----------------------------------------------------------------------------------- latency
     def block(self, layer: int, choice: int, scale: float, affine: bool = True) -> ChoiceBlock:
         """A standalone block of ``layer`` at exactly the mid width of ``scale``."""
         return ChoiceBlock(self.layers[layer], self.choices[choice], self.mid(layer, scale), affine=affine)
-
-    def query_net(self, arch: Arch, embed_dim: int | None = None) -> nn.Module:
-        """The standalone net of ``arch`` + the embedding head: the ops an exported query model runs, so the
-        model to check a latency table built with the same ``embed_dim`` against (None: the backbone)."""
-        net = self.build(arch)
-        if embed_dim is None:
-            return net
-        return nn.Sequential(net, embedding_head(self.cfg.last_channels, embed_dim))
-
-    def latency_table(
-        self,
-        threads: int = 1,
-        repeats: int = 20,
-        warmup: int = 3,
-        runtime: str = "onnxruntime",
-        embed_dim: int | None = None,
-        rounds: int = 10,
-        statistic: str = "min",
-        calibrate: int = 3,
-    ) -> LatencyTable:
-        """Measure every (layer, choice, scale) block alone at batch 1 (eval) in ``runtime``.
-
-        ONNX Runtime by default: query models are deployed with it, and it runs these nets ~20x
-        faster than torch eager, so a torch table says little about a deployed model.
-
-        - Per-run overhead: every timing pays the runtime's per-run cost (``session.run`` and what a
-          standalone graph adds), which a whole model pays once. With ``calibrate`` > 0 it is fitted
-          (:func:`cmpnas.models.cost.fit_overhead`) on that many whole models of fixed random archs
-          (:meth:`query_net`) timed in the same rounds as the blocks; with ``calibrate=0`` it is the time of
-          a probe, the smallest graph with one real kernel (a 1x1 conv on a 1x1x1x1 input). It is
-          subtracted from every block and both fixed parts (floored at 0) and counted once in ``fixed_ms``.
-        - Noise: every module is timed in ``rounds`` interleaved passes of ``repeats`` runs, the first pass
-          during the exports (:func:`cmpnas.models.timing.measure_rounds`); ``statistic`` "min" (fastest
-          run) or "p50" (best round's median) is what the entries hold.
-        - ``embed_dim``: the fixed part also holds the embedding head (what :meth:`query_net` runs).
-        - Layers with the same shapes share their timings.
-
-        Measured on the project's 2-core VM with a 2-core job beside it (default space, ``embed_dim=128``,
-        8 other random whole query models, ORT, 1 thread): the defaults predicted them within 0.7-4.6 %
-        on average per build (max 6.7 %, 8 builds); the probe instead of the fit, 4.5 % (max 7.2 %); one
-        build made while the machine ran 1.7x slower throughout was 1.7x high, which no estimator inside
-        a build can see (``meta["probe_ms"]`` was 15 us instead of the usual 10 us): rebuild such a table.
-        Cost with ORT: one export + session per distinct block (256 of 320 for the default 28x28 space)
-        plus the timing passes, 13-18 s on that machine. ``meta`` records how the table was measured and
-        ``meta["calibration"]`` the fit's own residuals.
-        """
-        if statistic not in STATISTICS:
-            raise CmpnasError(
-                f"Unknown latency statistic {statistic!r}.", f"use one of: {', '.join(STATISTICS)}"
-            )
-        if calibrate < 0:
-            raise CmpnasError(f"calibrate must be >= 0 (got {calibrate}).", "pass e.g. calibrate=3")
-        check_timing_args(warmup, repeats, threads, rounds)  # before minutes of exports, not after
-        prepare = latency_runtime(runtime)
-        started = time.perf_counter()
-        image = (1, self.in_chans, self.input_size, self.input_size)
-        final = self.layers[-1]
-        tail: nn.Module = Head(self, affine=True)
-        if embed_dim is not None:
-            tail = nn.Sequential(tail, embedding_head(self.cfg.last_channels, embed_dim))
-        calib_archs = [self.sample(random.Random(seed)) for seed in range(calibrate)]
-        jobs: list[Callable[[], Timer]] = [
-            lambda: prepare(nn.Conv2d(1, 1, 1, bias=False), (1, 1, 1, 1), threads),
-            lambda: prepare(Stem(self, affine=True), image, threads),
-            lambda: prepare(tail, (1, final.out_channels, final.out_size, final.out_size), threads),
-        ]
-        jobs += [lambda a=a: prepare(self.query_net(a, embed_dim), image, threads) for a in calib_archs]
-        shape_of = [replace(spec, index=0, stage=0) for spec in self.layers]  # position left out
-        cells: list[tuple[LayerSpec, str, str]] = []  # (shapes, choice, scale key) of each block job
-        for spec, key in zip(self.layers, shape_of, strict=True):
-            if any(cell[0] == key for cell in cells):
-                continue
-            shape = (1, spec.in_channels, spec.in_size, spec.in_size)
-            for c, choice in enumerate(self.choices):
-                for scale in self.scales:
-                    jobs.append(
-                        lambda i=spec.index, c=c, s=scale, x=shape: prepare(self.block(i, c, s), x, threads)
-                    )
-                    cells.append((key, choice, LatencyTable.scale_key(scale)))
-        times = [t[statistic] for t in measure_rounds(jobs, warmup=warmup, repeats=repeats, rounds=rounds)]
-        probe, stem_ms, tail_ms = times[:3]
-        whole_ms = times[3 : 3 + calibrate]
-        raw: dict[LayerSpec, dict[str, dict[str, float]]] = {}
-        for (key, choice, scale_key), ms in zip(cells, times[3 + calibrate :], strict=True):
-            raw.setdefault(key, {}).setdefault(choice, {})[scale_key] = ms
-
-        def raw_sum(arch: Arch) -> float:
-            blocks = zip(shape_of, arch["blocks"], arch["scales"], strict=True)
-            return (
-                stem_ms
-                + tail_ms
-                + sum(raw[k][self.choices[c]][LatencyTable.scale_key(s)] for k, c, s in blocks)
-            )
-
-        overhead = probe
-        if calib_archs:
-            overhead = fit_overhead([raw_sum(a) for a in calib_archs], whole_ms, self.num_layers + 2)
-        entries = [
-            {
-                choice: {s: max(ms - overhead, 0.0) for s, ms in row.items()}
-                for choice, row in raw[key].items()
-            }
-            for key in shape_of
-        ]
-        fixed_ms = overhead + max(stem_ms - overhead, 0.0) + max(tail_ms - overhead, 0.0)
-        table = LatencyTable(entries=entries, fixed_ms=fixed_ms, choices=list(self.choices))
-        table.meta = {
-            "runtime": runtime,
-            "threads": threads,
-            "repeats": repeats,
-            "warmup": warmup,
-            "rounds": rounds,
-            "statistic": statistic,
-            "overhead_ms": overhead,
-            "overhead_from": "calibration" if calib_archs else "probe",
-            "probe_ms": probe,
-            "calibration": [
-                {
-                    "arch": a,
-                    "measured_ms": m,
-                    "predicted_ms": table.latency_ms(a),
-                    "error_pct": 100.0 * (table.latency_ms(a) - m) / m,
-                }
-                for a, m in zip(calib_archs, whole_ms, strict=True)
-            ],
-            "embed_dim": embed_dim,
-            "input_shape": list(image),
-            "versions": onnx_runtime.versions(),
-            "build_seconds": round(time.perf_counter() - started, 2),
-        }
-        return table
 
 
 def _check_space(cfg: SpaceConfig, in_chans: int, input_size: int) -> None:

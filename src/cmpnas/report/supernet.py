@@ -12,12 +12,13 @@ import statistics
 from typing import Any
 
 from cmpnas.nas.health import health_line
+from cmpnas.report.comparisons import CONTROL_KIND
 
 
 def band_ratio(health: dict[str, Any] | None, models: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Mean heterogeneous top-1 of the supernet's health paths over that of the random controls (validation);
     None without either. Both are uniform draws from the search band, not the same architectures."""
-    controls = [m["validation"]["heterogeneous_top1"] for m in models if m["kind"] == "control-random" and m.get("validation")]
+    controls = [m["validation"]["heterogeneous_top1"] for m in models if m["kind"] == CONTROL_KIND and m.get("validation")]
     if not health or not controls:
         return None
     standalone = statistics.fmean(controls)

@@ -1,0 +1,75 @@
+"""write_report: a run's stage outputs -> results.json, report.md and a self-contained report.html.
+
+The report reads what the stages wrote and runs none of them; what only the pipeline knows (where the gallery
+model is, how the upgrade stage renders its table) is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cmpnas.config import Config
+from cmpnas.io import write_json_atomic, write_text_atomic
+from cmpnas.report.family import family_markdown, family_rows
+from cmpnas.report.figures import backfill_figure, family_figure, png, report_plots
+from cmpnas.report.html import report_html
+from cmpnas.report.results import build_results, gallery_num_classes, load_output
+from cmpnas.report.sections import report_markdown
+from cmpnas.report.summary import summarize_models
+
+
+def write_report(
+    out: Path,
+    cfg: Config,
+    state: dict[str, Any],
+    *,
+    gallery_model: Path | None = None,
+    upgrade_markdown: Callable[[dict[str, Any]], str] | None = None,
+) -> dict[str, Any]:
+    """Write the run's report into ``out`` and return what was written.
+
+    ``gallery_model``: the gallery's model file, whose class count sets the learning check's chance level (None:
+    no learning check). ``upgrade_markdown``: how the upgrade stage renders its results (None: the upgrade's
+    numbers go to results.json and its figure to the HTML, without a Markdown section).
+    """
+    rows = load_output(out / "evaluation" / "rows.json") or []
+    searches = {r: load_output(out / "search" / r / "search.json") for r in cfg.run.rewards}
+    searches = {k: v for k, v in searches.items() if v}
+    study = load_output(out / "study" / "study.json")
+    upgrade = load_output(out / "upgrade" / "evaluate" / "results.json")
+    family = load_output(out / "export" / "family" / "family.json")
+    models = summarize_models(rows)
+    results = build_results(cfg, rows, models, searches, study, state, gallery_num_classes(gallery_model))
+    if upgrade:
+        results["upgrade"] = upgrade
+    if family:
+        results["family"] = {
+            "members": family_rows(models, family, results["paired_comparisons"]),
+            "latency_check": family.get("latency_check"),
+            "references": family.get("references", []),
+            "split": "test",
+        }
+    write_json_atomic(out / "results.json", results)
+    markdown = report_markdown(cfg, results, searches, study)
+    if upgrade and upgrade_markdown is not None:
+        markdown += "\n## Gallery-model upgrade\n\n" + upgrade_markdown(upgrade)
+    if family:
+        markdown += "\n## Query-model family (one search, several budgets)\n\n" + family_markdown(
+            results["family"]["members"], family.get("latency_check")
+        )
+    write_text_atomic(out / "report.md", markdown)
+    plots = report_plots(models, results["gallery"], searches, study)
+    if upgrade:
+        plots["backfill_curve"] = png(backfill_figure(upgrade))
+    if family and models and results["gallery"]:
+        plots["family"] = png(family_figure(models, results["gallery"], family, cfg.run.baselines))
+    write_text_atomic(out / "report.html", report_html(markdown, plots))
+    return {
+        "results": "results.json",
+        "report_md": "report.md",
+        "report_html": "report.html",
+        "headline": results["headline"],
+        "plots": sorted(plots),
+    }
