@@ -30,6 +30,13 @@ def test_uncertainty_order_puts_low_margins_first_and_breaks_ties_by_position() 
     assert order.tolist() == [1, 3, 2, 0]
 
 
+def test_confident_order_puts_high_margins_first_and_breaks_ties_by_position() -> None:
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
+    order = backfill_order(v, "confident", class_rows=ROWS, labels=[0, 0, 1, 0])
+    # margins: 1, -1, 0, -1 -> item 0, then 2, then 1 and 3 (tie, by position)
+    assert order.tolist() == [0, 2, 1, 3]
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(0, 40), seed=st.integers(0, 1000))
 def test_random_order_is_a_seeded_permutation(n: int, seed: int) -> None:
@@ -46,7 +53,8 @@ def test_label_rows_maps_names_and_unknown_classes() -> None:
 def test_bad_inputs_are_one_line_errors() -> None:
     with pytest.raises(CmpnasError, match="Unknown backfill order"):
         backfill_order(np.ones((2, 2)), "newest-first")
-    with pytest.raises(CmpnasError, match="needs the new model's classifier"):
-        backfill_order(np.ones((2, 2)), "uncertainty")
+    for order in ("uncertainty", "confident"):
+        with pytest.raises(CmpnasError, match="needs the new model's classifier"):
+            backfill_order(np.ones((2, 2)), order)
     with pytest.raises(CmpnasError, match="embedding dim"):
         margins(np.ones((2, 3)), ROWS)

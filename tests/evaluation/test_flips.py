@@ -43,3 +43,4 @@ def test_hits_average_to_the_top1_metric(seed: int, classes: int) -> None:
     metric = retrieval_metrics(query, labels, gallery, labels, exclude_self=True, ks=(1,))
     assert len(hits) == metric["n_queries"]
     assert 100.0 * float(hits.float().mean()) == pytest.approx(metric["top1"])
+

@@ -19,6 +19,7 @@ from cmpnas.stages.upgrade import evaluate_upgrade, train_transformation, upgrad
 
 class Order(str, Enum):
     uncertainty = "uncertainty"
+    confident = "confident"
     random = "random"
 
 

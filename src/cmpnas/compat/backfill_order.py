@@ -8,6 +8,12 @@ own class row minus the best other row (negative = the old embedding sits in ano
 gap between the two best rows. Low margin = uncertain = backfilled first. Cosines to the L2-normalised rows
 make the score independent of the classifier's scale (linear and cosine classifiers alike).
 
+The margin can be read the other way too: ``confident`` backfills the clearest items first. A new-model query
+is closer to new-model vectors than to old ones, so the first re-embedded items draw every nearby query; when
+those are the ambiguous ones (``uncertainty``), many queries land in the wrong class, when they are the clear
+ones, the pull goes to the right class. Which order serves users better is measured, not assumed
+(``benchmarks/upgrade.py`` chooses on validation).
+
 One implementation for the ``backfill`` command and the evaluation's backfill curve.
 """
 
@@ -19,7 +25,8 @@ import numpy as np
 
 from cmpnas.errors import CmpnasError
 
-ORDERS = ("uncertainty", "random")
+ORDERS = ("uncertainty", "confident", "random")
+MARGIN_ORDERS = frozenset({"uncertainty", "confident"})  # the orders that read the new model's classifier
 
 
 def margins(
@@ -63,16 +70,17 @@ def backfill_order(
 ) -> np.ndarray:
     """A permutation of ``range(N)``: the items to re-embed first come first.
 
-    ``uncertainty``: ascending margin (ties by position, so the order is deterministic); ``random``: a seeded
-    permutation (FastFill's baseline).
+    ``uncertainty``: ascending margin; ``confident``: descending margin (ties by position in both, so the order
+    is deterministic); ``random``: a seeded permutation (FastFill's baseline).
     """
     n = len(old_vectors)
     if order == "random":
         return np.random.default_rng(seed).permutation(n)
-    if order == "uncertainty":
+    if order in MARGIN_ORDERS:
         if class_rows is None:
-            raise CmpnasError("The uncertainty order needs the new model's classifier.", "use --order random")
-        return np.argsort(margins(old_vectors, class_rows, labels), kind="stable")
+            raise CmpnasError(f"The {order} order needs the new model's classifier.", "use --order random")
+        margin = margins(old_vectors, class_rows, labels)
+        return np.argsort(margin if order == "uncertainty" else -margin, kind="stable")
     raise CmpnasError(f"Unknown backfill order '{order}'.", f"use one of {', '.join(ORDERS)}")
 
 

@@ -138,7 +138,7 @@ def report_plots(
 
 def backfill_figure(res: dict[str, Any]) -> Any:
     """The backfill curve of an upgrade evaluation: top-1 of new-model queries against the fraction of the gallery
-    re-embedded, both orders, with M(old, old) and M(new, new) as the ends to compare against."""
+    re-embedded, every order, with M(old, old) and M(new, new) as the ends to compare against."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,8 +146,9 @@ def backfill_figure(res: dict[str, Any]) -> Any:
 
     top1 = {(r["query"], r["gallery"]): r["top1"] for r in res["table"]}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for order, style in (("uncertainty", "o-"), ("random", "s--")):
-        pts = res["backfill_curve"][order]
+    styles = {"uncertainty": "o-", "confident": "^-", "random": "s--"}
+    for order, pts in res["backfill_curve"].items():
+        style = styles.get(order, "x-")
         ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {order}")
     ax.axhline(top1[("old", "old")], color="grey", lw=1, ls=":", label=f"M(old, old) {top1[('old', 'old')]:.1f}")
     ax.axhline(top1[("new", "new")], color="black", lw=1, ls="-.", label=f"M(new, new) {top1[('new', 'new')]:.1f}")

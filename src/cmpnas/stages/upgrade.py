@@ -194,6 +194,7 @@ def evaluate_upgrade(
     curve = backfill_curve(models["new"], emb["old"], emb["new"], data, dataset, fractions, seed)
     curve_summary = {
         order: {
+            "auc_top1": curve_area(points),
             "min_top1": min(p["top1"] for p in points),
             "max_negative_flips": max(p["negative_flips"] for p in points),
             "never_below_old": min(p["top1"] for p in points) >= top1[("old", "old")],
@@ -259,6 +260,17 @@ def backfill_curve(
     return out
 
 
+def curve_area(points: Sequence[dict[str, float]]) -> float:
+    """Mean top-1 over the backfill (trapezoid rule over the fractions): one number for a whole transition."""
+    from scipy.integrate import trapezoid
+
+    f = [p["fraction"] for p in points]
+    t = [p["top1"] for p in points]
+    if len(f) < 2 or f[-1] == f[0]:
+        return sum(t) / len(t)
+    return float(trapezoid(t, f) / (f[-1] - f[0]))
+
+
 def _headline(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in ("top1", "top5", "map") if k in metrics}
 
@@ -298,7 +310,7 @@ def upgrade_markdown(res: dict[str, Any]) -> str:
     for order, s in res.get("backfill_summary", {}).items():
         below = "never below M(old, old)" if s["never_below_old"] else "drops below M(old, old)"
         md.append(
-            f"\n{order}: lowest top-1 along the curve {s['min_top1']:.1f} ({below}); most negative flips "
-            f"{s['max_negative_flips']:.2f} %."
+            f"\n{order}: mean top-1 over the backfill {s['auc_top1']:.1f}, lowest {s['min_top1']:.1f} ({below}); "
+            f"most negative flips {s['max_negative_flips']:.2f} %."
         )
     return "\n".join(md) + "\n"
