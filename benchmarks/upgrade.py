@@ -1,28 +1,30 @@
-"""Benchmark (not a test): a gallery-model upgrade on Fashion-MNIST — the BCT paper's compatibility table, with
-independent training as the control, FCT, and the backfill curve in both orders.
+"""Benchmark (not a test): a gallery-model upgrade on Fashion-MNIST, with a fair control, negative flips and the
+backfill orders chosen on validation.
 
-  v1       the default profile's gallery model: resnet_small (stem 32, widths 64/128/256), 1.25 epochs, plain CE
-           (``--v1`` reuses a trained one, e.g. runs/full/gallery/model.safetensors: the full profile trains the
-           same model with the same seed)
-  v2       the same backbone trained for ``--v2-epochs`` (default 2.0), with BCT against v1
-           (``cmpnas upgrade-gallery``); the only difference from v1 is the longer schedule
-  control  v2's recipe without the compatibility term (``--independent``), from another seed: M(control, old)
-           should collapse
-  small    a query model trained with BCT against v1 (``--small``; else MobileNetV2 x0.35, the default profile's
-           query_train)
-  FCT      a transformation v1 -> control fitted on both models' embeddings of ``--fct-images`` training images
+  v1          the default profile's gallery model (resnet_small, 1.25 epochs, plain CE, seed 0); ``--v1`` reuses one
+  v2@s        the same backbone, ``--v2-epochs`` epochs, trained with the default profile's compat objective
+              against v1 (``cmpnas upgrade-gallery``), seed s
+  control@s   v2's recipe without the compatibility term (``--independent``), the SAME seed s: the pair differs only
+              in the compat term, and s differs from v1's seed, so neither inherits v1's initialisation
+  same-init   v2's recipe without the compat term from v1's seed (v1's initial weights and batch order): what an
+              operator gets from "retrain the same model longer", reported as its own row
+  small       a query model trained with BCT against v1 (MobileNetV2 x0.35, the default profile's query_train)
+  FCT         a transformation v1 -> control@first seed, fitted on ``--fct-images`` training images
 
-Everything is evaluated once, on the test split (leave-one-out retrieval, 10,000 images); no setting here was
-chosen by looking at these numbers (v2's schedule is fixed in advance). Resumable: finished models are reused,
-an interrupted training continues from its checkpoint.
+Per seed, ``evaluate_upgrade`` on the validation split (to choose the backfill order: the best mean area under
+the curve over seeds) and on the test split (to report). Negative flips count queries right under M(old, old)
+and wrong after. The BCT effect is the paired difference M(v2@s, v1) - M(control@s, v1) over seeds with a
+t interval. Resumable: finished models are reused, an interrupted training continues from its checkpoint.
 
-Usage: python benchmarks/upgrade.py [--v1 G] [--small Q] [--work DIR] [--v2-epochs 2.0]
+Usage: python benchmarks/upgrade.py [--v1 G] [--seeds 1 2] [--work DIR] [--v2-epochs 2.0]
 Writes benchmarks/results/upgrade.json and benchmarks/results/upgrade_backfill.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONTROL = "control-seed1"
+V1_SEED = 0
+FLIP_TARGET = 2.0  # percent of queries, at every backfill fraction
+AREA_MARGIN = 1.0  # points of mean top-1 over random order
 
 
 def _trained(out: Path, train: Any) -> Path:
@@ -44,14 +48,42 @@ def _trained(out: Path, train: Any) -> Path:
     return model
 
 
+def _interval(diffs: list[float]) -> dict[str, Any]:
+    from scipy import stats
+
+    out: dict[str, Any] = {
+        "per_seed": [round(d, 3) for d in diffs],
+        "mean": round(statistics.fmean(diffs), 3),
+    }
+    if len(diffs) > 1 and len(set(diffs)) > 1:
+        ci = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        out["ci95"] = [round(float(ci.low), 3), round(float(ci.high), 3)]
+    return out
+
+
+def _row(res: dict[str, Any], query: str, gallery: str) -> dict[str, float]:
+    return next(r for r in res["table"] if r["query"] == query and r["gallery"] == gallery)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--v1", type=Path, default=None, help="trained v1 gallery model (else trained here)")
-    ap.add_argument("--small", type=Path, default=None, help="query model trained with BCT against v1")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "upgrade-benchmark")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2], help="seeds of v2 and the control (not v1's)"
+    )
     ap.add_argument("--v2-epochs", type=float, default=2.0)
     ap.add_argument("--fct-images", type=int, default=15000)
+    ap.add_argument(
+        "--config", type=Path, default=REPO / "configs" / "default.yaml", help="profile (default: default)"
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every model"
+    )
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/upgrade.json)")
     args = ap.parse_args()
+    if V1_SEED in args.seeds:
+        raise SystemExit(f"--seeds must not contain v1's seed {V1_SEED}: that is the same-init row's job")
 
     from cmpnas.config import load_config
     from cmpnas.stages import (
@@ -64,66 +96,176 @@ def main() -> None:
     from cmpnas.stages.common import load_data
 
     started = time.time()
-    cfg = load_config(REPO / "configs" / "default.yaml", [])
+    profile = args.config
+    cfg = load_config(profile, args.set)
     data = load_data(cfg)
     work = args.work
-    v1 = args.v1 or _trained(work / "v1", lambda resume: train_gallery(cfg, work / "v1", resume=resume, data=data))
-    cfg2 = load_config(REPO / "configs" / "default.yaml", [f"gallery_train.epochs={args.v2_epochs}"])
-    # the control starts from another initialisation: with v1's seed (and so v1's initial weights and batch
-    # order) it stayed so close to v1 (embedding cosine 0.96) that M(control, v1) did not collapse (2026-12-02)
-    control_cfg = load_config(
-        REPO / "configs" / "default.yaml", [f"gallery_train.epochs={args.v2_epochs}", "gallery_train.seed=1"]
-    )
     seconds: dict[str, float] = {}
-    for name, independent, ucfg in (("v2", False, cfg2), (CONTROL, True, control_cfg)):
+
+    def timed(name: str, fn: Any) -> Any:
         t0 = time.time()
-        _trained(
-            work / name,
-            lambda resume, name=name, independent=independent, ucfg=ucfg: upgrade_gallery(
-                ucfg, v1, work / name, resume=resume, data=data, independent=independent
+        out = fn()
+        seconds[name] = round(time.time() - t0, 1)
+        return out
+
+    v1 = args.v1 or timed(
+        "v1",
+        lambda: _trained(
+            work / "v1", lambda resume: train_gallery(cfg, work / "v1", resume=resume, data=data)
+        ),
+    )
+
+    def upgraded(name: str, seed: int, independent: bool) -> Path:
+        ucfg = load_config(
+            profile, [*args.set, f"gallery_train.epochs={args.v2_epochs}", f"gallery_train.seed={seed}"]
+        )
+        return timed(
+            name,
+            lambda: _trained(
+                work / name,
+                lambda resume: upgrade_gallery(
+                    ucfg, v1, work / name, resume=resume, data=data, independent=independent
+                ),
             ),
         )
-        seconds[name] = round(time.time() - t0, 1)
-    small = args.small or _trained(
-        work / "small", lambda resume: train_query(cfg, v1, work / "small", resume=resume, data=data)
+
+    models = {s: (upgraded(f"v2@{s}", s, False), upgraded(f"control@{s}", s, True)) for s in args.seeds}
+    same_init = upgraded("same-init", V1_SEED, True)
+    small = timed(
+        "small",
+        lambda: _trained(
+            work / "small", lambda resume: train_query(cfg, v1, work / "small", resume=resume, data=data)
+        ),
     )
-    fct_cfg = load_config(REPO / "configs" / "default.yaml", [f"data.subset_train={args.fct_images}"])
-    t0 = time.time()
-    fct = train_transformation(fct_cfg, v1, work / CONTROL / "model.safetensors", work / "fct")
-    seconds["fct"] = round(time.time() - t0, 1)
-    t0 = time.time()
-    res = evaluate_upgrade(
-        cfg,
-        v1,
-        work / "v2" / "model.safetensors",
-        work / "evaluate",
-        small=small,
-        independent=work / CONTROL / "model.safetensors",
-        transformation=work / "fct" / "transformation.safetensors",
-        data=data,
-        split="test",
+    first = args.seeds[0]
+    fct_cfg = load_config(profile, [*args.set, f"data.subset_train={args.fct_images}"])
+    fct = timed("fct", lambda: train_transformation(fct_cfg, v1, models[first][1], work / "fct"))
+
+    evaluations: dict[str, dict[str, Any]] = {}
+    for s, (v2, control) in models.items():
+        for split in ("val", "test"):
+            key = f"{split}@{s}"
+            cached = work / "evaluate" / key / "results.json"
+            if cached.exists():
+                evaluations[key] = json.loads(cached.read_text())
+                continue
+            extra: dict[str, Any] = {"small": small} if s == first else {}
+            if s == first and split == "test":
+                extra["transformation"] = work / "fct" / "transformation.safetensors"
+            res = timed(
+                f"evaluate {key}",
+                lambda v2=v2, control=control, split=split, key=key, extra=extra: evaluate_upgrade(
+                    cfg, v1, v2, work / "evaluate" / key, independent=control, data=data, split=split, **extra
+                ),
+            )
+            evaluations[key] = dict(res)
+    same_key = "test@same-init"
+    cached = work / "evaluate" / same_key / "results.json"
+    if cached.exists():
+        same_res = json.loads(cached.read_text())
+    else:
+        same_res = dict(
+            timed(
+                "evaluate same-init",
+                lambda: evaluate_upgrade(
+                    cfg, v1, models[first][0], work / "evaluate" / same_key, independent=same_init, data=data
+                ),
+            )
+        )
+
+    # the backfill order: best mean area under the curve on validation, over seeds
+    orders = list(evaluations[f"val@{first}"]["backfill_summary"])
+    val_area = {
+        o: round(
+            statistics.fmean(evaluations[f"val@{s}"]["backfill_summary"][o]["auc_top1"] for s in models), 3
+        )
+        for o in orders
+    }
+    chosen = max(orders, key=lambda o: val_area[o])
+
+    test = {s: evaluations[f"test@{s}"] for s in models}
+    old_old = statistics.fmean(_row(r, "old", "old")["top1"] for r in test.values())
+    per_order = {}
+    for o in orders:
+        summaries = [r["backfill_summary"][o] for r in test.values()]
+        per_order[o] = {
+            "auc_top1": round(statistics.fmean(x["auc_top1"] for x in summaries), 3),
+            "min_top1": round(min(x["min_top1"] for x in summaries), 3),
+            "max_negative_flips": round(max(x["max_negative_flips"] for x in summaries), 3),
+            "never_below_old": all(x["never_below_old"] for x in summaries),
+        }
+    pick = per_order[chosen]
+    targets = {
+        "never_below_old_old": pick["never_below_old"],
+        f"negative_flips_le_{FLIP_TARGET:g}pct": pick["max_negative_flips"] <= FLIP_TARGET,
+        f"area_ge_random_plus_{AREA_MARGIN:g}": pick["auc_top1"]
+        >= per_order["random"]["auc_top1"] + AREA_MARGIN,
+    }
+    bct_effect = _interval(
+        [_row(r, "new", "old")["top1"] - _row(r, "independent", "old")["top1"] for r in test.values()]
     )
-    seconds["evaluate"] = round(time.time() - t0, 1)
+    fair_table = {
+        "M(old, old)": round(old_old, 3),
+        "M(v2, v1)": _interval([_row(r, "new", "old")["top1"] for r in test.values()]),
+        "M(v2, v2)": _interval([_row(r, "new", "new")["top1"] for r in test.values()]),
+        "M(control, v1)": _interval([_row(r, "independent", "old")["top1"] for r in test.values()]),
+        "M(control, control)": _interval(
+            [_row(r, "independent", "independent")["top1"] for r in test.values()]
+        ),
+        "M(same-init, v1)": round(_row(same_res, "independent", "old")["top1"], 3),
+        "M(same-init, same-init)": round(_row(same_res, "independent", "independent")["top1"], 3),
+        "negative_flips M(v2, v1)": _interval(
+            [_row(r, "new", "old")["negative_flips"] for r in test.values()]
+        ),
+        "negative_flips M(v2, v2)": _interval(
+            [_row(r, "new", "new")["negative_flips"] for r in test.values()]
+        ),
+        "negative_flips M(same-init, v1)": round(_row(same_res, "independent", "old")["negative_flips"], 3),
+    }
+
     from cmpnas.report import backfill_figure
 
-    png = RESULTS / "upgrade_backfill.png"
-    backfill_figure(dict(res)).savefig(png, dpi=120)
+    out_json = Path(args.out) if args.out else RESULTS / "upgrade.json"
+    png = out_json.with_name(out_json.stem + "_backfill.png")
+    backfill_figure(test[first]).savefig(png, dpi=120)
     write_result(
         "upgrade",
         {
+            "protocol": (
+                "v2 and the control share seed s (not v1's); order chosen on val (mean area over seeds), reported "
+                "on test; flips against M(old, old) on the same queries"
+            ),
+            "seeds": args.seeds,
             "models": {
-                "v1": {"path": str(v1), "recipe": "default profile gallery: resnet_small, 1.25 epochs, CE"},
-                "v2": {"recipe": f"same backbone, {args.v2_epochs} epochs, BCT against v1 (upgrade-gallery)"},
-                "control": {"recipe": f"same as v2 without the compat term (--independent), {args.v2_epochs} epochs, seed 1"},
+                "v1": {
+                    "path": str(v1),
+                    "recipe": f"default profile gallery: resnet_small, CE, seed {V1_SEED}",
+                },
+                "v2": {
+                    "recipe": f"same backbone, {args.v2_epochs} epochs, {cfg.compat.mode} against v1, seed s"
+                },
+                "control": {"recipe": "v2's recipe without the compat term (--independent), seed s"},
+                "same-init": {"recipe": f"v2's recipe without the compat term, v1's seed {V1_SEED}"},
                 "small": {"path": str(small), "recipe": "MobileNetV2 x0.35, BCT against v1"},
                 "fct": {k: fct[k] for k in ("old", "new", "train_cosine_identity", "train_cosine")}
-                | {"images": args.fct_images, "into": "control"},
+                | {"images": args.fct_images, "into": f"control@{first}"},
             },
-            "result": dict(res),
-            "plot": str(png.relative_to(REPO)),
+            "compat": cfg.compat.model_dump(mode="json"),
+            "fair_table_test": fair_table,
+            "bct_effect_top1_test": bct_effect,
+            "backfill": {
+                "val_area_by_order": val_area,
+                "chosen_on_val": chosen,
+                "test_by_order": per_order,
+                "targets": targets,
+            },
+            "evaluations": evaluations,
+            "same_init_evaluation": same_res,
+            "plot": png.name,
             "seconds": seconds,
             "wall_time_s": round(time.time() - started, 1),
         },
+        out=str(out_json),
     )
 
 
