@@ -182,7 +182,7 @@ def test_big_upload_goes_through_the_thread_pool_with_the_same_answer(
 ) -> None:
     """Uploads above INLINE_MAX_BYTES, or any upload when the model is slower than INLINE_MAX_MS, are answered
     off the event loop; the answer must not change."""
-    import cmpnas.serving.app as app_mod
+    import cmpnas.serving.state as app_mod
 
     client = TestClient(create_app(flat_index, models.query))
     png = encode(pattern("blobs", 5))

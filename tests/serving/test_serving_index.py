@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from cmpnas.data.sources import csv_source, dataset_source, folder_source, load_dataset_split
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.export import load_encoder
+from cmpnas.serving.faiss_store import new_faiss_index
 from cmpnas.serving.index import (
     GalleryIndex,
     IndexParams,
     build_index,
     check_compatible,
-    new_faiss_index,
     query_images,
 )
 
@@ -165,7 +165,7 @@ def test_failed_append_or_rebuild_keeps_old_index(
         build_index(
             models.gallery, folder_source(gallery_dir), out, append=True, progress=_explode_after_first_batch
         )
-    import cmpnas.serving.index as index_mod
+    import cmpnas.serving.faiss_store as index_mod
 
     def failing_write(*_: object) -> None:  # fails after the tmp folder exists: the tmp folder must go
         raise _Boom("disk full")

@@ -9,8 +9,7 @@ transformation (FCT), for when the new model is not compatible with the old one.
 
 Both write the same way: the work is planned once (``.INDEX.backfill/plan.json``), done in chunks saved
 atomically (a killed run continues from the last complete chunk: same plan, same result), and applied in one
-step — a FAISS folder is rewritten and swapped into place (:func:`cmpnas.io.atomic_dir`), a Milvus collection
-is upserted (idempotent) before its manifest and guard name the new model.
+step by the index's store (:meth:`~cmpnas.serving.store.VectorStore.replace_vectors`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from cmpnas import progress
@@ -28,24 +26,15 @@ from cmpnas.compat.backfill_order import backfill_order, label_rows
 from cmpnas.compat.transformation import load_transformation
 from cmpnas.data.sources import GallerySource, Item, load_item_image
 from cmpnas.errors import CmpnasError
-from cmpnas.io import atomic_dir, atomic_path, make_dirs, read_json, write_json_atomic
+from cmpnas.io import atomic_path, make_dirs, read_json, write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, load_model
+from cmpnas.serving.building import Progress, embed_source, gallery_spec_of
+from cmpnas.serving.compat_policy import lineage_after
 from cmpnas.serving.export import Encoder, load_encoder, torch_encoder
-from cmpnas.serving.index import (
-    INDEX_FORMAT,
-    FaissStore,
-    GalleryIndex,
-    IndexParams,
-    embed_source,
-    gallery_spec_of,
-    lineage_after,
-    new_faiss_index,
-    now_iso,
-    write_items,
-)
+from cmpnas.serving.index import GalleryIndex
+from cmpnas.serving.index_format import now_iso
 
 PLAN_FORMAT = "cmpnas.backfill_plan.v1"
-Progress = Callable[[int, int], None]
 
 
 def work_dir(index_dir: Path) -> Path:
@@ -268,52 +257,5 @@ def _apply(
     manifest = {**index.manifest, **fields, "updated_at": now_iso()}
     key, entry = record
     manifest[key] = [*index.manifest.get(key, []), entry]
-    if isinstance(index.store, FaissStore):
-        _rewrite_faiss(index, ids, vectors, models, manifest)
-    else:
-        _upsert_milvus(index, ids, vectors, models, manifest)
+    index.store.replace_vectors(index.path, ids, vectors, models, manifest)
     shutil.rmtree(work_dir(index.path), ignore_errors=True)
-
-
-def _rewrite_faiss(
-    index: GalleryIndex, ids: list[str], vectors: np.ndarray, models: list[str], manifest: dict[str, Any]
-) -> None:
-    """A new folder with the rows replaced; flat and HNSW are rebuilt from their exact stored vectors, IVF
-    indexes keep their trained cells and replace the rows in place (IVF-PQ codes are never decoded and re-encoded)."""
-    store: FaissStore = index.store
-    rows = np.asarray([store.row_of[i] for i in ids], dtype=np.int64)
-    new_models = list(store.models)
-    for r, m in zip(rows.tolist(), models, strict=True):
-        new_models[r] = m
-    if isinstance(store.index, faiss.IndexIVF):
-        out = faiss.clone_index(store.index)
-        out.set_direct_map_type(faiss.DirectMap.NoMap)  # remove_ids works on the lists, not a direct map
-        if len(rows):
-            out.remove_ids(faiss.IDSelectorBatch(rows))
-            out.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), rows)
-    else:
-        every = store.vectors([it.id for it in store.items]) if len(store.items) else np.zeros((0, index.dim))
-        every[rows] = vectors
-        params = IndexParams(**manifest["index"]["params"])
-        out = new_faiss_index(params, index.dim, every)
-        out.add(np.ascontiguousarray(every, dtype=np.float32))
-    with atomic_dir(index.path) as tmp:
-        faiss.write_index(out, str(tmp / "index.faiss"))
-        write_items(tmp / "items.csv", store.items, new_models)
-        write_json_atomic(tmp / "manifest.json", {**manifest, "format": INDEX_FORMAT})
-
-
-def _upsert_milvus(
-    index: GalleryIndex, ids: list[str], vectors: np.ndarray, models: list[str], manifest: dict[str, Any]
-) -> None:
-    """Upsert batch by batch (a re-run after a kill upserts the same rows again), then the guard and manifest."""
-    store = index.store
-    for start in range(0, len(ids), 1000):
-        part = ids[start : start + 1000]
-        items = [store.item(i) for i in part]
-        for tag in sorted(set(models[start : start + 1000])):
-            sel = [j for j, m in enumerate(models[start : start + 1000]) if m == tag]
-            store.upsert([items[j] for j in sel], vectors[start : start + 1000][sel], tag)
-    guard = store.guard()
-    store.set_guard({**guard, **{k: manifest[k] for k in ("gallery_fingerprint", "lineage")}})
-    write_json_atomic(index.path / "manifest.json", manifest)

@@ -11,20 +11,37 @@ cluster, which shards and replicates the collection across nodes). One collectio
 
 The compatibility guard travels with the data: the collection's ``cmpnas.index`` property holds the gallery
 model's fingerprint, lineage and embedding spec, and every ``query``/``serve`` start checks it, as for FAISS.
+The index folder holds only the manifest (and the Milvus Lite file, by default), which points at the collection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cmpnas import __version__, progress
 from cmpnas.data.sources import Item
+from cmpnas.distributed import barrier
 from cmpnas.errors import CmpnasError
+from cmpnas.io import make_dirs, read_json, write_json_atomic
+from cmpnas.serving.building import (
+    BuildJob,
+    embed_source,
+    existing_manifest,
+    gallery_fields,
+    gather_to_main,
+    merge_slices,
+    source_record,
+)
+from cmpnas.serving.index_format import INDEX_FORMAT, now_iso
+from cmpnas.serving.store import Hits, IndexBackend
 
 GUARD_PROPERTY = "cmpnas.index"
 DEFAULT_COLLECTION = "gallery"
@@ -154,7 +171,8 @@ class MilvusStore:
         )
 
     def set_search_params(self, params: dict[str, Any]) -> None:
-        self.search_params = {k: v for k, v in params.items() if v is not None}
+        """``params`` in cmpnas names (IndexParams), kept in Milvus' names for the next searches."""
+        self.search_params = {k: v for k, v in search_params_for(params).items() if v is not None}
 
     # ----------------------------------------------------------------------------------- data
     def present(self, ids: Sequence[str]) -> set[str]:
@@ -197,6 +215,13 @@ class MilvusStore:
         """The stored vectors of ``ids``, in that order (tests, migrations)."""
         return np.asarray(self._field(ids, "vec"), dtype=np.float32)
 
+    def all_items(self) -> list[Item]:
+        """Every item of the collection (reads the whole collection)."""
+        return [self.item(i) for i in self.all_ids()]  # type: ignore[list-item]  # every listed id exists
+
+    def model_counts(self) -> None:
+        return None  # a query over the whole collection: not worth it for /stats
+
     def all_ids(self, batch: int = 1000) -> list[str]:
         it = self.client.query_iterator(self.collection, batch_size=batch, filter="", output_fields=["id"])
         out: list[str] = []
@@ -210,7 +235,7 @@ class MilvusStore:
             it.close()
         return out
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+    def search(self, queries: np.ndarray, k: int) -> Hits:
         res = self.client.search(
             self.collection,
             data=np.ascontiguousarray(queries, dtype=np.float32).tolist(),
@@ -225,6 +250,35 @@ class MilvusStore:
             ]
             for hits in res
         ]
+
+    def replace_vectors(
+        self,
+        folder: Path,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        models: Sequence[str],
+        manifest: dict[str, Any],
+    ) -> None:
+        """Upsert batch by batch (a re-run after a kill upserts the same rows again), then the guard and the
+        folder's manifest."""
+        for start in range(0, len(ids), 1000):
+            items = [self.item(i) for i in ids[start : start + 1000]]
+            tags = models[start : start + 1000]
+            for tag in sorted(set(tags)):
+                sel = [j for j, m in enumerate(tags) if m == tag]
+                self.upsert([items[j] for j in sel], vectors[start : start + 1000][sel], tag)
+        guard = self.guard()
+        self.set_guard({**guard, **{k: manifest[k] for k in ("gallery_fingerprint", "lineage")}})
+        write_json_atomic(folder / "manifest.json", manifest)
+
+    def shared_uri(self) -> str | None:
+        """A Milvus Lite file opens in one process only: serve it over gRPC from this process and return that
+        address. None for a cluster, which every process reaches itself."""
+        if not is_lite(self.uri):
+            return None
+        from milvus_lite.server_manager import server_manager_instance
+
+        return server_manager_instance.start_and_get_uri(self.uri)
 
     def close(self) -> None:
         """Close the connection; for a Milvus Lite file also stop its in-process server (and file lock)."""
@@ -254,3 +308,121 @@ def search_params_for(params: dict[str, Any]) -> dict[str, Any]:
     if kind == "hnsw":
         return {"ef": params.get("ef_search")}
     return {}
+
+
+# --------------------------------------------------------------------------------------------- backend
+def load_milvus(folder: Path, manifest: dict[str, Any], uri: str | None = None) -> MilvusStore:
+    """The collection the folder's manifest points at (or at ``uri``), checked against the manifest."""
+    where = manifest.get("milvus") or {}
+    store = MilvusStore(uri or resolve_uri(where.get("uri"), folder), where.get("collection", ""))
+    guard = store.guard()
+    # a backfill names the new model in the collection's guard, then in the folder's manifest: a kill between
+    # the two leaves them one upgrade apart, which is still the same chain (the re-run finishes the job)
+    same_chain = guard["gallery_fingerprint"] == manifest["gallery_fingerprint"] or manifest[
+        "gallery_fingerprint"
+    ] in (guard.get("lineage") or [])
+    if not same_chain or int(guard["dim"]) != int(manifest["dim"]):
+        raise CmpnasError(
+            f"Index folder '{folder}' and Milvus collection '{store.collection}' disagree: the folder says "
+            f"gallery {manifest['gallery_fingerprint']} (dim {manifest['dim']}), the collection holds embeddings "
+            f"of {guard['gallery_fingerprint']} (dim {guard['dim']}).",
+            "rebuild the index folder from the collection's gallery model, or point it at the right collection",
+        )
+    return store
+
+
+def build_milvus(job: BuildJob) -> dict[str, Any]:
+    """Upsert batch by batch (a killed build continues where it stopped: ids already stored are skipped).
+
+    A cluster (``http://``) takes writes from every rank; a Milvus Lite file opens in one process only, so
+    under torchrun the other ranks hand their vectors to rank 0."""
+    existing = job.existing if job.append else existing_manifest(job.out, required=False)
+    previous = existing if existing and existing.get("backend") == MilvusStore.name else None
+    where = (previous or {}).get("milvus", {})
+    given = job.options.get("uri")
+    uri = resolve_uri(given if given is not None else where.get("uri"), job.out)
+    collection = job.options.get("collection") or where.get("collection") or DEFAULT_COLLECTION
+    lite = is_lite(uri)
+    writes_here = job.info.is_main or not lite
+    fields = gallery_fields(job)
+    manifest: dict[str, Any] = dict(previous or {"format": INDEX_FORMAT, "created_at": now_iso(), "sources": []})
+    if job.info.is_main:
+        make_dirs(job.out)  # the index folder holds the manifest (and a Milvus Lite file by default)
+        store = MilvusStore(uri, collection)
+        if store.exists():
+            guard = store.guard()
+            upgrade = job.append and job.encoder.compatible_with == guard["gallery_fingerprint"]
+            if upgrade:  # an upgraded gallery model appends: the collection's guard moves to the new head
+                store.set_guard({**guard, **fields, "format": INDEX_FORMAT})
+            elif guard["gallery_fingerprint"] != job.encoder.fingerprint:
+                raise CmpnasError(
+                    f"Milvus collection '{collection}' at '{uri}' holds embeddings of gallery model "
+                    f"{guard['gallery_fingerprint']}, not {job.encoder.fingerprint}.",
+                    "index into a new collection (--collection NAME), or use that collection's gallery model",
+                )
+        elif job.append:
+            raise CmpnasError(
+                f"--append: Milvus collection '{collection}' does not exist at '{uri}'.",
+                "build it first without --append",
+            )
+        else:
+            effective = job.params.resolved(max(1, len(job.rows)), job.encoder.dim)
+            store.create(job.encoder.dim, {**fields, "format": INDEX_FORMAT}, asdict(effective))
+            manifest["index"] = {"type": effective.kind, "params": asdict(effective)}
+        stored_uri = LITE_FILE if lite and Path(uri) == (job.out / LITE_FILE).resolve() else uri
+        manifest.update(
+            {
+                **fields,
+                "backend": MilvusStore.name,
+                "milvus": {"uri": stored_uri, "collection": collection},
+                "status": "building",
+            }
+        )
+        write_json_atomic(job.out / "manifest.json", manifest)
+    barrier(job.info)  # the collection and the building manifest exist
+    if not writes_here:  # a Lite file under torchrun: embed this slice, hand it to rank 0
+        gather_to_main(job.info, embed_source(job.encoder, job.source, job.my_rows(), job.batch_size))
+        barrier(job.info)  # rank 0 has stored them and written the manifest
+        return read_json(job.out / "manifest.json", "rebuild the index")
+    store = store if job.info.is_main else MilvusStore(uri, collection)
+    mine = job.my_rows()
+    added, skipped = 0, []
+    for start in range(0, len(mine), job.batch_size):
+        chunk = mine[start : start + job.batch_size]
+        present = store.present([job.source.items[r].id for r in chunk])
+        todo = [r for r in chunk if job.source.items[r].id not in present]
+        vectors, kept, bad = embed_source(job.encoder, job.source, todo, job.batch_size)
+        store.upsert([job.source.items[r] for r in kept], vectors, job.encoder.fingerprint)
+        added, skipped = added + len(kept), skipped + bad
+        done = min(start + job.batch_size, len(mine))
+        if job.progress is not None:
+            job.progress(done, len(mine))
+        progress.event(
+            "index", status="batch", done=done, total=len(mine), message=f"index: {done}/{len(mine)}"
+        )
+    if lite and job.info.enabled:  # rank 0 (the other ranks returned above): store their slices too
+        nothing_left = (np.zeros((0, job.encoder.dim), np.float32), [], [])  # rank 0 stored its own slice
+        vectors, kept, bad = merge_slices(job, gather_to_main(job.info, nothing_left) or [])
+        store.upsert([job.source.items[r] for r in kept], vectors, job.encoder.fingerprint)
+        added, skipped = added + len(kept), skipped + bad
+    else:
+        barrier(job.info)  # every rank has stored its slice
+    if job.info.is_main:
+        manifest.update(
+            {
+                "count": len(store),
+                "status": "complete",
+                "updated_at": now_iso(),
+                "build_seconds": round(time.time() - job.started, 3),
+                "cmpnas_version": __version__,
+                "ranks": job.info.world_size,
+            }
+        )
+        earlier = manifest.get("sources", []) if job.append else []  # a re-run of a build replaces its record
+        manifest["sources"] = [*earlier, source_record(job, added, skipped)]
+        write_json_atomic(job.out / "manifest.json", manifest)
+    barrier(job.info)
+    return read_json(job.out / "manifest.json", "rebuild the index")
+
+
+BACKEND = IndexBackend(load=load_milvus, build=build_milvus)
