@@ -163,3 +163,27 @@ def test_backfill_on_milvus_lite(models: Models, gallery_dir: Path, upgraded: Pa
     expect = load_encoder(upgraded).embed_images([open_image(paths[i]) for i in moved])
     np.testing.assert_allclose(index.store.vectors(moved), expect, atol=1e-5)
     index.store.close()
+
+
+@pytest.mark.parametrize("order", ["uncertainty", "confident"])
+def test_margin_orders_backfill_the_items_their_margins_put_first(
+    models: Models, gallery_dir: Path, upgraded: Path, tmp_path: Path, order: str
+) -> None:
+    from cmpnas.compat.backfill_order import backfill_order, label_rows
+    from cmpnas.models.embedding import load_model
+
+    out = _index(models, gallery_dir, tmp_path / "idx")
+    before = GalleryIndex.load(out)
+    ids = [it.id for it in before.items]
+    new_model = load_model(upgraded)
+    expected_order = backfill_order(
+        before.store.vectors(ids),
+        order,
+        class_rows=new_model.classifier.weight.detach().float().numpy(),
+        labels=label_rows([it.label for it in before.items], new_model.spec.class_names),
+    )
+    n = round(0.25 * len(ids))
+    backfill(out, upgraded, 0.25, order)
+    by_model = _models_by_id(GalleryIndex.load(out))
+    moved = {i for i in ids if by_model[i] == load_encoder(upgraded).fingerprint}
+    assert moved == {ids[j] for j in expected_order[:n]}

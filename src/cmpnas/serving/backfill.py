@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cmpnas import progress
-from cmpnas.compat.backfill_order import backfill_order, label_rows
+from cmpnas.compat.backfill_order import MARGIN_ORDERS, backfill_order, label_rows
 from cmpnas.compat.transformation import load_transformation
 from cmpnas.data.sources import GallerySource, Item, load_item_image
 from cmpnas.errors import CmpnasError
@@ -61,7 +61,7 @@ def backfill(
     index = GalleryIndex.load(index_dir)
     if Path(gallery_model).suffix.lower() == ".onnx":
         raise CmpnasError("Backfill needs the gallery model's .safetensors file.", "pass --gallery-model G.safetensors")
-    new_model = load_model(gallery_model)  # loaded once: it embeds, and its classifier orders by uncertainty
+    new_model = load_model(gallery_model)  # loaded once: it embeds, and its classifier orders by margin
     encoder = torch_encoder(new_model, gallery_model)
     chain = lineage_after(index.manifest, encoder, f"index '{index_dir}'")
     items = index.items
@@ -112,9 +112,9 @@ def _select(
     if target <= 0 or not stale:
         return []
     stale_ids = [items[i].id for i in stale]
-    old = index.store.vectors(stale_ids) if order == "uncertainty" else np.zeros((len(stale), 1))
+    old = index.store.vectors(stale_ids) if order in MARGIN_ORDERS else np.zeros((len(stale), 1))
     rows = labels = None
-    if order == "uncertainty":
+    if order in MARGIN_ORDERS:
         rows = new_model.classifier.weight.detach().float().numpy()
         labels = label_rows([items[i].label for i in stale], new_model.spec.class_names)
     ranking = backfill_order(old, order, class_rows=rows, labels=labels, seed=seed)
