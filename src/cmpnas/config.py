@@ -352,6 +352,12 @@ class RunConfig(_Strict):
         "auto",
         description="auto = torch's dynamo exporter (needs onnxscript), falling back to the legacy one",
     )
+    export_int8: bool = Field(
+        False,
+        description="also write an int8 query model beside the export (static QDQ quantization calibrated on "
+        "training images), refused if its embeddings drift from the fp32 export's; its retrieval, size and "
+        "latency next to the fp32 export's go to export/query.int8.json",
+    )
     build_index: bool = True
     upgrade: UpgradeConfig | None = None
     latency_repeats: int = Field(50, ge=1)

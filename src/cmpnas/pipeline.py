@@ -427,7 +427,12 @@ def _headline_dir(ctx: RunContext) -> Path:
 
 def _export(ctx: RunContext) -> dict[str, Any]:
     res = export_model(
-        _headline_dir(ctx) / MODEL_FILE, ctx.path("export", "query.onnx"), exporter=ctx.cfg.run.onnx_exporter
+        _headline_dir(ctx) / MODEL_FILE,
+        ctx.path("export", "query.onnx"),
+        exporter=ctx.cfg.run.onnx_exporter,
+        int8=ctx.cfg.run.export_int8,
+        gallery_model=ctx.gallery_path,
+        data=ctx.data,
     )
     return {
         "onnx": "export/query.onnx",
@@ -602,7 +607,7 @@ def build_stages(cfg: Config) -> list[StageDef]:
             StageDef(
                 "export",
                 [f"retrain-{cfg.run.headline_reward}{seed_suffix(cfg.run.seeds[0])}"],
-                lambda c: [c.run.onnx_exporter],
+                lambda c: [c.run.onnx_exporter, c.run.export_int8],
                 _export,
             )
         )

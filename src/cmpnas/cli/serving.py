@@ -17,6 +17,7 @@ from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
 from cmpnas.serving.family import expand_query_models, read_family
 from cmpnas.serving.index import IndexParams, query_images
+from cmpnas.serving.quantize import Int8Options, report_path_for
 from cmpnas.stages import evaluate_index, export_family, export_model, index_gallery
 
 
@@ -277,9 +278,20 @@ def query_cmd(
 @logged
 def export_cmd(
     out: Annotated[
-        Path, typer.Option("--out", help="output .onnx file (export.json beside it); a folder with --family")
+        Path,
+        typer.Option(
+            "--out",
+            help="output .onnx file (export.json beside it; with --int8 also NAME.int8.onnx and NAME.int8.json); "
+            "a folder with --family",
+        ),
     ],
-    model: Annotated[Path | None, typer.Option("--model", help="query model .safetensors to export")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="query model .safetensors to export (or, with --int8, a cmpnas .onnx export to quantize into --out)",
+        ),
+    ] = None,
     family: Annotated[
         Path | None,
         typer.Option("--family", help="family.json with trained members (`cmpnas retrain --family`): export all"),
@@ -299,11 +311,60 @@ def export_cmd(
         int, typer.Option("--latency-runs", min=1, help="timed runs per latency measurement")
     ] = 50,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the latency measurement")] = False,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="also write an int8 query model (static QDQ quantization calibrated on training images), refused "
+            "if its embeddings drift from the fp32 export's; reports its retrieval against the gallery model",
+        ),
+    ] = False,
+    int8_per_channel: Annotated[
+        bool, typer.Option("--int8-per-channel", help="--int8: one weight scale per output channel")
+    ] = False,
+    gallery_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--gallery-model",
+            help="--int8: the gallery model to score against (default: the one the model's manifest.json names)",
+        ),
+    ] = None,
+    data_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="--int8: YAML config whose data section gives the calibration (train), parity (val) and "
+            "scoring (test) images (default: config.yaml beside --model)",
+        ),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", min=1, help="--int8: training images to calibrate on")
+    ] = 512,
+    min_cosine: Annotated[
+        float,
+        typer.Option(
+            "--min-cosine",
+            min=-1.0,
+            max=1.0,
+            help="--int8: least mean cosine of int8 vs fp32 embeddings on held-out images",
+        ),
+    ] = 0.99,
 ) -> None:
-    """Export a model to ONNX (dynamic batch), check parity with PyTorch and measure latency."""
+    """Export a model to ONNX (dynamic batch), check parity with PyTorch and measure latency; --int8 also
+    writes and scores an int8 version."""
     if (model is None) == (family is None):
         raise CmpnasError("Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json")
+    int8_only = (int8_per_channel, gallery_model, data_config) != (False, None, None)
+    if int8_only and not int8:
+        raise CmpnasError(
+            "--int8-per-channel, --gallery-model and --config only apply to an int8 export.", "add --int8"
+        )
     if family is not None:
+        if int8:
+            raise CmpnasError(
+                "--int8 quantizes one query model, not a family.", "pass --model MEMBER.safetensors"
+            )
         file, doc = read_family(family)
         res = export_family(doc, file.parent, out, exporter=exporter.value, latency_runs=latency_runs)
         for m in res["members"]:
@@ -315,6 +376,13 @@ def export_cmd(
                 ),
             )
         return
+    options = Int8Options(
+        per_channel=int8_per_channel,
+        calibration_images=calibration_images,
+        min_cosine=min_cosine,
+        latency_runs=latency_runs,
+        measure=not no_latency,
+    )
     report = export_model(
         model,
         out,
@@ -323,24 +391,58 @@ def export_cmd(
         tolerance=tolerance,
         latency_runs=latency_runs,
         measure=not no_latency,
+        int8=int8,
+        int8_options=options,
+        gallery_model=gallery_model,
+        data_config=data_config,
     )
-    lines = [
-        f"wrote {out} ({report['exporter']} exporter, opset {opset}); parity max abs diff "
-        f"{report['parity']['max_abs_diff']:.2e}"
-    ]
+    lines = []
+    if report.get("exporter"):
+        lines.append(
+            f"wrote {out} ({report['exporter']} exporter, opset {opset}); parity max abs diff "
+            f"{report['parity']['max_abs_diff']:.2e}"
+        )
     if report["exporter_fallback_reason"] and exporter == ExporterKind.auto:
         lines.append(f"note: used the legacy exporter ({report['exporter_fallback_reason']})")
-    lat = report["latency_ms"] or {}
+    lat = report.get("latency_ms") or {}
     for batch in ("batch_1", "batch_32"):
         if batch in lat:
             cells = ", ".join(
                 f"{name} p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for name, v in lat[batch].items()
             )
             lines.append(f"  {batch} (ms): {cells}")
+    if "int8" in report:
+        lines += _int8_lines(report["int8"])
     if progress.human():
         typer.echo("\n".join(lines))
     else:
         progress.event("done", message=lines[0])
+
+
+def _int8_lines(r: dict[str, Any]) -> list[str]:
+    """The int8 report in a few lines: size, drift from fp32, retrieval next to fp32's, latency."""
+    ret, size = r["retrieval"], r["bytes"]
+    lines = [
+        f"wrote {r['int8']} ({r['quantization']['granularity']} int8, {size['int8']} of {size['fp32']} bytes = "
+        f"{size['ratio']:.2f}x); cosine with fp32 mean {r['parity']['mean_cosine']:.4f} / min "
+        f"{r['parity']['min_cosine']:.4f} on {r['parity']['images']} val images"
+    ]
+    for setting in ("heterogeneous", "homogeneous"):
+        a, b = ret["fp32"][setting], ret["int8"][setting]
+        lines.append(
+            f"  {setting} (test) top-1 / mAP: fp32 {a['top1']:.2f} / {a['map']:.2f}, int8 {b['top1']:.2f} / {b['map']:.2f}"
+        )
+    lat = r.get("latency_ms")
+    if lat:
+        lines.append(
+            "  batch-1 p50 (ms): "
+            + ", ".join(
+                f"{k} fp32 {lat['fp32_p50'][k]:.3f} / int8 {lat['int8_p50'][k]:.3f}"
+                for k in ("1thread", "default")
+            )
+        )
+    lines.append(f"  report: {report_path_for(r['int8'])}")
+    return lines
 
 
 @logged

@@ -194,9 +194,16 @@ def _run_exporter(
 
 
 def _add_metadata(path: Path, model: EmbeddingModel, fp: str) -> None:
+    """The cmpnas keys search reads back; the dynamo exporter's debug records (per node: stack traces, module
+    paths; per graph: the export signature) are dropped, as on a small query model they can be about half the
+    file a device downloads."""
     import onnx
 
     proto = onnx.load(str(path))
+    del proto.graph.metadata_props[:]
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
     spec = model.spec
     props = {
         META_FORMAT: ONNX_FORMAT,
@@ -245,30 +252,36 @@ def percentiles_ms(
 
 
 def measure_latency(
-    model: EmbeddingModel, onnx_path: Path, runs: int = 50, batches: Sequence[int] = (1, 32)
+    model: EmbeddingModel | ModelSpec,
+    onnx_path: Path,
+    runs: int = 50,
+    batches: Sequence[int] = (1, 32),
 ) -> dict[str, Any]:
     """Torch eager vs ONNX Runtime, each with 1 thread and with default threads, per batch size, in ms.
 
     The 1-thread rows are the fair comparison on a shared machine: with other processes busy, torch's
-    default OpenMP threads can stall in barriers and take 100x longer per call.
+    default OpenMP threads can stall in barriers and take 100x longer per call. Given only a spec (e.g. for
+    an int8 file, which has no eager counterpart), only the ONNX Runtime rows are timed.
     """
     sessions = {
         "onnxruntime_1thread": onnx_session(onnx_path, threads=1),
         "onnxruntime_default": onnx_session(onnx_path),
     }
+    spec = model if isinstance(model, ModelSpec) else model.spec
     default_threads = torch.get_num_threads()
     out: dict[str, Any] = {"torch_threads": default_threads}
     for b in batches:
-        x = torch.randn(*model.input_shape(b))
+        x = torch.randn(b, spec.in_chans, spec.input_size, spec.input_size)
         xn = x.numpy()
         row: dict[str, Any] = {}
-        with torch.inference_mode():
-            row["torch_eager"] = percentiles_ms(lambda x=x: model(x), runs)
-            torch.set_num_threads(1)
-            try:
-                row["torch_eager_1thread"] = percentiles_ms(lambda x=x: model(x), runs)
-            finally:
-                torch.set_num_threads(default_threads)
+        if isinstance(model, EmbeddingModel):
+            with torch.inference_mode():
+                row["torch_eager"] = percentiles_ms(lambda x=x: model(x), runs)
+                torch.set_num_threads(1)
+                try:
+                    row["torch_eager_1thread"] = percentiles_ms(lambda x=x: model(x), runs)
+                finally:
+                    torch.set_num_threads(default_threads)
         for name, sess in sessions.items():
             row[name] = percentiles_ms(lambda s=sess, xn=xn: s.run(None, {INPUT_NAME: xn}), runs)
         out[f"batch_{b}"] = row

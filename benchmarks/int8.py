@@ -1,0 +1,145 @@
+"""Benchmark (not a test): what an int8 query model costs in compatibility, and what it saves.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/int8.py \\
+        --gallery-model runs/default/gallery/model.safetensors \\
+        --query-model runs/default/retrain/R3/model.safetensors [--config FILE] [--set KEY=VALUE ...] \\
+        [--calibration-images 512] [--latency-runs 200] [--exporter auto|dynamo|legacy] [--out FILE]
+
+Exports the query model to fp32 ONNX (as `cmpnas export`), then quantizes it twice (static QDQ int8, weights
+per tensor and per channel, calibrated on class-stratified training images) with the same code as
+`cmpnas export --int8`. For each int8 file: mean / min cosine with the fp32 embeddings on validation images,
+heterogeneous and homogeneous top-1 / mAP against the gallery model on the test split (leave-one-out, as the
+evaluate stage scores) next to the fp32 export's, file sizes, and batch-1 p50 latency in ONNX Runtime at 1 thread
+and at its default thread count. The data is the run's (``--config``, default: config.yaml beside the query
+model, which for the default profile is the whole Fashion-MNIST test split).
+
+Target: int8 loses at most 0.3 points of heterogeneous top-1 at at most 1/3 of the fp32 file size; the JSON
+says "met" or "missed" with the numbers, per granularity. Writes benchmarks/results/int8.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_result  # noqa: E402
+
+MAX_TOP1_LOSS = 0.3  # points of heterogeneous top-1
+MAX_SIZE_RATIO = 1 / 3  # int8 bytes / fp32 bytes
+
+
+def target_check(report: dict[str, Any]) -> dict[str, Any]:
+    """The target, with the numbers it was judged on."""
+    ret = report["retrieval"]
+    loss = ret["fp32"]["heterogeneous"]["top1"] - ret["int8"]["heterogeneous"]["top1"]
+    ratio = report["bytes"]["ratio"]
+    top1_ok, size_ok = loss <= MAX_TOP1_LOSS + 1e-9, ratio <= MAX_SIZE_RATIO
+    verdict = "met" if top1_ok and size_ok else "missed"
+    return {
+        "target": f"int8 loses <= {MAX_TOP1_LOSS} points of heterogeneous top-1 at <= 1/3 of the fp32 file size",
+        "heterogeneous_top1_loss_points": round(loss, 4),
+        "size_ratio": round(ratio, 4),
+        "top1_within_limit": top1_ok,
+        "size_within_limit": size_ok,
+        "verdict": verdict,
+        "summary": (
+            f"{verdict}: heterogeneous top-1 {ret['fp32']['heterogeneous']['top1']:.2f} -> "
+            f"{ret['int8']['heterogeneous']['top1']:.2f} ({-loss:+.2f} points, limit -{MAX_TOP1_LOSS}), "
+            f"{report['bytes']['int8']} of {report['bytes']['fp32']} bytes ({ratio:.3f}x, limit {MAX_SIZE_RATIO:.3f}x)"
+        ),
+    }
+
+
+def _row(report: dict[str, Any]) -> dict[str, Any]:
+    """One granularity's figures, without the repeated run-wide fields."""
+    keep = ("quantization", "calibration", "parity", "bytes", "retrieval", "latency_ms")
+    return {**{k: report[k] for k in keep}, "target_check": target_check(report)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gallery-model", default="runs/default/gallery/model.safetensors")
+    ap.add_argument("--query-model", default="runs/default/retrain/R3/model.safetensors")
+    ap.add_argument("--config", default=None, help="data config (default: config.yaml beside --query-model)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--calibration-images", type=int, default=512)
+    ap.add_argument("--parity-images", type=int, default=1000)
+    ap.add_argument("--latency-runs", type=int, default=200)
+    ap.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from cmpnas.config import load_config
+    from cmpnas.data.factory import build_data
+    from cmpnas.errors import CmpnasError
+    from cmpnas.models.embedding import load_model
+    from cmpnas.serving.export import export_onnx
+    from cmpnas.serving.quantize import Int8Options, quantize_export
+
+    query, gallery = Path(args.query_model), Path(args.gallery_model)
+    for what, p in (("--query-model", query), ("--gallery-model", gallery)):
+        if not p.is_file():
+            raise SystemExit(f"{what} {p} does not exist: pass the model.safetensors files of a finished run")
+    config = Path(args.config) if args.config else query.parent / "config.yaml"
+    if not config.is_file():
+        raise SystemExit(f"no data config: {config} does not exist; pass --config")
+    cfg = load_config(config, args.overrides)
+    t0, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
+    data = build_data(cfg.data)
+    gallery_model = load_model(gallery)
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cmpnas-int8-bench-") as tmp:
+        fp32 = Path(tmp) / "query.onnx"
+        export = export_onnx(query, fp32, exporter=args.exporter, measure=False)  # type: ignore[arg-type]
+        for name, per_channel in (("per_tensor", False), ("per_channel", True)):
+            opts = Int8Options(
+                per_channel=per_channel,
+                calibration_images=args.calibration_images,
+                parity_images=args.parity_images,
+                latency_runs=args.latency_runs,
+                min_cosine=-1.0,  # a benchmark records a drifting file instead of refusing it
+            )
+            try:
+                rows[name] = _row(
+                    quantize_export(fp32, data, gallery_model, Path(tmp) / f"{name}.int8.onnx", opts)
+                )
+            except CmpnasError as exc:
+                rows[name] = {"error": str(exc)}
+            print(f"{name}: {rows[name].get('target_check', {}).get('summary', rows[name].get('error'))}")
+    payload = {
+        "models": {
+            "query": str(query),
+            "gallery": str(gallery),
+            "query_fingerprint": export["fingerprint"],
+            "compatible_with": export["compatible_with"],
+            "exporter": export["exporter"],
+            "opset": export["opset"],
+        },
+        "data": {
+            "config": str(config),
+            "overrides": args.overrides,
+            "name": data.name,
+            "train": len(data.train),
+            "val": len(data.val),
+            "test": len(data.test),
+        },
+        "command": " ".join(["benchmarks/int8.py", *sys.argv[1:]]),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1min": {
+            "start": load_start,
+            "end": round(os.getloadavg()[0], 2),
+        },  # timings share the CPU
+        "int8": rows,
+    }
+    write_result("int8", payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
