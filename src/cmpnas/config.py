@@ -99,7 +99,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32",
         description="bf16 autocast; auto = bf16 where the device computes it natively (CUDA with bf16, a CPU "
-        "with AVX512-BF16 or AMX), fp32 elsewhere: emulated bf16 on an AVX2 CPU trains ~10x slower",
+        "with AVX512-BF16 or AMX), fp32 elsewhere: emulated bf16 on an AVX2 CPU trains several times slower",
     )
     channels_last: bool = True
     augment: bool = True

@@ -28,7 +28,7 @@ class CosineClassifier(nn.Module):
         super().__init__()
         # Unit-norm rows: the logits only see directions, but the step size an optimizer takes on a
         # direction is ~ lr / |w|^2, so the small init common in face code (std 0.01, |w| ~ 0.1) moves the
-        # class centres ~100x faster than the backbone and trains badly at a shared SGD learning rate.
+        # class centres far faster than the backbone and trains badly at a shared SGD learning rate.
         self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, in_features), dim=1))
         self.scale = scale
 

@@ -220,8 +220,8 @@ def fit_overhead(raw_sums: Sequence[float], measured: Sequence[float], parts: in
 
     A model of ``parts`` separately timed parts with raw timings summing to S, measured whole at M, pays
     the overhead once instead of ``parts`` times: M = S - (parts - 1) x overhead. The overhead absorbs
-    whatever a standalone run costs beyond its share of a whole run, so it can be negative: in torch eager
-    a whole model ran ~5 % slower than the sum of its blocks (fit ~ -25 us: the table adds time per block).
+    whatever a standalone run costs beyond its share of a whole run, so it can be negative (in torch eager
+    a whole model can run slower than the sum of its blocks: the table then adds time per block).
     """
     if not raw_sums or len(raw_sums) != len(measured) or parts < 2:
         raise CmpnasError(

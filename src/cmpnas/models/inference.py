@@ -25,7 +25,7 @@ def embed(
 ) -> torch.Tensor:
     """Embeddings [N, D] (float32, un-normalised) of a whole dataset, in order.
 
-    ``precision="bf16"`` runs the forward under bf16 autocast (about 2x faster on CPUs with native bf16,
+    ``precision="bf16"`` runs the forward under bf16 autocast (faster on CPUs with native bf16,
     ``"auto"`` uses it only there); used for cached training targets, not for reported metrics.
     """
     spec = getattr(model, "spec", None)

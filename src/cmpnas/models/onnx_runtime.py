@@ -77,7 +77,7 @@ def export_legacy(
 def to_onnx_bytes(module: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET) -> bytes:
     """``module`` (in eval mode) as a serialised ONNX model with a fixed ``input_shape``, never touching disk.
 
-    Traced with one torch thread (5x faster on a busy machine, same graph); the mode is restored.
+    Traced with one torch thread (much faster on a busy machine, same graph); the mode is restored.
     """
     was_training = module.training
     buf = io.BytesIO()

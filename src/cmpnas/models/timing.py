@@ -61,7 +61,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     """Pin torch's intra-op threads (None: leave them) and restore them afterwards.
 
     Why: tiny tensors on a shared machine make OpenMP threads spin-wait in barriers; one thread is both
-    faster and more reproducible (an ONNX export traces 5x faster with it on the project's 2-core box).
+    faster and more reproducible (an ONNX export, for one, traces much faster with it on a 2-core box).
     """
     old = torch.get_num_threads()
     try:
@@ -123,7 +123,7 @@ def measure_rounds(
     preparation time instead of adding a pass of its own.
 
     Why: on a shared machine other processes only ever add time, in bursts lasting seconds (the sum of the
-    default space's block timings here swung 10 -> 18 ms between passes, loaded stretches lasting 2-3 s); a
+    default space's block timings can nearly double between passes); a
     module timed in one go can land in a burst, so a lookup table built that way mixes quiet and loaded
     numbers. Interleaving spreads each module's rounds over the whole run, and ``min`` is the estimate least
     touched by the others.
