@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -52,7 +53,9 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     results: list[Hit]
     k: int
-    latency_ms: float = Field(description="server time: decode + embed + search")
+    latency_ms: float = Field(
+        description="server time: decode + embed + search (for /search/vector: parse + search)"
+    )
     mode: str = Field(description="homogeneous | heterogeneous | lineage (compatible with an older generation of the index's chain) | incompatible-override")
     model: str | None = Field(
         None, description="name of the query model that embedded the image (only when the server has several)"
@@ -68,6 +71,10 @@ class Member:
     encoder: Encoder
     mode: str
     search_ms: float = float("inf")  # best warm-up embed + search; decides inline vs thread pool
+
+    @property
+    def fingerprint(self) -> str:
+        return self.encoder.fingerprint
 
 
 @contextmanager
@@ -119,6 +126,11 @@ class SearchService:
     ) -> None:
         self.index, self.limits = index, limits
         self.members = {m.name: m for m in members}
+        # how /search/vector names a model: the same weights served twice (e.g. under two names) share one
+        # embedding space, so the first of them answers
+        self.by_fingerprint: dict[str, Member] = {}
+        for member in members:
+            self.by_fingerprint.setdefault(member.fingerprint, member)
         self.default = members[0]
         self.swaps = 0
         self.started = time.time()
@@ -198,6 +210,24 @@ class SearchService:
         if self.runs_inline(len(data), member):
             return self.answer(data, content_type, k, member)
         return await run_in_threadpool(self.answer, data, content_type, k, member)
+
+    def search_vector(self, unit: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """Top-k hits of one L2-normalised float32 embedding [D] computed by the client."""
+        with self.lock:
+            return self.index.search(unit[None], k)[0]
+
+    def answer_vector(self, unit: np.ndarray, k: int) -> list[dict[str, Any]]:
+        try:
+            return self.search_vector(unit, k)
+        except CmpnasError as exc:
+            raise UploadRejected(400, str(exc)) from None
+
+    async def answer_vector_async(self, unit: np.ndarray, k: int, member: Member) -> list[dict[str, Any]]:
+        """``answer_vector`` on the event loop when the index is fast (the warm-up embed + search time bounds
+        the search alone), else in the thread pool, like image searches."""
+        if member.search_ms <= INLINE_MAX_MS:
+            return self.answer_vector(unit, k)
+        return await run_in_threadpool(self.answer_vector, unit, k)
 
     def response_body(self, hits: list[dict[str, Any]], k: int, latency_ms: float, member: Member) -> bytes:
         """The JSON of a ``SearchResponse`` (built and validated once, serialised once); it names the query
