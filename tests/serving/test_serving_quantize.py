@@ -108,7 +108,7 @@ def test_int8_file_is_written_beside_and_at_most_half_the_size(int8_models: Any)
 
 def test_int8_file_keeps_the_compatibility_metadata(int8_models: Any) -> None:
     fp32, int8 = load_encoder(int8_models.fp32), load_encoder(int8_path_for(int8_models.fp32))
-    assert int8.kind == "onnx" and int8.fingerprint == fp32.fingerprint
+    assert (fp32.kind, int8.kind) == ("onnx", "onnx-int8") and int8.fingerprint == fp32.fingerprint
     assert int8.compatible_with == int8_models.gfp
     meta = {p.key: p.value for p in onnx.load(str(int8.path)).metadata_props}
     quant = json.loads(meta[META_QUANTIZATION])

@@ -39,6 +39,7 @@ META_FORMAT = "cmpnas.format"
 META_FINGERPRINT = "cmpnas.fingerprint"
 META_COMPATIBLE_WITH = "cmpnas.compatible_with"
 META_SPEC = "cmpnas.spec"
+META_QUANTIZATION = "cmpnas.quantization"  # set on a quantized copy: same fingerprint, another kind
 META_INPUT = "cmpnas.input"  # {"in_chans","input_size","mean","std"}: what a device needs to preprocess
 ONNX_FORMAT = "cmpnas.onnx_query_model.v1"
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
@@ -117,7 +118,8 @@ def onnx_encoder(path: str | Path, threads: int | None = None) -> Encoder:
         return np.asarray(session.run(None, {input_name: x.astype(np.float32, copy=False)})[0])
 
     compat = meta.get(META_COMPATIBLE_WITH) or None
-    return Encoder(spec, meta[META_FINGERPRINT], compat, p, "onnx", run)
+    kind = "onnx-int8" if META_QUANTIZATION in meta else "onnx"  # what /stats and /models show per model
+    return Encoder(spec, meta[META_FINGERPRINT], compat, p, kind, run)
 
 
 def load_encoder(path: str | Path, threads: int | None = None) -> Encoder:
