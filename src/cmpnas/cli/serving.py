@@ -162,6 +162,14 @@ def index_cmd(
         typer.Option("--pq-m", min=1, help="ivfpq: sub-quantisers (must divide dim; default dim/4)"),
     ] = None,
     pq_bits: Annotated[int, typer.Option("--pq-bits", min=1, max=16, help="ivfpq: bits per sub-code")] = 8,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            "--factory",
+            help="faiss: any faiss.index_factory description instead of --index, e.g. 'IVF1024,PQ32' or "
+            "'OPQ16,IVF256,PQ16' (inner product; --nprobe / --ef-search still apply)",
+        ),
+    ] = None,
     append: Annotated[
         bool,
         typer.Option(
@@ -195,10 +203,15 @@ def index_cmd(
 
     Under ``torchrun --nproc_per_node=N`` every rank embeds its own slice of the images."""
     source = _source(images, csv_file, dataset, split, dataset_root, limit)
-    if append and kind is not None:
+    if append and (kind is not None or factory is not None):
         raise CmpnasError(
-            "--index cannot be combined with --append (the existing index keeps its type).",
-            "drop --index, or build a new index",
+            "--index / --factory cannot be combined with --append (the existing index keeps its type).",
+            "drop --index / --factory, or build a new index",
+        )
+    if factory is not None and (kind is not None or backend is BackendKind.milvus):
+        raise CmpnasError(
+            "--factory is a FAISS index description: it replaces --index and needs the faiss backend.",
+            "drop --index (and --backend milvus), or drop --factory",
         )
     params = IndexParams(
         kind=(kind or IndexKind.flat).value,
@@ -209,6 +222,7 @@ def index_cmd(
         ef_search=ef_search,
         pq_m=pq_m,
         pq_bits=pq_bits,
+        factory=factory,
     )
     if backend is not BackendKind.milvus and (uri is not None or collection is not None):
         raise CmpnasError("--uri and --collection are Milvus settings.", "add --backend milvus, or drop them")

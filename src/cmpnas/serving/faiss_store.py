@@ -11,6 +11,7 @@ Every write (build, append, backfill) produces a whole new folder that replaces 
 from __future__ import annotations
 
 import csv
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -29,39 +30,107 @@ from cmpnas.serving.building import BuildJob, embed_all_ranks, gallery_fields, s
 from cmpnas.serving.index_format import INDEX_FORMAT, IndexParams, now_iso
 from cmpnas.serving.store import Hits, IndexBackend
 
+# Kept by hand: which vectors train IVF/PQ. FAISS' own cap (cp.max_points_per_centroid = 256 per cell) would
+# train a 2M gallery's default 5657 cells on 1.45M vectors, not these 200k: other cells, other results.
 TRAIN_SAMPLE = 200_000  # IVF/PQ k-means trains on at most this many vectors
 
 
-def new_faiss_index(params: IndexParams, dim: int, train: np.ndarray) -> faiss.Index:
-    """An empty FAISS index of ``params.kind`` (IVF/PQ trained on ``train``), searching by inner product."""
-    ip = faiss.METRIC_INNER_PRODUCT
-    if params.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    if params.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, ip)
-        index.hnsw.efConstruction = params.ef_construction
-        index.hnsw.efSearch = params.ef_search
-        return index
-    quantizer = faiss.IndexFlatIP(dim)
-    if params.kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, ip)
-    else:
-        index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, params.pq_bits, ip)
-    index.own_fields = True
-    quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
-    if len(train) > TRAIN_SAMPLE:  # k-means on a sample is as good and much faster
-        train = train[np.random.default_rng(0).choice(len(train), TRAIN_SAMPLE, replace=False)]
-    index.train(np.ascontiguousarray(train, dtype=np.float32))
-    index.nprobe = params.nprobe
+def factory_string(params: IndexParams) -> str:
+    """The ``faiss.index_factory`` description of resolved ``params``: a manifest's ``kind`` maps here, so an
+    index written before descriptions were recorded rebuilds (backfill) exactly as it was built."""
+    if params.factory is not None:
+        return params.factory
+    return {
+        "flat": "Flat",
+        "ivf": f"IVF{params.nlist},Flat",
+        "hnsw": f"HNSW{params.hnsw_m},Flat",
+        # np: no polysemous training, like IndexIVFPQ(...) (the codes are the same, without an extra pass)
+        "ivfpq": f"IVF{params.nlist},PQ{params.pq_m}x{params.pq_bits}np",
+    }[params.kind]
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """FAISS' own reason, without its 'Error in <C++ signature> at <file:line>:' preamble."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", first)[:200]
+
+
+def empty_faiss_index(params: IndexParams, dim: int) -> faiss.Index:
+    """The untrained, empty index ``params`` describe, searching by inner product (cheap: checks a
+    ``--factory`` description before any image is embedded)."""
+    description = factory_string(params)
+    try:
+        index = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise CmpnasError(
+            f"FAISS rejects the index description '{description}' for {dim}-dim vectors: {_faiss_reason(exc)}.",
+            "pass a faiss.index_factory string that fits the dim, e.g. 'IVF256,Flat', 'HNSW32,Flat' or "
+            "'IVF256,PQ8' (PQ sub-codes must divide the dim)",
+        ) from None
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        raise CmpnasError(
+            f"The index description '{description}' asks for IDMap, but cmpnas numbers the rows itself.",
+            "drop the 'IDMap' / 'IDMap2' part of --factory",
+        )
+    set_faiss_parameters(
+        index, efConstruction=params.ef_construction, nprobe=params.nprobe, efSearch=params.ef_search
+    )
     return index
+
+
+def new_faiss_index(params: IndexParams, dim: int, train: np.ndarray) -> faiss.Index:
+    """An empty FAISS index of ``params`` (trained on ``train`` if its type needs it: IVF, PQ, ...)."""
+    index = empty_faiss_index(params, dim)
+    if not index.is_trained:
+        if len(train) > TRAIN_SAMPLE:  # k-means on a sample is as good and much faster
+            train = train[np.random.default_rng(0).choice(len(train), TRAIN_SAMPLE, replace=False)]
+        try:
+            index.train(np.ascontiguousarray(train, dtype=np.float32))
+        except RuntimeError as exc:
+            raise CmpnasError(
+                f"FAISS cannot train '{factory_string(params)}' on {len(train)} vectors: {_faiss_reason(exc)}.",
+                "use fewer cells / centroids in --factory, or index more images",
+            ) from None
+    return index
+
+
+def set_faiss_parameters(index: faiss.Index, **values: float | None) -> None:
+    """Set FAISS parameters by their ParameterSpace names (nprobe, efSearch, efConstruction, ...), also inside
+    wrappers (OPQ, refine); one the index type has no use for (nprobe on HNSW) is skipped, so the stored
+    defaults apply to any index."""
+    space = faiss.ParameterSpace()
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as exc:
+            if "could not set parameter" not in str(exc):
+                raise
 
 
 def apply_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
     """nprobe / efSearch are query-time knobs: set them without rebuilding."""
-    if nprobe is not None and hasattr(index, "nprobe"):
-        index.nprobe = int(nprobe)
-    if ef_search is not None and hasattr(index, "hnsw"):
-        index.hnsw.efSearch = int(ef_search)
+    set_faiss_parameters(index, nprobe=nprobe, efSearch=ef_search)
+
+
+def params_record(params: IndexParams) -> dict[str, Any]:
+    """``params`` for the manifest; ``factory`` only when set, so cmpnas versions that predate it (they build
+    ``IndexParams(**params)``) still append to the indexes written now."""
+    record = asdict(params)
+    if params.factory is None:
+        del record["factory"]
+    return record
+
+
+def stored_class(index: faiss.Index) -> str:
+    """The class ``read_index`` returns: the factory's ``IndexFlat`` (inner product) is written, and read back,
+    as ``IndexFlatIP``."""
+    if type(index) is faiss.IndexFlat:
+        return {faiss.METRIC_INNER_PRODUCT: "IndexFlatIP", faiss.METRIC_L2: "IndexFlatL2"}.get(
+            index.metric_type, "IndexFlat"
+        )
+    return type(index).__name__
 
 
 # --------------------------------------------------------------------------------------------- item table
@@ -134,8 +203,9 @@ class FaissStore:
         apply_search_params(self.index, params.get("nprobe"), params.get("ef_search"))
 
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
-        if isinstance(self.index, faiss.IndexIVF) and not self.index.direct_map.type:
-            self.index.make_direct_map()  # IVF lists are searched by cell: map ids to slots to read them
+        ivf = faiss.try_extract_index_ivf(self.index)  # also inside a wrapper (OPQ, PCA, ...)
+        if ivf is not None and not ivf.direct_map.type:
+            ivf.make_direct_map()  # IVF lists are searched by cell: map ids to slots to read them
         return np.stack([self.index.reconstruct(self.row_of[i]) for i in ids]).astype(np.float32)
 
     def model_of(self, ids: Sequence[str]) -> list[str]:
@@ -174,9 +244,10 @@ class FaissStore:
         for r, m in zip(rows.tolist(), models, strict=True):
             new_models[r] = m
         dim = self.index.d
-        if isinstance(self.index, faiss.IndexIVF):
+        if faiss.try_extract_index_ivf(self.index) is not None:
             out = faiss.clone_index(self.index)
-            out.set_direct_map_type(faiss.DirectMap.NoMap)  # remove_ids works on the lists, not a direct map
+            # remove_ids works on the lists, not a direct map
+            faiss.extract_index_ivf(out).set_direct_map_type(faiss.DirectMap.NoMap)
             if len(rows):
                 out.remove_ids(faiss.IDSelectorBatch(rows))
                 out.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), rows)
@@ -217,6 +288,8 @@ def load_faiss(folder: Path, manifest: dict[str, Any], uri: str | None = None) -
 def build_faiss(job: BuildJob) -> dict[str, Any]:
     """Embed the rows (every rank its slice) and write the folder from rank 0: a new index, or the loaded
     one with the new rows added."""
+    if job.loaded is None and job.params.factory is not None:
+        empty_faiss_index(job.params, job.encoder.dim)  # a description FAISS rejects fails before embedding
     embedded = embed_all_ranks(job)
     if embedded is None:  # another rank: rank 0 writes the index; wait for it, then read what it wrote
         barrier(job.info)
@@ -238,8 +311,12 @@ def build_faiss(job: BuildJob) -> dict[str, Any]:
         manifest = dict(existing.manifest)
         effective = IndexParams(**manifest["index"]["params"])
     else:
-        effective = job.params.resolved(len(new_items), job.encoder.dim)
-        index, items = new_faiss_index(effective, job.encoder.dim, vectors), new_items
+        effective = job.params.resolved(len(new_items), job.encoder.dim, factory_ok=True)
+        try:
+            index, items = new_faiss_index(effective, job.encoder.dim, vectors), new_items
+        except CmpnasError:
+            barrier(job.info)  # the other ranks wait there for this one
+            raise
         models = fresh_models
         manifest = {"format": INDEX_FORMAT, "created_at": now_iso(), "sources": []}
     if len(vectors):
@@ -251,8 +328,9 @@ def build_faiss(job: BuildJob) -> dict[str, Any]:
             "count": len(items),
             "index": {
                 "type": effective.kind,
-                "params": asdict(effective),
-                "faiss_class": type(index).__name__,
+                "params": params_record(effective),
+                "factory": factory_string(effective),
+                "faiss_class": stored_class(index),
             },
             "updated_at": now_iso(),
             "build_seconds": round(time.time() - job.started, 3),

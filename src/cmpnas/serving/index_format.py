@@ -12,13 +12,17 @@ Index types (``IndexParams.kind``):
   (default: dim/4 sub-codes of 8 bits, i.e. dim bytes per vector instead of 4*dim).
 IVF/PQ are trained on the first build's vectors; an append adds without retraining (rebuild if the gallery
 changes a lot).
+
+The FAISS backend builds every type from its ``faiss.index_factory`` description (``flat`` = ``Flat``, ``ivf`` =
+``IVF{nlist},Flat``, ...); ``IndexParams.factory`` takes any such description instead of a ``kind`` (recorded
+as kind ``factory``; FAISS only: Milvus has no equivalent).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cmpnas.errors import CmpnasError
 
@@ -38,9 +42,20 @@ class IndexParams:
     ef_search: int = 64
     pq_m: int | None = None
     pq_bits: int = 8
+    factory: str | None = None  # a raw faiss.index_factory description; replaces kind and its build params
 
-    def resolved(self, count: int, dim: int) -> IndexParams:
-        """Effective parameters for ``count`` training vectors (small galleries get small nlist/pq_bits)."""
+    def resolved(self, count: int, dim: int, *, factory_ok: bool = False) -> IndexParams:
+        """Effective parameters for ``count`` training vectors (small galleries get small nlist/pq_bits).
+
+        ``factory_ok``: the caller's backend builds raw FAISS descriptions (only FAISS does); a raw description
+        is FAISS' to check, so it passes unchanged."""
+        if self.factory is not None:
+            if not factory_ok:
+                raise CmpnasError(
+                    "A FAISS index_factory description needs the faiss backend.",
+                    "drop --factory (use --index and its options), or build with --backend faiss",
+                )
+            return replace(self, kind="factory")
         if self.kind not in INDEX_TYPES:
             raise CmpnasError(f"Unknown index type '{self.kind}'.", f"use one of {', '.join(INDEX_TYPES)}")
         p = IndexParams(**asdict(self))
