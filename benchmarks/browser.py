@@ -38,7 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
-from serving import free_port, gallery_source, log, make_models, png_payloads, start_server  # noqa: E402
+from serving import free_port, gallery_source, log, make_models, png_payloads, replay, start_server  # noqa: E402
 
 from cmpnas.data.sources import load_dataset_split  # noqa: E402
 from cmpnas.errors import CmpnasError  # noqa: E402
@@ -209,65 +209,9 @@ def browser_part(
 
 # --------------------------------------------------------------------------------------------- load test
 def load_test(url: str, requests: list[bytes], n: int, concurrency: int, time_cap: float) -> dict[str, Any]:
-    """``n`` prebuilt HTTP/1.1 requests over ``concurrency`` keep-alive connections (asyncio, raw sockets, as
-    benchmarks/serving.py: a thread-per-client HTTP library would take as much CPU as the server); every
-    answer must be 200 with 10 results."""
-    return asyncio.run(_load_test(url, requests, n, concurrency, time_cap))
-
-
-async def _load_test(
-    url: str, requests: list[bytes], n: int, concurrency: int, time_cap: float
-) -> dict[str, Any]:
-    host, port = url.removeprefix("http://").split(":")
-    state = {"next": 0, "errors": 0, "examples": []}
-    latencies: list[float] = []
-    deadline = time.monotonic() + time_cap
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            while time.monotonic() < deadline and state["next"] < n:
-                i = state["next"]
-                state["next"] += 1
-                t0 = time.perf_counter()
-                try:
-                    writer.write(requests[i % len(requests)])
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    status = int(lines[0].split()[1])
-                    length = next(
-                        int(v)
-                        for k, _, v in (ln.partition(":") for ln in lines[1:])
-                        if k.lower() == "content-length"
-                    )
-                    body = await reader.readexactly(length)
-                    ok = status == 200 and len(json.loads(body)["results"]) == 10
-                    why = f"HTTP {status}: {body[:200]!r}"
-                except (OSError, asyncio.IncompleteReadError, ValueError, KeyError, StopIteration) as exc:
-                    ok, why = False, f"{type(exc).__name__}: {exc}"
-                if ok:
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                else:
-                    state["errors"] += 1
-                    if len(state["examples"]) < 3:
-                        state["examples"].append(why)
-                    if why.startswith(("OSError", "IncompleteReadError")):
-                        return
-        finally:
-            writer.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {
-        "requests_ok": len(latencies),
-        "errors": state["errors"],
-        "error_examples": state["examples"],
-        "wall_s": round(wall, 3),
-        "throughput_rps": round(len(latencies) / wall, 1),
-        "latency_ms": pct(latencies) if latencies else None,
-        "request_bytes_mean": round(float(np.mean([len(r) for r in requests])), 1),
-    }
+    """``n`` prebuilt HTTP/1.1 requests over ``concurrency`` keep-alive connections, with benchmarks/serving.py's
+    load generator; every answer must be 200 with 10 results."""
+    return asyncio.run(replay(url, requests, n, concurrency, time_cap))
 
 
 def http_request(host: str, path: str, content_type: str, body: bytes) -> bytes:

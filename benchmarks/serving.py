@@ -184,6 +184,14 @@ async def _load_test(
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         prebuilt.append(head + body)
+    return {"body": body_kind, **await replay(url, prebuilt, requests, concurrency, time_cap)}
+
+
+async def replay(url: str, prebuilt: list[bytes], requests: int, concurrency: int, time_cap: float) -> dict:
+    """Send ``requests`` of the ``prebuilt`` HTTP/1.1 requests (in turn) over ``concurrency`` keep-alive
+    connections until done or ``time_cap``; every answer must be 200 with 10 results. The one load generator of
+    the serving benchmarks."""
+    host, port = url.removeprefix("http://").split(":")
     state = {"next": 0, "sent": 0, "errors": 0, "error_examples": []}
     latencies: list[float] = []
     deadline = time.monotonic() + time_cap
@@ -212,7 +220,7 @@ async def _load_test(
                     )
                     body = await reader.readexactly(length)
                     ok = status == 200 and len(json.loads(body)["results"]) == 10
-                    why = f"HTTP {status}"
+                    why = f"HTTP {status}: {body[:200]!r}"
                 except (OSError, asyncio.IncompleteReadError, ValueError, KeyError, StopIteration) as exc:
                     ok, why = False, f"{type(exc).__name__}: {exc}"
                 state["sent"] += 1
@@ -231,7 +239,6 @@ async def _load_test(
     lat = np.asarray(latencies if latencies else [float("nan")])
     return {
         "client": "asyncio raw HTTP/1.1 keep-alive",
-        "body": body_kind,
         "requests_planned": requests,
         "requests_sent": state["sent"],
         "requests_ok": len(latencies),
@@ -248,6 +255,7 @@ async def _load_test(
         },
         "errors": state["errors"],
         "error_examples": state["error_examples"],
+        "request_bytes_mean": round(float(np.mean([len(r) for r in prebuilt])), 1),
     }
 
 
