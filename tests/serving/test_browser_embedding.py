@@ -9,11 +9,7 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (apt), ``selenium`` (pip) an
 from __future__ import annotations
 
 import base64
-import contextlib
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from browser_support import CHROMIUM, chromium, serving
 from fixtures_serving import QUERY_KW
 from fixtures_serving import png_bytes as encode
 from PIL import Image
@@ -31,8 +28,6 @@ from cmpnas.serving.app import create_app
 from cmpnas.serving.browser import ORT_FILES, checkout_runtime_dir
 from cmpnas.serving.uploads import decode_upload
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 RUNTIME = checkout_runtime_dir()
 KINDS = ("stripes", "checks", "blobs")
 
@@ -48,61 +43,11 @@ needs_runtime = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """uvicorn in a thread on 127.0.0.1 serving ``app``; yields its URL, stops it after the tests."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from selenium import webdriver  # in the test extras; missing = a failure, not a skip
-    from selenium.webdriver.chrome.service import Service
-
-    assert CHROMEDRIVER.exists(), "needs Debian's chromium-driver: apt-get install chromium-driver"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-        "--window-size=1200,900",
-    ):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(30)
-    driver.set_script_timeout(180)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
+        driver.set_script_timeout(180)
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,12 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (apt) and ``selenium`` (pip)
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+from browser_support import CHROMIUM, chromium, serving
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,28 +20,9 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(app: Any) -> Iterator[str]:
-    """uvicorn in a thread on 127.0.0.1 serving ``app``; yields its URL, stops it after the test."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(params=["flat_index", "milvus_index"])
@@ -68,34 +44,8 @@ def family_url(flat_index: Path, onnx_query: Path, small_query: Path) -> Iterato
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    from selenium import (
-        webdriver,
-    )  # pip install selenium (in the test extras); missing = a failure, not a skip
-    from selenium.webdriver.chrome.service import Service
-
-    assert CHROMEDRIVER.exists(), "needs Debian's chromium-driver: apt-get install chromium-driver"
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1200,900",
-    ):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(30)
-    try:
+    with chromium(tmp_path / "chromium-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_upload_shows_result_thumbnails(server_url: str, browser: Any, tmp_path: Path, pattern: Any) -> None:
