@@ -15,6 +15,7 @@ from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.report.family import family_markdown, family_rows
 from cmpnas.report.figures import backfill_figure, family_figure, png, report_plots
 from cmpnas.report.html import report_html
+from cmpnas.report.int8 import int8_markdown, int8_summary
 from cmpnas.report.results import build_results, gallery_num_classes, load_output
 from cmpnas.report.sections import report_markdown
 from cmpnas.report.summary import summarize_models
@@ -40,6 +41,7 @@ def write_report(
     study = load_output(out / "study" / "study.json")
     upgrade = load_output(out / "upgrade" / "evaluate" / "results.json")
     family = load_output(out / "export" / "family" / "family.json")
+    int8 = load_output(out / "export" / "query.int8.json")
     models = summarize_models(rows)
     results = build_results(cfg, rows, models, searches, study, state, gallery_num_classes(gallery_model))
     if upgrade:
@@ -51,6 +53,8 @@ def write_report(
             "references": family.get("references", []),
             "split": "test",
         }
+    if int8:
+        results["int8"] = int8_summary(int8)
     write_json_atomic(out / "results.json", results)
     markdown = report_markdown(cfg, results, searches, study)
     if upgrade and upgrade_markdown is not None:
@@ -59,6 +63,8 @@ def write_report(
         markdown += "\n## Query-model family (one search, several budgets)\n\n" + family_markdown(
             results["family"]["members"], family.get("latency_check")
         )
+    if int8:
+        markdown += "\n## int8 query model (beside the fp32 export)\n\n" + int8_markdown(results["int8"])
     write_text_atomic(out / "report.md", markdown)
     plots = report_plots(models, results["gallery"], searches, study)
     if upgrade:
