@@ -143,6 +143,32 @@ def test_unknown_source_name(monkeypatch):
         build_data(cfg)
 
 
-def test_open_set_only_for_user_folders(tiny_idx_dir):
-    with pytest.raises(CmpnasError, match="open_set is not supported for data.name=fashion_mnist"):
-        build_data(DataConfig(root=str(tiny_idx_dir), open_set=True))
+def test_open_set_refused_where_the_source_has_no_classes_to_hold_out():
+    with pytest.raises(CmpnasError, match="open_set is not supported for data.name=synthetic"):
+        build_data(DataConfig(name="synthetic", open_set=True))
+
+
+def test_fashion_mnist_open_set_holds_classes_out_of_training(tiny_idx_dir, tiny_idx_arrays):
+    # 10 classes, 30 % held out -> 3; val = their 10 training images each, test = their 3 test images each
+    d = build_data(DataConfig(root=str(tiny_idx_dir), open_set=True, val_size=1000))
+    assert d.open_set and d.num_classes == 7
+    assert sorted(set(d.train.labels.tolist())) == list(range(7))
+    assert sorted(set(d.val.labels.tolist())) == sorted(set(d.test.labels.tolist())) == [7, 8, 9]
+    assert (len(d.train), len(d.val), len(d.test)) == (70, 30, 9)
+    # the renumbering keeps names with their images: every val image is one of its class's training images
+    held = [factory.fashion_mnist.CLASS_NAMES.index(n) for n in d.class_names[7:]]
+    train_x, train_y = tiny_idx_arrays["train_images"], tiny_idx_arrays["train_labels"]
+    for img, label in zip(d.val.images[:, 0].numpy(), d.val.labels.tolist(), strict=True):
+        original = held[label - 7]
+        assert any(np.array_equal(img, x) for x in train_x[train_y == original])
+    assert d.class_names[:7] == [n for n in factory.fashion_mnist.CLASS_NAMES if factory.fashion_mnist.CLASS_NAMES.index(n) not in held]
+
+
+def test_digits_source_closed_and_open_set():
+    pytest.importorskip("sklearn")
+    d = build_data(DataConfig(name="digits"))
+    assert (len(d.train) + len(d.val), len(d.test)) == (1438, 359)  # round(0.2 x 1,797) held out for test
+    assert d.train.images.dtype == torch.uint8 and tuple(d.train.images.shape[1:]) == (1, 28, 28)
+    assert sorted(set(d.test.labels.tolist())) == list(range(10))
+    o = build_data(DataConfig(name="digits", open_set=True))
+    assert o.num_classes == 7 and set(o.val.labels.tolist()) == set(o.test.labels.tolist()) == {7, 8, 9}

@@ -12,7 +12,7 @@ from cmpnas.cli import main
 from cmpnas.config import build_config
 from cmpnas.errors import CmpnasError
 from cmpnas.models.embedding import load_model
-from cmpnas.nas.health import check_health, health_paths, judge, supernet_health
+from cmpnas.nas.health import check_health, health_line, health_paths, judge, supernet_health
 from cmpnas.nas.supernet import SupernetEmbedding, save_supernet
 from cmpnas.stages import search
 from cmpnas.stages.common import make_space, supernet_identity
@@ -126,3 +126,14 @@ def test_path_sampler_warms_up_at_full_width_then_draws_each_band() -> None:
     costs = [space.macs(sample(s)) for s in range(10, 110)]
     in_each = [sum(lo <= c <= hi for c in costs) for lo, hi in bands]
     assert all(n >= 30 for n in in_each) and sum(in_each) == 100
+
+
+def test_open_set_validation_is_judged_without_the_classifier() -> None:
+    # val classes the classifier never saw: its top-1 is not measurable (None) and not judged; chance is one over
+    # the 3 validation classes
+    rows = iter([{"cls_top1": None, "hom_top1": 60.0, "het_top1": 50.0, "het_map": 40.0}] * 2)
+    health = supernet_health(lambda arch: next(rows), [{"a": 1}, {"a": 2}], 3, 0.2)
+    assert health["cls_top1"] is None and health["chance"] == 33.33
+    assert health["floor"] == pytest.approx(100 / 3 + 0.2 * (100 - 100 / 3), abs=0.01)  # 46.67
+    assert health["ok"] and health["weak"] == []
+    assert "classifier" not in health_line(health)
