@@ -176,7 +176,48 @@ def test_browser_embeddings_and_answers_match_python(
     """>= 200 images: the page's preprocessed pixels equal pil_to_uint8's byte for byte, its ORT Web embedding
     has cosine >= 0.9999 with Python ONNX Runtime's, and its vector search (float32, as the page sends it)
     returns the same top 10 as the image upload for >= 99% of them."""
-    url, service = family
+    _check_parity(*family, browser, pattern, name)
+
+
+@pytest.fixture(scope="module")
+def int8_query(onnx_query: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixtures' ONNX query model quantized to int8 (QDQ), calibrated on seeded normalised noise: what
+    matters here is that the browser and Python run the same int8 file alike."""
+    from cmpnas.serving.export import INPUT_NAME, META_QUANTIZATION, load_encoder
+    from cmpnas.serving.quantize import quantize_file
+
+    spec = load_encoder(onnx_query).spec
+    rng = np.random.default_rng(0)
+    shape = (16, spec.in_chans, spec.input_size, spec.input_size)
+    batches = [{INPUT_NAME: rng.standard_normal(shape).astype(np.float32)} for _ in range(4)]
+
+    class Reader:
+        def __init__(self) -> None:
+            self.rest = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.rest, None)
+
+        def rewind(self) -> None:
+            self.rest = iter(batches)
+
+    out = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    quantize_file(onnx_query, out, Reader(), False, {META_QUANTIZATION: "{}"})  # type: ignore[arg-type]
+    return out
+
+
+@needs_runtime
+def test_int8_query_model_runs_in_the_browser_like_in_python(
+    flat_index: Path, int8_query: Path, browser: Any, pattern: Any
+) -> None:
+    app = create_app(flat_index, int8_query, watch_index_s=0, ort_web_dir=RUNTIME)
+    with serving(app) as url:
+        service = app.state.service
+        assert service.members["int8"].encoder.kind == "onnx-int8"
+        _check_parity(url, service, browser, pattern, "int8")
+
+
+def _check_parity(url: str, service: Any, browser: Any, pattern: Any, name: str) -> None:
     engine = _open(browser, url)
     assert engine["state"] == "ready", engine
     member = service.members[name]
@@ -198,7 +239,7 @@ def test_browser_embeddings_and_answers_match_python(
     assert not pixel_mismatch, f"preprocessing differs from Python for {pixel_mismatch[:10]}"
     browser_vecs = np.asarray([g["raw"] for g in got], dtype=np.float64)
     python_vecs = member.encoder.embed_images(pil).astype(np.float64)  # ONNX Runtime (Python), normalised
-    assert member.encoder.kind == "onnx"
+    assert member.encoder.kind in ("onnx", "onnx-int8")
     cos = (browser_vecs @ python_vecs.T).diagonal() / np.linalg.norm(browser_vecs, axis=1)
     worst = int(np.argmin(cos))
     assert cos.min() >= 0.9999, f"cosine {cos.min():.6f} for {images[worst][0]}"
