@@ -306,3 +306,29 @@ def test_serve_refuses_two_models_with_one_name(tmp_path: Path, flat_index: Path
     r = subprocess.run([*cmd, "--query-model", str(other)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "both named 'query'" in r.stderr and "Fix: rename one file" in r.stderr
+
+
+def test_serve_ort_web_dir_is_checked_then_handed_to_the_workers(
+    cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any, tmp_path: Path
+) -> None:
+    from cmpnas.serving.browser import ORT_DIR_ENV, ORT_FILES
+
+    monkeypatch.delenv(ORT_DIR_ENV, raising=False)
+    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: None)
+    empty = tmp_path / "dist"
+    empty.mkdir()
+    r = run(cli, "serve", "--index", flat_index, "--query-model", models.query, "--ort-web-dir", empty)
+    assert r.exit_code != 0 and "lacks ort.wasm.min.mjs" in str(r.exception or r.output)
+    for name in ORT_FILES:
+        (empty / name).write_bytes(b"")
+    r = run(cli, "serve", "--index", flat_index, "--query-model", models.query, "--ort-web-dir", empty)
+    assert r.exit_code == 0, r.output
+    assert os.environ[ORT_DIR_ENV] == str(empty.resolve())  # worker processes inherit it
+    monkeypatch.delenv(ORT_DIR_ENV)
+
+
+def test_serve_with_a_bad_ort_web_dir_exits_2_with_one_line(tmp_path: Path, flat_index: Path, models: Any) -> None:
+    cmd = [*cmpnas_command(), "serve", "--index", str(flat_index), "--query-model", str(models.query)]
+    r = subprocess.run([*cmd, "--ort-web-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "lacks ort.wasm.min.mjs" in r.stderr and "Fix:" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from cmpnas.cli.options import logged
 from cmpnas.data.sources import csv_source, dataset_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import run_server
+from cmpnas.serving.browser import ORT_DIR_ENV, ORT_FILES
 from cmpnas.serving.family import expand_query_models, read_family
 from cmpnas.serving.index import IndexParams, query_images
 from cmpnas.serving.quantize import Int8Options, report_path_for
@@ -501,8 +503,25 @@ def serve_cmd(
             "which is then swapped in without dropping requests; 0 = never",
         ),
     ] = 2.0,
+    ort_web_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--ort-web-dir",
+            help="folder holding ONNX Runtime Web's WebAssembly build (onnxruntime-web's dist/) for the page's "
+            "in-browser embedding; default: $CMPNAS_ORT_WEB_DIR, else the checkout's web/node_modules",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the index over HTTP: POST /search, GET /healthz, /stats, /docs and a web page at /."""
+    """Serve the index over HTTP: POST /search, /search/vector, GET /healthz, /stats, /models, /docs and a web
+    page at /."""
+    if ort_web_dir is not None:
+        missing = [name for name in ORT_FILES if not (ort_web_dir / name).is_file()]
+        if missing:
+            raise CmpnasError(
+                f"--ort-web-dir '{ort_web_dir}' lacks {', '.join(missing)}.",
+                "point it at onnxruntime-web's dist/ folder (scripts/setup.sh installs it under web/node_modules)",
+            )
+        os.environ[ORT_DIR_ENV] = str(ort_web_dir.resolve())  # every worker process reads it
     named = expand_query_models(query_model)  # names clash or a family file is bad: say so before loading
     models = str(query_model[0]) if len(named) == 1 else ", ".join(f"{n} ({p})" for n, p in named)
     message = f"serving {index_dir} with {models} on http://{host}:{port}/"
