@@ -25,9 +25,11 @@ test-slow: setup
 	$(VENV)/bin/python -m pytest -q -m slow
 
 # Benchmarks write JSON to benchmarks/results/; run them on an otherwise idle machine.
-# search_speed and serving need a finished `make demo` run in $(OUT) (gallery, supernet, R3 model).
-# The long ones run by hand (README): benchmarks/upgrade.py (~50 min), benchmarks/family.py (~45 min after
-# `make full`, whose gallery and baselines it reuses), benchmarks/compat_ablation.py.
+# search_speed and serving need a finished `make demo` run in $(OUT) (gallery, supernet, R3 model); so do
+# int8 and browser when given its models (README: the commands as run).
+# The long ones run by hand (README): benchmarks/upgrade.py, benchmarks/family.py (after `make full`, whose
+# gallery and baselines it reuses), benchmarks/compat_ablation.py, benchmarks/compat_objective.py,
+# benchmarks/supernet_ablation.py.
 bench: setup
 	$(VENV)/bin/python benchmarks/latency_table.py
 	$(VENV)/bin/python benchmarks/training_throughput.py
