@@ -30,3 +30,12 @@ def test_a_gallery_at_chance_fails_and_all_learned_says_nothing() -> None:
     fine = learning_check([model("a", 60.0, 61.0)], 86.0, 10, set(), 0.2)
     assert fine["failed"] == [] and learning_markdown(fine) == []
     assert learning_check([model("a", 1.0, 1.0)], 86.0, None, set(), 0.2) is None
+
+
+def test_chance_comes_from_the_classes_the_table_was_scored_on(tmp_path) -> None:
+    from cmpnas.report.results import table_num_classes
+
+    rows = [{"protocol": {"split": "test", "n_classes": 3}}, {"protocol": {"split": "test", "n_classes": 3}}]
+    assert table_num_classes(rows, None) == 3  # an open-set test of 3 classes: chance 33 %, not 1 / training classes
+    assert table_num_classes([{"protocol": {"split": "test"}}], None) is None  # older rows, no gallery file
+    assert table_num_classes([{"protocol": {"n_classes": 3}}, {"protocol": {"n_classes": 4}}], None) is None

@@ -46,6 +46,13 @@ def load_output(path: Path) -> Any:
     return read_json(path, fix) if path.exists() else None
 
 
+def table_num_classes(rows: list[dict[str, Any]], gallery_model: Path | None) -> int | None:
+    """The classes of the split the table was scored on (what chance is one over), as the evaluate stage
+    recorded them; for tables written before it recorded them, the gallery model's class count."""
+    recorded = {r.get("protocol", {}).get("n_classes") for r in rows} - {None}
+    return int(recorded.pop()) if len(recorded) == 1 else gallery_num_classes(gallery_model)
+
+
 def gallery_num_classes(path: Path | None) -> int | None:
     """The number of classes in the gallery model's file header, None when it cannot be read."""
     try:

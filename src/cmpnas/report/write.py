@@ -16,7 +16,7 @@ from cmpnas.report.family import family_markdown, family_rows
 from cmpnas.report.figures import backfill_figure, family_figure, png, report_plots
 from cmpnas.report.html import report_html
 from cmpnas.report.int8 import int8_markdown, int8_summary
-from cmpnas.report.results import build_results, gallery_num_classes, load_output
+from cmpnas.report.results import build_results, load_output, table_num_classes
 from cmpnas.report.sections import report_markdown
 from cmpnas.report.summary import summarize_models
 
@@ -31,8 +31,8 @@ def write_report(
 ) -> dict[str, Any]:
     """Write the run's report into ``out`` and return what was written.
 
-    ``gallery_model``: the gallery's model file, whose class count sets the learning check's chance level (None:
-    no learning check). ``upgrade_markdown``: how the upgrade stage renders its results (None: the upgrade's
+    ``gallery_model``: the gallery's model file, whose class count sets the learning check's chance level when
+    the evaluated rows do not record their split's classes (None then: no learning check). ``upgrade_markdown``: how the upgrade stage renders its results (None: the upgrade's
     numbers go to results.json and its figure to the HTML, without a Markdown section).
     """
     rows = load_output(out / "evaluation" / "rows.json") or []
@@ -43,7 +43,7 @@ def write_report(
     family = load_output(out / "export" / "family" / "family.json")
     int8 = load_output(out / "export" / "query.int8.json")
     models = summarize_models(rows)
-    results = build_results(cfg, rows, models, searches, study, state, gallery_num_classes(gallery_model))
+    results = build_results(cfg, rows, models, searches, study, state, table_num_classes(rows, gallery_model))
     if upgrade:
         results["upgrade"] = upgrade
     if family:

@@ -106,10 +106,11 @@ def evaluate_query_models(
     val_cache: dict = {}
     rows = []
     g_lat = measure_latency_ms(gallery, gallery.input_shape(1), repeats=cfg.run.latency_repeats, threads=1)
+    n_classes = len(set(data.test.labels.tolist()))  # an open-set test has other classes than training
     for name, model_file, kind, *seed in models:
         query = load_model(model_file)
         res = compare(gallery, query, protocol, batch_size=cfg.eval_batch_size, gallery_cache=cache)
-        res["protocol"] = {"name": "leave_one_out", "split": "test", "n_images": len(data.test)}
+        res["protocol"] = {"name": "leave_one_out", "split": "test", "n_images": len(data.test), "n_classes": n_classes}
         res["query"]["name"] = name
         res["query"]["kind"] = kind
         res["query"]["seed"] = int(seed[0]) if seed else 0
