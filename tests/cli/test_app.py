@@ -13,34 +13,13 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from cli_support import assert_one_line_error, cli
 
-from cmpnas.cli import app, main
+from cmpnas.cli import app
 from cmpnas.config import load_config
 from cmpnas.models.embedding import fingerprint, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    """Run ``cmpnas ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("cmpnas: error: ")
-    assert "Fix:" in lines[0]
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -10,33 +10,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from cli_support import assert_one_line_error, cli
 
-from cmpnas.cli import main
 from cmpnas.data.base import DataBundle
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """Run ``cmpnas ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("cmpnas: error: ") and "Fix:" in lines[0], lines[0]
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _save(data: DataBundle, path: Path, kw: dict, seed: int, compatible_with: str | None = None) -> str:
