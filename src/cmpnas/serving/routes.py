@@ -192,6 +192,13 @@ def _app(
             raise HTTPException(404, f"No readable gallery item with id '{item_id}'.")
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
 
+    def answered(t0: float, hits: Any, want: int, member: Any) -> Response:
+        """Record the search's latency and answer it; validated by construction, so serialised once instead of
+        FastAPI's second validation pass."""
+        latency = (time.perf_counter() - t0) * 1000
+        service.record(latency, member)
+        return Response(service.response_body(hits, want, latency, member), media_type="application/json")
+
     @app.post(
         "/search",
         response_model=SearchResponse,
@@ -238,10 +245,7 @@ def _app(
         except UploadRejected as exc:
             service.record(None, member)
             raise HTTPException(exc.status, exc.message) from None
-        latency = (time.perf_counter() - t0) * 1000
-        service.record(latency, member)
-        # validated by construction: serialised once instead of FastAPI's second validation pass
-        return Response(service.response_body(hits, want, latency, member), media_type="application/json")
+        return answered(t0, hits, want, member)
 
     vector_limit = max_vector_bytes(service.index.dim)
     fingerprints = ", ".join(service.by_fingerprint)
@@ -313,8 +317,6 @@ def _app(
         except UploadRejected as exc:
             service.record(None, member)
             raise HTTPException(exc.status, exc.message) from None
-        latency = (time.perf_counter() - t0) * 1000
-        service.record(latency, member)
-        return Response(service.response_body(hits, want, latency, member), media_type="application/json")
+        return answered(t0, hits, want, member)
 
     return app
