@@ -44,6 +44,11 @@ def export_model(
     """
     src, out = Path(model_path), Path(out_path)
     is_onnx = src.suffix.lower() == ".onnx"
+    if not src.is_file():  # before any int8 look-up beside it, so the first thing said is what is wrong
+        raise CmpnasError(
+            f"Model file '{src}' does not exist.",
+            "pass the model.safetensors written by a training command, or an .onnx written by cmpnas export",
+        )
     if int8 is None:
         int8 = not is_onnx and _run_asks_for_int8(src)
     if is_onnx and not int8:
