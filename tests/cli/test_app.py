@@ -160,6 +160,17 @@ def test_resume_of_a_different_run_is_refused_and_changes_nothing(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_run_refused_for_its_data_writes_nothing(capsys, tmp_path: Path, cfg_file: Path) -> None:
+    """The data is checked before the run folder is made: no config.yaml, run state or lock is left behind."""
+    out = tmp_path / "run"
+    code, _, err = cli(
+        capsys, "run", "-c", cfg_file, "-o", out,
+        "--set", "data.name=folder", "--set", f"data.root={tmp_path / 'nowhere'}",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "nowhere", "does not exist")
+    assert not out.exists()
+
+
 def test_unknown_split_and_missing_models_in_evaluate(capsys, tmp_path: Path, cfg_file: Path) -> None:
     code, _, err = cli(capsys, "evaluate", "-c", cfg_file, "-o", tmp_path / "out", "--split", "dev")
     assert_one_line_error(code, err, "'dev'")

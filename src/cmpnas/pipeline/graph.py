@@ -61,8 +61,8 @@ from cmpnas.stages.upgrade import evaluate_upgrade, upgrade_gallery, upgrade_mar
 
 @dataclass
 class RunContext:
-    """What every stage adapter is handed: the config, the run folder's layout, the data (loaded once, when a
-    stage first runs) and the run state (the records of the stages before it)."""
+    """What every stage adapter is handed: the config, the run folder's layout, the data (loaded once) and the
+    run state (the records of the stages before it)."""
 
     cfg: Config
     layout: RunLayout
@@ -641,13 +641,14 @@ def _clear_stage(out: Path, name: str) -> None:
     delete_paths(RunLayout(Path(out)).redo_paths(name))
 
 
-def build_plan(cfg: Config, out: Path) -> Plan[RunContext]:
-    """The engine's view of this run: the stages, where each writes (the layout), and their context."""
+def build_plan(cfg: Config, out: Path, data: Any = None) -> Plan[RunContext]:
+    """The engine's view of this run: the stages, where each writes (the layout), and their context (with
+    ``data`` when it is already loaded, else loaded before the first stage that runs)."""
     layout = RunLayout(out)
 
     def start(state: dict[str, Any]) -> RunContext:
         write_text_atomic(layout.config_file, dump_config(cfg))
-        return RunContext(cfg, layout, state=state)
+        return RunContext(cfg, layout, state=state, data=data)
 
     def before_stage(ctx: RunContext) -> None:
         if ctx.data is None:
@@ -663,4 +664,5 @@ def run_pipeline(cfg: Config, out_dir: str | Path, force: list[str] | None = Non
     left by a run that died is taken over, with a ``lock`` event).
     """
     check_one_schedule(cfg)
-    return run_plan(build_plan(cfg, Path(out_dir)), force or [])
+    # the data is read before anything is written: a run refused for its data leaves no folder behind
+    return run_plan(build_plan(cfg, Path(out_dir), load_data(cfg)), force or [])
