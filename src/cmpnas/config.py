@@ -259,6 +259,14 @@ class NasConfig(_Strict):
         description="a family of query models, one per budget, from one search (`cmpnas run` adds the family "
         "stages); None = no family (budget_* below set the one budget of the R1/R2/R3 searches)",
     )
+    family_floor: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="a family member's query MACs must be at least this fraction of its MACs cap (None = any cost "
+        "under the cap): each member then uses its own budget instead of every budget picking the cheapest "
+        "architecture the supernet ranks first",
+    )
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     budget_macs: float | None = Field(None, gt=0, description="query cost cap in MACs")
     budget_cost_reduction: float | None = Field(

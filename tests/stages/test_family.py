@@ -93,6 +93,23 @@ def test_members_respect_their_budgets_by_lut_count_and_latency_table(family) ->
     assert check["mean_abs_error_pct"] is not None and check["max_abs_error_pct"] >= check["mean_abs_error_pct"]
 
 
+def test_with_a_floor_every_member_uses_its_budget(family, tiny_data, tiny_gallery) -> None:
+    """``nas.family_floor``: each member costs between floor x cap and its cap, so disjoint [floor, cap] ranges
+    give distinct architectures; every evaluated candidate lies inside some member's range."""
+    raw = {**family["raw"], "nas": {**family["raw"]["nas"], "family_floor": 0.8}}
+    raw["nas"]["budgets"] = [b for b in raw["nas"]["budgets"] if b["name"] != "loose-copy"]
+    cfg = build_config(raw)
+    root = family["root"]
+    res = search(cfg, tiny_gallery, root / "supernet" / SUPERNET_FILE, root / "search-floor", data=tiny_data, family=True)
+    caps = {b["name"]: b["macs"] for b in raw["nas"]["budgets"]}
+    assert caps["tight"] < 0.8 * caps["loose"]  # the two ranges do not overlap
+    for b in res["budgets"]:
+        assert 0.8 * caps[b["name"]] <= b["best"]["macs"] <= caps[b["name"]]
+    assert res["budgets"][0]["best"]["arch"] != res["budgets"][1]["best"]["arch"]
+    for c in res["candidates"]:
+        assert any(0.8 * caps[n] <= c["macs"] <= caps[n] for n in c["budgets"])
+
+
 def test_a_member_another_budget_already_has_is_trained_once(family) -> None:
     members = {m["name"]: m for m in family["members"]["members"]}
     assert members["loose-copy"]["arch"] == members["loose"]["arch"]

@@ -110,10 +110,7 @@ def search(
     )
     cache = SharedCandidateCache(cache_path)
     head = space.head_macs(embed_dim)
-    samplers = [
-        (lambda rng, cap=b.macs - head: space.sample_below(rng, cap)) if family and b.macs is not None else None
-        for b in budgets
-    ]  # a family's tight caps are out of reach of uniform samples; one budget keeps SPOS's uniform sampling
+    samplers = [_member_sampler(b, space, head) if family else None for b in budgets]
     evo = EvolutionSearch(
         space,
         scfg,
@@ -262,9 +259,23 @@ def family_document(result: dict[str, Any], gallery_macs: int, latency_table: Pa
     }
 
 
+def _member_sampler(budget: Budget, space: Any, head: float) -> Any:
+    """Random proposals of a family member: a family's tight caps are out of reach of uniform samples (one budget
+    keeps SPOS's uniform sampling), and a member with a floor draws inside [floor, cap]."""
+    if budget.macs is None:
+        return None
+    cap = budget.macs - head
+    if budget.floor_macs is not None:
+        return lambda rng: space.sample_in_band_or_fair(rng, budget.floor_macs - head, cap, max_tries=200)
+    return lambda rng: space.sample_below(rng, cap)
+
+
 def _budget_check(budget: Budget, space: Any, embed_dim: int, latency: LatencyTable | None) -> Any:
     def fits(arch: dict) -> bool:
-        if budget.macs is not None and space.query_macs(arch, embed_dim) > budget.macs:
+        macs = space.query_macs(arch, embed_dim)
+        if budget.macs is not None and macs > budget.macs:
+            return False
+        if budget.floor_macs is not None and macs < budget.floor_macs:
             return False
         return budget.latency_ms is None or latency is None or latency.latency_ms(arch) <= budget.latency_ms
 

@@ -42,6 +42,13 @@ def test_family_budgets_turn_cost_reductions_into_caps() -> None:
     assert family_budgets(NasConfig(), 120_000_000) == []
 
 
+def test_a_family_floor_is_a_fraction_of_each_members_cap() -> None:
+    nas = NasConfig(family_floor=0.7, budgets=[{"cost_reduction": 40}, {"latency_ms": 0.2}])
+    assert family_budgets(nas, 120_000_000) == [Budget("40x", 3e6, None, 2.1e6), Budget("0.2ms", None, 0.2)]
+    assert Budget("40x", 3e6, None, 2.1e6).to_dict()["floor_macs"] == 2.1e6
+    assert "floor_macs" not in Budget("40x", 3e6, None).to_dict()
+
+
 def test_the_supernet_trains_every_caps_band() -> None:
     nas = NasConfig(sample_band=0.5, budgets=[{"cost_reduction": 40}, {"cost_reduction": 160}])
     family = family_budgets(nas, 160_000_000)  # caps 4e6 and 1e6

@@ -65,21 +65,22 @@ class Budget:
     name: str
     macs: float | None
     latency_ms: float | None
+    floor_macs: float | None = None  # a member must cost at least this much (``nas.family_floor`` x cap)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "macs": self.macs, "latency_ms": self.latency_ms}
+        out = {"name": self.name, "macs": self.macs, "latency_ms": self.latency_ms}
+        return out if self.floor_macs is None else {**out, "floor_macs": self.floor_macs}
 
 
 def family_budgets(nas: NasConfig, gallery_macs: int) -> list[Budget]:
-    """``nas.budgets`` with cost reductions turned into MACs caps ([] when the config has no family)."""
-    return [
-        Budget(
-            b.label(),
-            float(b.macs) if b.macs is not None else (gallery_macs / b.cost_reduction if b.cost_reduction else None),
-            b.latency_ms,
-        )
-        for b in nas.budgets or []
-    ]
+    """``nas.budgets`` with cost reductions turned into MACs caps, and ``nas.family_floor`` into MACs floors ([]
+    when the config has no family)."""
+    out = []
+    for b in nas.budgets or []:
+        cap = float(b.macs) if b.macs is not None else (gallery_macs / b.cost_reduction if b.cost_reduction else None)
+        floor = nas.family_floor * cap if nas.family_floor is not None and cap is not None else None
+        out.append(Budget(b.label(), cap, b.latency_ms, floor))
+    return out
 
 
 def sample_bands(nas: NasConfig, budget: float, family: list[Budget] | None = None) -> list[tuple[float, float]]:
