@@ -1,7 +1,7 @@
 """One `cmpnas run` per run folder: a lock file ``RUN/run.lock`` held for the whole run.
 
-The lock is an ``flock`` on the file, so the kernel releases it when its process dies, even by SIGKILL: a
-crashed run never blocks the folder. The file records who holds it (pid, host, process start time) for the
+The lock is filelock's ``flock`` on the file, so the kernel releases it when its process dies, even by SIGKILL:
+a crashed run never blocks the folder. The file records who holds it (pid, host, process start time) for the
 refusal message, and so that a run on a file system where ``flock`` does nothing still sees a live holder on
 this host. A file left by a run that is gone is taken over; the caller is told whose it was.
 """
@@ -9,7 +9,6 @@ this host. A file left by a run that is gone is taken over; the caller is told w
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import BaseFileLock, FileLock, Timeout
 
 from cmpnas.errors import CmpnasError
 
@@ -29,7 +30,7 @@ class RunLock:
     """A held lock; ``previous`` is the record of a run that died holding it (taken over), else None."""
 
     path: Path
-    fd: int
+    file_lock: BaseFileLock
     previous: dict[str, Any] | None = field(default=None)
 
 
@@ -42,6 +43,8 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the command name in parentheses may hold spaces
 
 
+# Our own holder record: filelock's native lock records no holder (its pid/host marker exists only in its soft
+# fallback for file systems whose flock fails, never where flock silently does nothing), and names none on refusal.
 def _record() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
@@ -51,14 +54,24 @@ def _record() -> dict[str, Any]:
     }
 
 
-def _read(fd: int) -> dict[str, Any] | None:
-    os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 65536)
+def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
         rec = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         return None
     return rec if isinstance(rec, dict) else None
+
+
+def _read(fd: int) -> dict[str, Any] | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _parse(os.read(fd, 65536))
+
+
+def _read_path(path: Path) -> dict[str, Any] | None:
+    try:
+        return _parse(path.read_bytes())
+    except OSError:
+        return None
 
 
 def holder_alive(rec: dict[str, Any]) -> bool:
@@ -90,43 +103,55 @@ def _refuse(folder: Path, rec: dict[str, Any] | None) -> CmpnasError:
     )
 
 
+class _HeldByRecord(Exception):
+    """Raised inside filelock's ``on_acquired`` hook, which makes filelock drop the flock it just took."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(describe(record))
+        self.record = record
+
+
 def acquire(folder: str | os.PathLike[str]) -> RunLock:
     """Take the lock of ``folder`` or raise :class:`CmpnasError` naming the run that holds it."""
-    path = Path(folder) / LOCK_FILE
+    root = Path(folder)
+    path = root / LOCK_FILE
+    previous: list[dict[str, Any] | None] = []
+
+    def claim(fd: int) -> None:
+        """Runs with the flock held: check the record (flock is a no-op on some network file systems), then
+        replace it by ours."""
+        rec = _read(fd)
+        if rec and rec.get("pid") != os.getpid() and holder_alive(rec):
+            raise _HeldByRecord(rec)
+        previous.append(rec)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(_record()) + "\n").encode())
+        os.fsync(fd)
+
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Not thread-local: the run may be released from another thread than the one that locked it. The record
+        # lives in the locked file itself, which filelock's soft fallback would overwrite with its own marker.
+        lock = FileLock(
+            path, mode=0o644, thread_local=False, blocking=False, fallback_to_soft=False, on_acquired=claim
+        )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            rec = _read(fd)
-            os.close(fd)
-            raise _refuse(Path(folder), rec) from None
-        if _same_file(fd, path):
-            break
-        os.close(fd)  # the holder released (unlinked) it between our open and flock: lock the new file
-    previous = _read(fd)
-    if previous and previous.get("pid") != os.getpid() and holder_alive(previous):
-        os.close(fd)  # flock is a no-op on some network file systems: the record still tells
-        raise _refuse(Path(folder), previous)
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(_record()) + "\n").encode())
-    os.fsync(fd)
-    return RunLock(path, fd, previous or None)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
+            lock.acquire()
+        except _HeldByRecord as held:
+            raise _refuse(root, held.record) from None
+        except Timeout:
+            if not path.exists():
+                continue  # the holder released (unlinked) it between our open and flock: lock a new file
+            raise _refuse(root, _read_path(path)) from None
+        return RunLock(path, lock, previous[-1] or None)
 
 
 def release(lock: RunLock) -> None:
-    """Remove the file, then drop the lock (in that order, so a waiting run locks a fresh file)."""
+    """Remove the file, then drop the lock (in that order, so a waiting run locks a fresh file: filelock skips
+    an inode unlinked before its flock succeeded)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(lock.path)
-    os.close(lock.fd)
+    lock.file_lock.release(force=True)
 
 
 @contextlib.contextmanager

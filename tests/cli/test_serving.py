@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import typer
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from cmpnas.cli import serving as commands
@@ -252,7 +253,7 @@ def test_serve_with_two_worker_processes(
             assert r.status_code == 200, r.text
             answers.add(tuple(h["id"] for h in r.json()["results"]))
         assert len(answers) == 1 and len(next(iter(answers))) == 4
-        # whichever worker answers /stats counts every worker's searches (shared within ~0.5 s)
+        # whichever worker answers /stats counts every worker's searches (shared through their metrics files)
         for _ in range(100):
             stats = httpx.get(f"{url}/stats").json()
             if stats["queries"] == 6:
@@ -263,6 +264,17 @@ def test_serve_with_two_worker_processes(
         assert sorted(w["queries"] for w in stats["workers"]) == [3, 3], stats["workers"]
         for _ in range(4):  # and keeps doing so, whichever worker answers
             assert httpx.get(f"{url}/stats").json()["queries"] == 6
+        for _ in range(2):  # /metrics adds up both workers' files too, whichever worker answers
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+                for s in family.samples
+            }
+            where = (("endpoint", "/search"), ("model", "query"))
+            assert samples["cmpnas_search_requests_total", (*where, ("outcome", "answered"))] == 6
+            assert samples["cmpnas_search_latency_seconds_count", where] == 6
+            per_worker = [v for (name, _), v in samples.items() if name == "cmpnas_worker_searches"]
+            assert sorted(per_worker) == [3, 3]
 
 
 def test_serve_two_query_models_with_two_workers(
@@ -287,7 +299,7 @@ def test_serve_two_query_models_with_two_workers(
         assert len(answers["query"]) == len(answers["small"]) == 1 and answers["query"] != answers["small"]
         r = httpx.post(f"{url}/search", params={"model": "big"}, files={"file": ("q.png", buf.getvalue())})
         assert r.status_code == 422 and "available: query, small" in r.json()["detail"]
-        for _ in range(100):  # shared within ~0.5 s, whichever worker answers
+        for _ in range(100):  # shared through the workers' metrics files, whichever worker answers
             stats = httpx.get(f"{url}/stats").json()
             if stats["queries"] == 5 and stats["rejected"] == 1:
                 break

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from fixtures_serving import png_header_only
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from stats_support import record_in_another_process
 
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import create_app
@@ -210,8 +210,8 @@ def test_big_upload_goes_through_the_thread_pool_with_the_same_answer(
 def test_stats_add_up_the_counters_every_worker_shares(
     tmp_path: Path, flat_index: Path, models: Any, pattern: Any
 ) -> None:
-    other = {"pid": 999_999, "queries": 5, "rejected": 2, "latencies": [1.0, 2.0, 3.0, 4.0, 100.0]}
-    (tmp_path / "worker-999999.json").write_text(json.dumps(other))  # another worker process's share
+    searches = [(1.0, "query"), (2.0, "query"), (3.0, "query"), (4.0, "query"), (100.0, "query")]
+    record_in_another_process(tmp_path, ["query"], [*searches, (None, None), (None, None)])
     client = TestClient(create_app(flat_index, models.query, stats_dir=str(tmp_path)))
     r = post(client, encode(pattern("stripes", 1)))
     assert r.status_code == 200

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fixtures_serving import GALLERY_KW, QUERY_KW, _model
 from fixtures_serving import png_bytes as encode
+from stats_support import record_in_another_process
 
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import RawSearch, create_app
@@ -128,12 +129,8 @@ def test_stats_count_each_model(flat_index: Path, models: Any, small_query: Path
 def test_stats_add_up_each_models_counters_over_the_workers(
     tmp_path: Path, flat_index: Path, models: Any, small_query: Path, pattern: Any
 ) -> None:
-    other = {
-        "pid": 999_999, "queries": 3, "rejected": 1, "latencies": [1.0, 2.0, 50.0],
-        "models": {"query": {"queries": 1, "rejected": 0, "latencies": [1.0]},
-                   "small": {"queries": 2, "rejected": 1, "latencies": [2.0, 50.0]}},
-    }  # fmt: skip
-    (tmp_path / "worker-999999.json").write_text(json.dumps(other))  # another worker process's share
+    other = [(1.0, "query"), (2.0, "small"), (50.0, "small"), (None, "small")]
+    record_in_another_process(tmp_path, ["query", "small"], other)  # another worker process's searches
     client = TestClient(
         create_app(flat_index, models.query, small_query, stats_dir=str(tmp_path), watch_index_s=0)
     )

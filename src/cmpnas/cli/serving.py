@@ -35,6 +35,11 @@ class BackendKind(str, Enum):
     milvus = "milvus"
 
 
+class DispatchKind(str, Enum):
+    balancer = "balancer"
+    reuseport = "reuseport"
+
+
 class ExporterKind(str, Enum):
     auto = "auto"
     dynamo = "dynamo"
@@ -494,6 +499,15 @@ def serve_cmd(
             help="server processes on the port (each loads the model and index); about one core each",
         ),
     ] = 1,
+    dispatch: Annotated[
+        DispatchKind,
+        typer.Option(
+            "--dispatch",
+            help="with --workers > 1, how connections reach the workers: balancer = this process accepts and "
+            "deals them round-robin; reuseport = each worker accepts from its own SO_REUSEPORT socket on the "
+            "port, spread by the kernel",
+        ),
+    ] = DispatchKind.balancer,
     watch_index: Annotated[
         float,
         typer.Option(
@@ -542,6 +556,7 @@ def serve_cmd(
         ef_search=ef_search,
         threads=threads,
         workers=workers,
+        dispatch=dispatch.value,
         watch_index_s=watch_index,
     )
 

@@ -1,14 +1,17 @@
 """Starting the server: one uvicorn process, or several worker processes on one port.
 
 The Python HTTP stack holds the GIL for most of a request, so one process uses about one core whatever its
-thread count; ``workers > 1`` runs that many processes (:mod:`cmpnas.serving.balancer`), each with its own copy
-of the models and the index, configured through the environment.
+thread count; ``workers > 1`` runs that many processes, each with its own copy of the models and the index,
+configured through the environment. Two ways spread the connections over them (``dispatch``): ``balancer``, the
+parent accepts and deals each connection round-robin (:mod:`cmpnas.serving.balancer`); ``reuseport``, each
+worker accepts from its own ``SO_REUSEPORT`` socket and the kernel spreads them (:mod:`cmpnas.serving.reuseport`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from cmpnas.errors import CmpnasError
 from cmpnas.serving.routes import create_app
 
 SERVE_CONFIG_ENV = "CMPNAS_SERVE_CONFIG"
+DISPATCH_MODES = ("balancer", "reuseport")
 
 
 def app_from_env() -> FastAPI:
@@ -34,18 +38,24 @@ def run_server(
     port: int = 8000,
     log_level: str = "info",
     workers: int = 1,
+    dispatch: str = "balancer",
     **limits: Any,
 ) -> None:
     """Build the app (fails fast on a bad index/model pair) and serve it with uvicorn.
 
     With ``workers > 1`` the app is built once here as the check, then each worker builds its own. The
     workers share their counters through files in a temporary folder, so ``/stats`` reports all of them
-    whichever worker answers; a store only one process may open is served to them from this one.
+    whichever worker answers; a store only one process may open is served to them from this one. ``dispatch``
+    (``balancer`` or ``reuseport``) says how connections reach the workers; one worker needs neither.
     """
     import uvicorn
 
     if workers < 1:
         raise CmpnasError(f"workers must be >= 1, got {workers}.", "pass --workers 1 or more")
+    if dispatch not in DISPATCH_MODES:
+        raise CmpnasError(f"unknown dispatch '{dispatch}'.", f"pass one of {', '.join(DISPATCH_MODES)}")
+    if dispatch == "reuseport" and workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise CmpnasError("SO_REUSEPORT is not available on this platform.", "pass --dispatch balancer")
     if workers == 1:
         app = create_app(index_dir, *query_models, **limits)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -53,7 +63,10 @@ def run_server(
     app = create_app(index_dir, *query_models, **{**limits, "watch_index_s": 0})  # the check; workers watch
     shared_uri = app.state.service.index.store.shared_uri()
     del app  # checked; each worker loads its own copy
-    from cmpnas.serving.balancer import serve_balanced
+    if dispatch == "reuseport":
+        from cmpnas.serving.reuseport import serve_reuseport as serve
+    else:
+        from cmpnas.serving.balancer import serve_balanced as serve
 
     stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
     config: dict[str, Any] = {
@@ -63,7 +76,7 @@ def run_server(
     }
     if shared_uri is not None:
         config["milvus_uri"] = shared_uri
-    serve_balanced(
+    serve(
         "cmpnas.serving.launch:app_from_env",
         {SERVE_CONFIG_ENV: json.dumps({**config, **limits})},
         host=host,

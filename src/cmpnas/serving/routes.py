@@ -63,7 +63,8 @@ def create_app(
     ``threads`` sets the intra-op threads of torch, ONNX Runtime and FAISS (None = their defaults). One
     query is embedded and searched at a time, so 1 thread loses little, and it avoids OpenMP barrier stalls
     when the machine is busy. ``stats_dir`` is the folder the worker processes of one server share their
-    counters through. ``milvus_uri`` overrides where a Milvus index's collection is served from. Every
+    metrics through (prometheus_client's multiprocess mode; default ``$PROMETHEUS_MULTIPROC_DIR``, neither: this
+    app counts on its own). ``milvus_uri`` overrides where a Milvus index's collection is served from. Every
     ``watch_index_s`` seconds (0 = never) the index folder is checked and a rewritten index swapped in.
     ``ort_web_dir`` holds ONNX Runtime Web's files for in-browser embedding (default: ``$CMPNAS_ORT_WEB_DIR``,
     else the checkout's ``web/node_modules``); without them the page uploads images.
@@ -182,6 +183,16 @@ def _app(
         return service.stats()
 
     @app.get(
+        "/metrics",
+        summary="Search counters and latency histograms of every worker process, by query model and endpoint, "
+        "in the Prometheus text format (what a Prometheus server scrapes)",
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    def metrics(request: Request) -> Response:
+        body, content_type = service.counters.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    @app.get(
         "/thumb/{item_id:path}",
         summary="PNG thumbnail of a gallery item",
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or unreadable item"}},
@@ -192,11 +203,11 @@ def _app(
             raise HTTPException(404, f"No readable gallery item with id '{item_id}'.")
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
 
-    def answered(t0: float, hits: Any, want: int, member: Any) -> Response:
+    def answered(t0: float, hits: Any, want: int, member: Any, endpoint: str) -> Response:
         """Record the search's latency and answer it; validated by construction, so serialised once instead of
         FastAPI's second validation pass."""
         latency = (time.perf_counter() - t0) * 1000
-        service.record(latency, member)
+        service.record(latency, member, endpoint)
         return Response(service.response_body(hits, want, latency, member), media_type="application/json")
 
     @app.post(
@@ -243,9 +254,9 @@ def _app(
             data, content_type = await read_upload(request, file, max_upload_bytes)
             hits = await service.answer_async(data, content_type, want, member)
         except UploadRejected as exc:
-            service.record(None, member)
+            service.record(None, member, "/search")
             raise HTTPException(exc.status, exc.message) from None
-        return answered(t0, hits, want, member)
+        return answered(t0, hits, want, member, "/search")
 
     vector_limit = max_vector_bytes(service.index.dim)
     fingerprints = ", ".join(service.by_fingerprint)
@@ -315,8 +326,8 @@ def _app(
             unit = check_vector(parsed, service.index.dim, member)
             hits = await service.answer_vector_async(unit, want, member)
         except UploadRejected as exc:
-            service.record(None, member)
+            service.record(None, member, "/search/vector")
             raise HTTPException(exc.status, exc.message) from None
-        return answered(t0, hits, want, member)
+        return answered(t0, hits, want, member, "/search/vector")
 
     return app

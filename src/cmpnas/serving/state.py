@@ -30,7 +30,7 @@ from cmpnas.serving.compat_policy import check_compatible
 from cmpnas.serving.export import Encoder, load_encoder
 from cmpnas.serving.family import expand_query_models
 from cmpnas.serving.index import GalleryIndex
-from cmpnas.serving.stats import WorkerStats, latency_summary
+from cmpnas.serving.stats import WorkerStats
 from cmpnas.serving.uploads import UploadRejected, decode_upload
 
 THUMB_SIZE = 112
@@ -242,9 +242,12 @@ class SearchService:
         )
         return answer.model_dump_json(exclude_none=True).encode()
 
-    def record(self, latency_ms: float | None, member: Member | None = None) -> None:
-        """Count a search (its latency) or a rejection (None), in total and for ``member`` when known."""
-        self.counters.record(latency_ms, None if member is None else member.name)
+    def record(
+        self, latency_ms: float | None, member: Member | None = None, endpoint: str = "/search"
+    ) -> None:
+        """Count a search (its latency) or a rejection (None), for ``member`` when known and the endpoint
+        (``/search`` or ``/search/vector``) that took it."""
+        self.counters.record(latency_ms, None if member is None else member.name, endpoint)
 
     def _thumbnail(self, item_id: str) -> bytes | None:
         img = self.index.thumbnail_image(item_id)
@@ -253,7 +256,8 @@ class SearchService:
     # ----------------------------------------------------------------------------------- /stats
     def stats(self) -> dict[str, Any]:
         """Index, models and counters. The top-level ``query_model`` and ``mode`` are the default model's,
-        the counters add up every model; ``models`` has each one's description, mode and counters."""
+        the counters add up every model; ``models`` has each one's description, mode and counters. The
+        latency percentiles are histogram estimates (:mod:`cmpnas.serving.stats`)."""
         counters = self.counters.combined()
         manifest = self.index.manifest
         return {
@@ -277,15 +281,13 @@ class SearchService:
                 name: {
                     **m.encoder.describe(),
                     "mode": m.mode,
-                    "queries": counters["models"][name]["queries"],
-                    "rejected": counters["models"][name]["rejected"],
-                    "latency_ms": latency_summary(counters["models"][name]["latencies"]),
+                    **counters["models"][name],
                 }
                 for name, m in self.members.items()
             },
             "queries": counters["queries"],
             "rejected": counters["rejected"],
-            "latency_ms": latency_summary(counters["latencies"]),
+            "latency_ms": counters["latency_ms"],
             "workers": counters["workers"],
             "limits": self.limits,
             "uptime_s": round(time.time() - self.started, 1),

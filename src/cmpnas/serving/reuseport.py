@@ -1,0 +1,177 @@
+"""Several server processes on one port, each accepting from its own ``SO_REUSEPORT`` socket.
+
+The standard alternative to :mod:`cmpnas.serving.balancer`: one listening socket per worker, all bound to the
+same port with ``SO_REUSEPORT``, so the kernel hashes each new connection (by its addresses and ports) to one of
+them and no process sits between client and worker. Each worker serves its socket with plain
+``uvicorn.Server(config).run(sockets=[sock])``. The spread is a hash, not round-robin: a handful of connections
+can land unevenly.
+
+The parent binds and listens on every socket before it starts a worker, and keeps its copy open, so a connection
+that arrives while the workers load their models waits in a backlog instead of being refused. A worker that dies
+is restarted; while others serve, its queued connections are dropped with its socket and the replacement gets a
+fresh one that is bound but not listening, which uvicorn puts in the kernel's rotation once the new worker is
+ready, so no connection waits on a worker that is still loading. A worker also stops when the parent dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import Any
+
+log = logging.getLogger("cmpnas.serving")
+
+RESTART_BACKOFF_S = 1.0
+STOP_GRACE_S = 10.0
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _member(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` in the port's ``SO_REUSEPORT`` group; it gets connections once it listens."""
+    family = _family(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_group(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
+    """``count`` listening sockets sharing ``host:port`` (port 0: one free port for all of them).
+
+    A plain bind comes first, so a port held by another server, even one that also uses ``SO_REUSEPORT``, is an
+    ``EADDRINUSE`` here rather than a silent share of that server's connections."""
+    with socket.create_server((host, port), family=_family(host)) as probe:
+        port = probe.getsockname()[1]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sockets.append(_member(host, port))
+            sockets[-1].listen(backlog)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listening(sock: socket.socket) -> bool:
+    return sock.fileno() != -1 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+
+
+def _stop_with_parent(server: Any) -> None:
+    """A worker whose parent was killed would serve on with no one to restart it or stop it: stop it too."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns once the parent's end of the spawn pipe is closed, i.e. the parent is gone
+        server.should_exit = True
+
+    threading.Thread(target=watch, name="cmpnas-parent-watch", daemon=True).start()
+
+
+def _worker_main(sock: socket.socket, app_factory: str, log_level: str, env: dict[str, str]) -> None:
+    import uvicorn
+
+    os.environ.update(env)
+    server = uvicorn.Server(uvicorn.Config(app_factory, factory=True, log_level=log_level))
+    _stop_with_parent(server)
+    server.run(sockets=[sock])
+
+
+class _Slot:
+    """One worker process and the parent's copy of its socket."""
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.process: Any = None
+        self.started_at = 0.0
+
+
+def serve_reuseport(
+    app_factory: str,
+    env: dict[str, str],
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str = "info",
+    backlog: int = 2048,
+) -> None:
+    """Serve ``app_factory`` (``module:function``) from ``workers`` processes on ``host:port`` until SIGTERM/SIGINT."""
+    ctx = multiprocessing.get_context("spawn")
+    slots = [_Slot(i, sock) for i, sock in enumerate(bind_group(host, port, workers, backlog))]
+    port = slots[0].sock.getsockname()[1]
+
+    def spawn(slot: _Slot) -> None:
+        slot.process = ctx.Process(
+            target=_worker_main, args=(slot.sock, app_factory, log_level, env), daemon=True
+        )
+        slot.process.start()
+        slot.started_at = time.monotonic()
+
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for slot in slots:
+            spawn(slot)
+        print(
+            f"cmpnas serve: http://{host}:{port} ({workers} worker processes on SO_REUSEPORT sockets, "
+            f"pid {os.getpid()})",
+            flush=True,
+        )
+        while not stopping:
+            live = [slot.process.sentinel for slot in slots if slot.process.is_alive()]
+            if live:
+                wait(live, timeout=0.5)
+            else:
+                time.sleep(0.5)
+            for slot in slots:
+                if stopping or slot.process.is_alive():
+                    continue
+                if time.monotonic() - slot.started_at <= RESTART_BACKOFF_S:
+                    continue
+                log.warning("worker %d exited (code %s); restarting", slot.index, slot.process.exitcode)
+                if any(o is not slot and o.process.is_alive() and _listening(o.sock) for o in slots):
+                    slot.sock.close()
+                    slot.sock = _member(host, port)  # listens once the new worker is ready
+                # else: no one else serves; the old socket keeps queueing for the new worker, as at start
+                spawn(slot)
+    finally:
+        for slot in slots:
+            slot.sock.close()
+        for slot in slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.terminate()  # uvicorn finishes in-flight requests, then exits
+        deadline = time.monotonic() + STOP_GRACE_S
+        for slot in slots:
+            if slot.process is None:
+                continue
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
