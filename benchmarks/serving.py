@@ -2,16 +2,17 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/serving.py [--out benchmarks/results/serving.json]
         [--gallery-model G.safetensors --query-model Q.safetensors] [--requests 2000 --concurrency 8]
-        [--backend faiss|milvus] [--workers 2 --dispatch balancer|reuseport]
+        [--backend faiss|milvus] [--workers 2]
 
 Without models it makes small random ones (the numbers measure the machinery, not retrieval quality).
 Steps, all on this machine and bounded in count and time:
 1. index the Fashion-MNIST test set (10k; synthetic images if the data is missing) with the gallery model,
    into FAISS or (``--backend milvus``) a Milvus Lite collection;
 2. export the query model to ONNX and check that ONNX and torch give the same top-10 for held-out queries;
-3. start ``cmpnas serve --workers W --dispatch D`` on 127.0.0.1 (a subprocess) and send N requests at concurrency C
+3. start ``cmpnas serve --workers W`` on 127.0.0.1 (a subprocess) and send N requests at concurrency C
    (stop after N requests or the time cap): throughput, client-side p50/p99, error count, the answering
-   worker's /stats; then the same at the ``--sweep`` concurrencies (latency grows with queueing);
+   worker's /stats (with each worker's search count: how the kernel spread the connections); then the same at
+   the ``--sweep`` concurrencies (latency grows with queueing);
 4. search only: FAISS IndexFlatIP vs numpy brute force at 10k and 100k random unit vectors (dim 128);
 5. ONNX Runtime batch-1 latency of the query model.
 """
@@ -119,17 +120,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(
-    index_dir: Path, model: Path, port: int, workers: int, dispatch: str = "balancer"
-) -> subprocess.Popen:
+def start_server(index_dir: Path, model: Path, port: int, workers: int) -> subprocess.Popen:
     code = (
         "import sys; from cmpnas.serving.app import run_server; "
         "run_server(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), log_level='warning', threads=1, "
-        "workers=int(sys.argv[4]), dispatch=sys.argv[5])"
+        "workers=int(sys.argv[4]))"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(index_dir), str(model), str(port), str(workers), dispatch], env=env
+        [sys.executable, "-c", code, str(index_dir), str(model), str(port), str(workers)], env=env
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -322,7 +321,7 @@ def onnx_batch1(onnx_path: Path, runs: int = 200) -> dict[str, Any]:
 
 
 def process_tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the uvicorn supervisor and its workers), MB."""
+    """Resident memory of a process and its children (the server's parent process and its workers), MB."""
     pids = {pid}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -387,13 +386,6 @@ def main() -> None:
         type=int,
         default=min(2, os.cpu_count() or 1),
         help="server processes (cmpnas serve --workers; default: up to 2, one per core here)",
-    )
-    ap.add_argument(
-        "--dispatch",
-        choices=["balancer", "reuseport"],
-        default="balancer",
-        help="how connections reach the workers (cmpnas serve --dispatch): the parent deals them round-robin, "
-        "or each worker accepts from its own SO_REUSEPORT socket",
     )
     ap.add_argument("--time-cap", type=float, default=180.0, help="load test stops after this many seconds")
     ap.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto", help="ONNX exporter")
@@ -474,10 +466,8 @@ def main() -> None:
         log(f"ONNX vs torch top-10: {result['onnx_vs_torch_top10']}")
 
         port = free_port()
-        log(
-            f"starting the server on 127.0.0.1:{port} (ONNX query model, {args.workers} workers, {args.dispatch})"
-        )
-        server = start_server(work / "index", onnx_path, port, args.workers, args.dispatch)
+        log(f"starting the server on 127.0.0.1:{port} (ONNX query model, {args.workers} workers)")
+        server = start_server(work / "index", onnx_path, port, args.workers)
         try:
             url = f"http://127.0.0.1:{port}"
             load_test(url, png_payloads(held_out[:20]), 40, 2, 30)  # warm-up, not reported
@@ -510,7 +500,6 @@ def main() -> None:
             }
             stats = httpx.get(f"{url}/stats", timeout=10).json()
             result["load_test"]["server_workers"] = args.workers
-            result["load_test"]["server_dispatch"] = args.dispatch
             result["load_test"]["server_threads_per_worker"] = 1
             result["load_test_sweep"] = {}
             for c in args.sweep:

@@ -35,11 +35,6 @@ class BackendKind(str, Enum):
     milvus = "milvus"
 
 
-class DispatchKind(str, Enum):
-    balancer = "balancer"
-    reuseport = "reuseport"
-
-
 class ExporterKind(str, Enum):
     auto = "auto"
     dynamo = "dynamo"
@@ -496,18 +491,10 @@ def serve_cmd(
         typer.Option(
             "--workers",
             min=1,
-            help="server processes on the port (each loads the model and index); about one core each",
+            help="server processes on the port, each loading the model and index and accepting from its own "
+            "SO_REUSEPORT socket (the kernel spreads connections); about one core each",
         ),
     ] = 1,
-    dispatch: Annotated[
-        DispatchKind,
-        typer.Option(
-            "--dispatch",
-            help="with --workers > 1, how connections reach the workers: balancer = this process accepts and "
-            "deals them round-robin; reuseport = each worker accepts from its own SO_REUSEPORT socket on the "
-            "port, spread by the kernel",
-        ),
-    ] = DispatchKind.balancer,
     watch_index: Annotated[
         float,
         typer.Option(
@@ -556,7 +543,6 @@ def serve_cmd(
         ef_search=ef_search,
         threads=threads,
         workers=workers,
-        dispatch=dispatch.value,
         watch_index_s=watch_index,
     )
 

@@ -2,9 +2,8 @@
 
 The Python HTTP stack holds the GIL for most of a request, so one process uses about one core whatever its
 thread count; ``workers > 1`` runs that many processes, each with its own copy of the models and the index,
-configured through the environment. Two ways spread the connections over them (``dispatch``): ``balancer``, the
-parent accepts and deals each connection round-robin (:mod:`cmpnas.serving.balancer`); ``reuseport``, each
-worker accepts from its own ``SO_REUSEPORT`` socket and the kernel spreads them (:mod:`cmpnas.serving.reuseport`).
+configured through the environment. Each worker accepts from its own ``SO_REUSEPORT`` socket on the port and
+the kernel spreads the connections over them (:mod:`cmpnas.serving.reuseport`).
 """
 
 from __future__ import annotations
@@ -19,10 +18,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from cmpnas.errors import CmpnasError
+from cmpnas.serving.reuseport import serve_reuseport
 from cmpnas.serving.routes import create_app
 
 SERVE_CONFIG_ENV = "CMPNAS_SERVE_CONFIG"
-DISPATCH_MODES = ("balancer", "reuseport")
 
 
 def app_from_env() -> FastAPI:
@@ -38,24 +37,20 @@ def run_server(
     port: int = 8000,
     log_level: str = "info",
     workers: int = 1,
-    dispatch: str = "balancer",
     **limits: Any,
 ) -> None:
     """Build the app (fails fast on a bad index/model pair) and serve it with uvicorn.
 
     With ``workers > 1`` the app is built once here as the check, then each worker builds its own. The
     workers share their counters through files in a temporary folder, so ``/stats`` reports all of them
-    whichever worker answers; a store only one process may open is served to them from this one. ``dispatch``
-    (``balancer`` or ``reuseport``) says how connections reach the workers; one worker needs neither.
+    whichever worker answers; a store only one process may open is served to them from this one.
     """
     import uvicorn
 
     if workers < 1:
         raise CmpnasError(f"workers must be >= 1, got {workers}.", "pass --workers 1 or more")
-    if dispatch not in DISPATCH_MODES:
-        raise CmpnasError(f"unknown dispatch '{dispatch}'.", f"pass one of {', '.join(DISPATCH_MODES)}")
-    if dispatch == "reuseport" and workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
-        raise CmpnasError("SO_REUSEPORT is not available on this platform.", "pass --dispatch balancer")
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise CmpnasError("SO_REUSEPORT is not available on this platform.", "pass --workers 1")
     if workers == 1:
         app = create_app(index_dir, *query_models, **limits)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -63,10 +58,6 @@ def run_server(
     app = create_app(index_dir, *query_models, **{**limits, "watch_index_s": 0})  # the check; workers watch
     shared_uri = app.state.service.index.store.shared_uri()
     del app  # checked; each worker loads its own copy
-    if dispatch == "reuseport":
-        from cmpnas.serving.reuseport import serve_reuseport as serve
-    else:
-        from cmpnas.serving.balancer import serve_balanced as serve
 
     stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
     config: dict[str, Any] = {
@@ -76,7 +67,7 @@ def run_server(
     }
     if shared_uri is not None:
         config["milvus_uri"] = shared_uri
-    serve(
+    serve_reuseport(
         "cmpnas.serving.launch:app_from_env",
         {SERVE_CONFIG_ENV: json.dumps({**config, **limits})},
         host=host,

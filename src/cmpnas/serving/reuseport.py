@@ -1,8 +1,10 @@
 """Several server processes on one port, each accepting from its own ``SO_REUSEPORT`` socket.
 
-The standard alternative to :mod:`cmpnas.serving.balancer`: one listening socket per worker, all bound to the
-same port with ``SO_REUSEPORT``, so the kernel hashes each new connection (by its addresses and ports) to one of
-them and no process sits between client and worker. Each worker serves its socket with plain
+Why not uvicorn's own ``--workers``: its workers share one listening socket, and the first worker to wake
+accepts every pending connection in one go (asyncio's accept loop), so keep-alive clients that connect together
+mostly land on one process while the others idle. Here each worker has its own listening socket, all bound to
+the same port with ``SO_REUSEPORT``, so the kernel hashes each new connection (by its addresses and ports) to one
+of them and no process sits between client and worker. Each worker serves its socket with plain
 ``uvicorn.Server(config).run(sockets=[sock])``. The spread is a hash, not round-robin: a handful of connections
 can land unevenly.
 

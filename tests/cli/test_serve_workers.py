@@ -1,5 +1,4 @@
-"""``cmpnas serve --workers 2`` with either way of dispatching connections: ``--dispatch reuseport`` (each worker
-accepts from its own SO_REUSEPORT socket) and ``--dispatch balancer`` (the parent deals them round-robin).
+"""``cmpnas serve --workers 2``: each worker accepts from its own SO_REUSEPORT socket on the port.
 
 Concurrent clients are answered, and by both workers; a worker killed with SIGKILL is restarted while the
 service keeps answering; SIGTERM on the parent stops every worker, and a worker does not outlive a killed parent.
@@ -13,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,10 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import typer
-from typer.testing import CliRunner
-
-from cmpnas.cli import serving as commands
 
 START_S = 300  # start-up and restart wait (each worker process loads torch and the models), not a speed check
 
@@ -40,7 +36,10 @@ def cmpnas_command() -> list[str]:
 
 @contextlib.contextmanager
 def server(*args: Any) -> Iterator[tuple[int, subprocess.Popen]]:
-    """``cmpnas serve ARGS --port P`` in a subprocess; yields (P, process) once /healthz answers."""
+    """``cmpnas serve ARGS --port P`` in a subprocess; yields (P, process) once /healthz answers.
+
+    The first /healthz goes out as soon as the parent says it serves, while the workers still load: it must wait
+    in the kernel's queue and be answered, not refused."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,7 +47,9 @@ def server(*args: Any) -> Iterator[tuple[int, subprocess.Popen]]:
     cmd = [*cmpnas_command(), "serve", *map(str, args), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        until(lambda: healthy(port, proc), "the server did not start")
+        started(proc)
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=START_S)
+        assert r.status_code == 200, r.text
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -59,12 +60,19 @@ def server(*args: Any) -> Iterator[tuple[int, subprocess.Popen]]:
                 os.kill(pid, signal.SIGKILL)
 
 
-def healthy(port: int, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+def started(proc: subprocess.Popen) -> None:
+    """Wait for the parent's ``cmpnas serve: http://...`` line: every worker's socket listens and the workers
+    are starting."""
+    assert proc.stdout is not None
+    out = b""
+    deadline = time.monotonic() + START_S
+    while b"cmpnas serve: http://" not in out:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"the server did not start:\n{out.decode()}"
+        if select.select([proc.stdout], [], [], remaining)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"the server exited with code {proc.wait()}:\n{out.decode()}"
+            out += chunk
 
 
 def until(check: Callable[[], Any], what: str, timeout: float = START_S) -> Any:
@@ -163,29 +171,13 @@ def png(pattern: Any) -> bytes:
     return buf.getvalue()
 
 
-def test_serve_passes_the_dispatch_mode(
-    monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any
-) -> None:
-    app = typer.Typer()
-    commands.register(app)
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: seen.update(kw))
-    base = ["serve", "--index", str(flat_index), "--query-model", str(models.query), "--workers", "2"]
-    assert CliRunner().invoke(app, base).exit_code == 0
-    assert seen["dispatch"] == "balancer" and seen["workers"] == 2
-    assert CliRunner().invoke(app, [*base, "--dispatch", "reuseport"]).exit_code == 0
-    assert seen["dispatch"] == "reuseport"
-    r = CliRunner().invoke(app, [*base, "--dispatch", "round-robin"])
-    assert r.exit_code == 2 and "--dispatch" in r.output
-
-
-def test_reuseport_workers_answer_concurrent_clients_and_stop_with_their_parent(
+def test_workers_answer_concurrent_clients_and_stop_with_their_parent(
     flat_index: Path, onnx_query: Path, png: bytes
 ) -> None:
     """Eight clients at once, three connections each: every /healthz and /search is answered, all searches
     agree, and both workers took connections (the kernel spreads them: all 24 on one of two sockets would be a
     1 in 8 million chance). Then the parent is killed with SIGKILL: its workers stop too."""
-    args = ["--index", flat_index, "--query-model", onnx_query, "--workers", 2, "--dispatch", "reuseport"]
+    args = ["--index", flat_index, "--query-model", onnx_query, "--workers", 2]
     with server(*args) as (port, proc):
         workers = workers_of(proc)
         assert len(workers) == 2
@@ -203,11 +195,10 @@ def test_reuseport_workers_answer_concurrent_clients_and_stop_with_their_parent(
                     os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("dispatch", ["reuseport", "balancer"])
 def test_a_killed_worker_is_restarted_while_the_service_answers_and_sigterm_stops_all(
-    dispatch: str, flat_index: Path, onnx_query: Path, png: bytes
+    flat_index: Path, onnx_query: Path, png: bytes
 ) -> None:
-    args = ["--index", flat_index, "--query-model", onnx_query, "--workers", 2, "--dispatch", dispatch]
+    args = ["--index", flat_index, "--query-model", onnx_query, "--workers", 2]
     with server(*args) as (port, proc):
         before = workers_of(proc)
         assert len(before) == 2
@@ -217,8 +208,8 @@ def test_a_killed_worker_is_restarted_while_the_service_answers_and_sigterm_stop
         os.kill(victim, signal.SIGKILL)
         restarted = until(lambda: set(workers_of(proc)) - {victim, survivor}, "the worker was not restarted")
         assert len(restarted) == 1 and workers_of(proc) == sorted({survivor, *restarted})
-        # while the new worker loads, every connection is answered (reuseport: by the survivor alone;
-        # balancer: the new worker's share waits in its channel until it is up)
+        # while the new worker loads, every connection is answered by the survivor alone (the replacement's
+        # socket joins the port's group only once that worker listens)
         for _ in range(6):
             assert search(port, png)[0] == expected
         until_answered_by(port, png, restarted, "the new worker never answered")
