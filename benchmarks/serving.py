@@ -2,7 +2,7 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/serving.py [--out benchmarks/results/serving.json]
         [--gallery-model G.safetensors --query-model Q.safetensors] [--requests 2000 --concurrency 8]
-        [--backend faiss|milvus] [--workers 2]
+        [--backend faiss|milvus] [--workers 2] [--kill-worker-at 0.3]
 
 Without models it makes small random ones (the numbers measure the machinery, not retrieval quality).
 Steps, all on this machine and bounded in count and time:
@@ -13,6 +13,9 @@ Steps, all on this machine and bounded in count and time:
    (stop after N requests or the time cap): throughput, client-side p50/p99, error count, the answering
    worker's /stats (with each worker's search count: how the kernel spread the connections); then the same at
    the ``--sweep`` concurrencies (latency grows with queueing);
+   with ``--kill-worker-at F``, one more load test SIGKILLs the worker holding most of the client's connections
+   after F of the requests were sent: failures by kind, requests outstanding on that worker's connections at
+   the kill, whether a replacement worker appeared and answered searches (``kill_worker``);
 4. search only: FAISS IndexFlatIP vs numpy brute force at 10k and 100k random unit vectors (dim 128);
 5. ONNX Runtime batch-1 latency of the query model.
 """
@@ -25,11 +28,15 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +121,14 @@ def top10_agreement(
     return {"queries": len(pil), "identical_top10_lists": same, "max_score_diff": diff}
 
 
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,6 +186,12 @@ def load_test(
 async def _load_test(
     url: str, payloads: list[bytes], requests: int, concurrency: int, time_cap: float, body_kind: str
 ) -> dict:
+    prebuilt = build_requests(url, payloads, body_kind)
+    return {"body": body_kind, **await replay(url, prebuilt, requests, concurrency, time_cap)}
+
+
+def build_requests(url: str, payloads: list[bytes], body_kind: str = "raw") -> list[bytes]:
+    """Whole POST /search?k=10 HTTP/1.1 requests, one per image."""
     host, port = url.removeprefix("http://").split(":")
     boundary = "cmpnasbench7d1f"
     prebuilt = []
@@ -185,61 +206,108 @@ async def _load_test(
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         prebuilt.append(head + body)
-    return {"body": body_kind, **await replay(url, prebuilt, requests, concurrency, time_cap)}
+    return prebuilt
 
 
-async def replay(url: str, prebuilt: list[bytes], requests: int, concurrency: int, time_cap: float) -> dict:
+def error_kind(exc: BaseException) -> str:
+    """How a request failed, as counted in ``errors_by_kind``."""
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "connection_reset"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection_closed"  # EOF before the whole answer (the server side closed)
+    return "connection_error" if isinstance(exc, OSError) else "bad_response"
+
+
+async def replay(
+    url: str,
+    prebuilt: list[bytes],
+    requests: int,
+    concurrency: int,
+    time_cap: float,
+    kill: Callable[[dict[int, dict]], dict] | None = None,
+    kill_at: int = -1,
+    timeout: float = 30.0,
+) -> dict:
     """Send ``requests`` of the ``prebuilt`` HTTP/1.1 requests (in turn) over ``concurrency`` keep-alive
     connections until done or ``time_cap``; every answer must be 200 with 10 results. The one load generator of
-    the serving benchmarks."""
+    the serving benchmarks. A connection that fails is replaced by a new one (as a real client would) and every
+    failed request is counted. ``kill(connections)`` is called once, just before request ``kill_at`` is sent,
+    with each open connection's client port and whether it has a request outstanding; what it returns is
+    reported under ``kill`` with the failures that followed."""
     host, port = url.removeprefix("http://").split(":")
-    state = {"next": 0, "sent": 0, "errors": 0, "error_examples": []}
+    state: dict[str, Any] = {"next": 0, "sent": 0, "errors": 0, "error_examples": [], "kill": None}
     latencies: list[float] = []
+    answered_at: list[float] = []
+    failures: list[tuple[int | None, str, float]] = []  # (client port, kind, time)
+    conns: dict[int, dict] = {}  # generator slot -> {"port": client port, "busy": request outstanding}
     deadline = time.monotonic() + time_cap
 
-    def fail(why: str) -> None:
-        state["errors"] += 1
-        if len(state["error_examples"]) < 5:
-            state["error_examples"].append(why)
+    async def exchange(reader: asyncio.StreamReader) -> tuple[bool, str]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(
+            int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length"
+        )
+        body = await reader.readexactly(length)
+        if status != 200:
+            return False, f"http_status: HTTP {status}: {body[:200]!r}"
+        return len(json.loads(body)["results"]) == 10, f"bad_response: {body[:200]!r}"
 
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
+    async def worker(slot: int) -> None:
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
         try:
             while time.monotonic() < deadline and state["next"] < requests:
                 i = state["next"]
                 state["next"] += 1
+                if i == kill_at and kill is not None:
+                    state["kill"] = kill(conns)  # synchronous: no request moves while it runs
                 t0 = time.perf_counter()
+                cport = None
                 try:
+                    if writer is None:
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(host, int(port)), timeout
+                        )
+                        conns[slot] = {"port": writer.get_extra_info("sockname")[1], "busy": False}
+                    cport = conns[slot]["port"]
+                    conns[slot]["busy"] = True
                     writer.write(prebuilt[i % len(prebuilt)])
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    status = int(lines[0].split()[1])
-                    length = next(
-                        int(v)
-                        for k, _, v in (ln.partition(":") for ln in lines[1:])
-                        if k.lower() == "content-length"
-                    )
-                    body = await reader.readexactly(length)
-                    ok = status == 200 and len(json.loads(body)["results"]) == 10
-                    why = f"HTTP {status}: {body[:200]!r}"
+                    ok, why = await asyncio.wait_for(exchange(reader), timeout)
                 except (OSError, asyncio.IncompleteReadError, ValueError, KeyError, StopIteration) as exc:
-                    ok, why = False, f"{type(exc).__name__}: {exc}"
+                    ok, why = False, f"{error_kind(exc)}: {type(exc).__name__}: {exc}"
+                    if writer is not None:  # the connection is broken: the next request opens a new one
+                        writer.close()
+                    reader = writer = None
+                    conns.pop(slot, None)
+                finally:
+                    if slot in conns:
+                        conns[slot]["busy"] = False
                 state["sent"] += 1
                 if ok:  # only answered searches count in the latency distribution and the throughput
                     latencies.append((time.perf_counter() - t0) * 1000)
+                    answered_at.append(time.perf_counter())
                 else:
-                    fail(why)
-                    if why.startswith(("OSError", "IncompleteReadError")):
-                        return
+                    state["errors"] += 1
+                    failures.append((cport, why.split(":", 1)[0], time.perf_counter()))
+                    if len(state["error_examples"]) < 5:
+                        state["error_examples"].append(why)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
+    await asyncio.gather(*(worker(slot) for slot in range(concurrency)))
+    t_end = time.perf_counter()
+    wall = t_end - t0
     lat = np.asarray(latencies if latencies else [float("nan")])
-    return {
-        "client": "asyncio raw HTTP/1.1 keep-alive",
+    out = {
+        "client": "asyncio raw HTTP/1.1 keep-alive (reconnects after a failed connection)",
         "requests_planned": requests,
         "requests_sent": state["sent"],
         "requests_ok": len(latencies),
@@ -255,9 +323,31 @@ async def replay(url: str, prebuilt: list[bytes], requests: int, concurrency: in
             "max": float(np.max(lat)),
         },
         "errors": state["errors"],
+        "errors_by_kind": dict(Counter(kind for _, kind, _ in failures)),
         "error_examples": state["error_examples"],
         "request_bytes_mean": round(float(np.mean([len(r) for r in prebuilt])), 1),
     }
+    if state["kill"] is not None:
+        k = state["kill"]
+        t_kill = k.pop("t")
+        on_killed = set(k["client_ports_on_worker"])
+        on_others = set(k.pop("client_ports_elsewhere"))
+        ok_before = sum(t <= t_kill for t in answered_at)
+        out["kill"] = {
+            **k,
+            "at_request": kill_at,
+            "at_s": round(t_kill - t0, 3),
+            "failed_on_killed_worker_connections": sum(p in on_killed for p, _, _ in failures),
+            "failed_on_surviving_workers_connections": sum(p in on_others for p, _, _ in failures),
+            "failed_on_connections_opened_after_kill": [  # reconnects (the client port was not open at the kill)
+                {"kind": kind, "s_after_kill": round(t - t_kill, 3)}
+                for p, kind, t in failures
+                if p not in on_killed | on_others
+            ],
+            "throughput_before_rps": round(ok_before / (t_kill - t0), 2),
+            "throughput_after_rps": round((len(answered_at) - ok_before) / (t_end - t_kill), 2),
+        }
+    return out
 
 
 def search_only(sizes: tuple[int, ...], dim: int = 128, n_queries: int = 1000, single: int = 200) -> dict:
@@ -320,18 +410,22 @@ def onnx_batch1(onnx_path: Path, runs: int = 200) -> dict[str, Any]:
     }
 
 
-def process_tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the server's parent process and its workers), MB."""
-    pids = {pid}
+def children(pid: int) -> set[int]:
+    out = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:
-            pids.add(int(stat.parent.name))
+            out.add(int(stat.parent.name))
+    return out
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the server's parent process and its workers), MB."""
     total = 0
-    for p in pids:
+    for p in {pid} | children(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -339,6 +433,148 @@ def process_tree_rss_mb(pid: int) -> float:
         except OSError:
             continue
     return round(total / 1024, 1)
+
+
+def worker_pids(server_pid: int) -> set[int]:
+    """The server's worker processes (multiprocessing spawn children, not its resource tracker)."""
+    out = set()
+    for pid in children(server_pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def connection_owners(server_port: int, pids: set[int]) -> dict[int, int]:
+    """Client port -> pid of the worker holding that accepted connection (/proc/net/tcp and the workers' fds)."""
+    inode_port = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = [line.split() for line in Path(table).read_text().splitlines()[1:]]
+        except OSError:
+            continue
+        for f in rows:  # local address, remote address, state (01 established), ..., inode
+            if int(f[1].rsplit(":", 1)[1], 16) == server_port and f[3] == "01":
+                inode_port[f[9]] = int(f[2].rsplit(":", 1)[1], 16)
+    owners = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inode_port:
+                owners[inode_port[link[8:-1]]] = pid
+    return owners
+
+
+def kill_test(url: str, server_pid: int, payloads: list[bytes], args: Any) -> dict:
+    """One load test in which a worker is SIGKILLed after ``--kill-worker-at`` of the requests were sent: what
+    failed, how many requests were outstanding on that worker's connections then, whether it was replaced and the
+    replacement answered searches."""
+    port = int(url.rsplit(":", 1)[1])
+    requests = build_requests(url, payloads, args.body)
+    before = worker_pids(server_pid)
+    watch: dict[str, Any] = {}
+
+    def kill(conns: dict[int, dict]) -> dict:
+        owners = connection_owners(port, before)
+        per_worker = Counter(owners.get(c["port"]) for c in conns.values())
+        # the worker holding the most of our connections
+        victim = max(sorted(before), key=lambda p: per_worker[p])
+        on_victim = [c for c in conns.values() if owners.get(c["port"]) == victim]
+        t = time.perf_counter()
+        os.kill(victim, signal.SIGKILL)
+
+        def look() -> None:  # a new worker pid under the server process
+            while time.perf_counter() - t < args.replacement_wait_s:
+                new = worker_pids(server_pid) - before
+                if new:
+                    watch.update(pid=min(new), appeared_s=round(time.perf_counter() - t, 3))
+                    return
+                time.sleep(0.05)
+
+        watch["thread"] = threading.Thread(target=look, daemon=True)
+        watch["thread"].start()
+        return {
+            "t": t,
+            "killed_pid": victim,
+            "workers_before": sorted(before),
+            "connections_open": len(conns),
+            "connections_per_worker": {str(p): n for p, n in per_worker.items()},
+            "client_ports_on_worker": [c["port"] for c in on_victim],
+            "client_ports_elsewhere": [c["port"] for c in conns.values() if c not in on_victim],
+            "connections_on_killed_worker": len(on_victim),
+            "in_flight_on_killed_worker": sum(c["busy"] for c in on_victim),
+        }
+
+    kill_at = int(args.kill_worker_at * args.requests)
+    log(
+        f"kill test: {args.requests} requests at concurrency {args.concurrency}, SIGKILL a worker at {kill_at}"
+    )
+    stats_before = httpx.get(f"{url}/stats", timeout=10).json()["workers"]
+    res = asyncio.run(
+        replay(url, requests, args.requests, args.concurrency, args.time_cap, kill=kill, kill_at=kill_at)
+    )
+    if "kill" not in res:
+        raise RuntimeError("the kill test ended before the kill point")
+    watch["thread"].join()
+    k = res.pop("kill")
+    k.pop("client_ports_on_worker")
+    stats_after = httpx.get(f"{url}/stats", timeout=10).json()["workers"]
+    new_pid = watch.get("pid")
+
+    def answered(workers: list[dict]) -> int:
+        return next((w["queries"] for w in workers if w["pid"] == new_pid), 0)
+
+    probes = 0  # fresh connections hash anew: a few short runs until one lands on the replacement
+    while new_pid is not None and answered(httpx.get(f"{url}/stats", timeout=10).json()["workers"]) == 0:
+        if probes == 10:
+            break
+        replay_res = asyncio.run(replay(url, requests, 200, args.concurrency, 30))
+        probes += 1
+        k.setdefault("probe_errors", 0)
+        k["probe_errors"] += replay_res["errors"]
+    stats_probe = httpx.get(f"{url}/stats", timeout=10).json()["workers"]
+    replacement = {
+        "pid": new_pid,
+        "appeared_within_s": watch.get("appeared_s"),
+        "wait_limit_s": args.replacement_wait_s,
+        "searches_during_kill_run": answered(stats_after),
+        "probe_runs_of_200": probes,
+        "searches_after_probes": answered(stats_probe),
+    }
+    replacement["answered"] = replacement["searches_after_probes"] > 0
+    held = res["errors"] <= k["in_flight_on_killed_worker"] and replacement["answered"]
+    log(
+        f"  sent {res['requests_sent']}, ok {res['requests_ok']}, failed {res['errors']} {res['errors_by_kind']}, "
+        f"in flight on the killed worker {k['in_flight_on_killed_worker']}, replacement {replacement}"
+    )
+    return {
+        "target": "a worker killed with SIGKILL under load is restarted and the run loses no request other than "
+        "those in flight on that worker",
+        "target_held": held,
+        "target_check": {
+            "failed": res["errors"],
+            "in_flight_on_killed_worker": k["in_flight_on_killed_worker"],
+            "replacement_answered": replacement["answered"],
+        },
+        "kill_worker_at": args.kill_worker_at,
+        "load_test": res,
+        "kill": k,
+        "replacement": replacement,
+        "per_worker_searches": {
+            "before": stats_before,
+            "after_run": stats_after,
+            "after_probes": stats_probe,
+        },
+    }
 
 
 def soak(url: str, pid: int, payloads: list[bytes], args: Any) -> dict:
@@ -409,6 +645,14 @@ def main() -> None:
     ap.add_argument(
         "--soak-s", type=float, default=0.0, help="then a soak of this many seconds, RSS at start/end"
     )
+    ap.add_argument(
+        "--kill-worker-at",
+        type=float,
+        help="then a load test that SIGKILLs one worker after this fraction of --requests was sent",
+    )
+    ap.add_argument(
+        "--replacement-wait-s", type=float, default=30.0, help="kill test: wait this long for a new worker"
+    )
     args = ap.parse_args()
     if (args.gallery_model is None) != (args.query_model is None):
         ap.error("pass both --gallery-model and --query-model, or neither")
@@ -425,6 +669,7 @@ def main() -> None:
             "torch": torch.__version__,
             "faiss": faiss.__version__,
             "torch_threads": torch.get_num_threads(),
+            "cpu_model": cpu_model(),
         },
     }
     with tempfile.TemporaryDirectory(prefix="cmpnas-bench-") as tmp:
@@ -514,6 +759,8 @@ def main() -> None:
             result["load_test"]["server_stats"] = {
                 k: stats[k] for k in ("queries", "rejected", "latency_ms", "mode", "workers")
             }
+            if args.kill_worker_at is not None:
+                result["kill_worker"] = kill_test(url, server.pid, png_payloads(held_out), args)
             if args.soak_s > 0:
                 result["soak"] = soak(url, server.pid, png_payloads(held_out), args)
         finally:
