@@ -17,7 +17,9 @@ and wrong after. The BCT effect is the paired difference M(v2@s, v1) - M(control
 t interval. Resumable: finished models are reused, an interrupted training continues from its checkpoint.
 
 Usage: python benchmarks/upgrade.py [--v1 G] [--seeds 1 2] [--work DIR] [--v2-epochs 2.0]
-Writes benchmarks/results/upgrade.json and benchmarks/results/upgrade_backfill.png.
+Writes benchmarks/results/upgrade.json and benchmarks/results/upgrade_backfill.png. The same backfill through the
+running service (``cmpnas serve --watch-index``, probed after every index swap): benchmarks/upgrade_service.py,
+which reuses v1 and v2@s from the same ``--work``.
 """
 
 from __future__ import annotations
