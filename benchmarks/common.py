@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,21 @@ def write_result(name: str, payload: dict[str, Any], out: str | None = None) -> 
     print(json.dumps(payload, indent=2, default=str)[:4000])
     print(f"wrote {path}")
     return path
+
+
+def wait_healthy(proc: subprocess.Popen, base_url: str, timeout_s: float) -> None:
+    """Poll ``base_url``/healthz until a started server answers 200; RuntimeError if it exits or never does."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"the server did not answer /healthz in {timeout_s:.0f} s")

@@ -44,6 +44,7 @@ import faiss
 import httpx
 import numpy as np
 import torch
+from common import wait_healthy
 from PIL import Image
 
 from cmpnas import __version__
@@ -145,18 +146,8 @@ def start_server(index_dir: Path, model: Path, port: int, workers: int) -> subpr
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(index_dir), str(model), str(port), str(workers)], env=env
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("server did not become healthy in 120 s")
+    wait_healthy(proc, f"http://127.0.0.1:{port}", 120)
+    return proc
 
 
 def _multipart(payload: bytes, boundary: str) -> bytes:

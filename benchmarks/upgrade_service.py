@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, wait_healthy, write_result  # noqa: E402
 from upgrade import V1_SEED, _trained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -377,24 +377,14 @@ def _backfill(index: Path, v2: Path, fraction: float, seed: int) -> float:
 
 
 def _start_server(index: Path, family: Path, port: int, watch_s: float, log: Path) -> subprocess.Popen:
-    import httpx
-
     cmd = [sys.executable, "-m", "cmpnas.cli", "serve", "--index", str(index), "--query-model", str(family)]
     cmd += ["--port", str(port), "--watch-index", str(watch_s), "--threads", "1"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise SystemExit(f"the server did not answer /healthz in {START_TIMEOUT_S:.0f} s")
-        time.sleep(0.5)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", START_TIMEOUT_S)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc}: {log.read_text()[-2000:]}") from None
+    return proc
 
 
 def run_trace(
