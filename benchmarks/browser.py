@@ -37,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result  # noqa: E402
+from common import stop_server, write_result  # noqa: E402
 from serving import free_port, gallery_source, log, make_models, png_payloads, replay, start_server  # noqa: E402
 
 from cmpnas.data.sources import load_dataset_split  # noqa: E402
@@ -350,11 +350,7 @@ def main() -> None:
             stats = httpx.get(f"{url}/stats", timeout=10).json()
             result["load_test"]["server_stats"] = {k: stats[k] for k in ("queries", "rejected", "workers")}
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except Exception:  # noqa: BLE001 - a stuck server is killed
-                server.kill()
+            stop_server(server, 20)
         result["request_bytes"] = {
             "vector_float32_body": 4 * manifest["dim"],
             "vector_float16_body": 2 * manifest["dim"],

@@ -59,3 +59,12 @@ def wait_healthy(proc: subprocess.Popen, base_url: str, timeout_s: float) -> Non
         time.sleep(0.2)
     proc.terminate()
     raise RuntimeError(f"the server did not answer /healthz in {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM a started server (it finishes in-flight requests), SIGKILL it if it outlives ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

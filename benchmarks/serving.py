@@ -44,7 +44,7 @@ import faiss
 import httpx
 import numpy as np
 import torch
-from common import wait_healthy
+from common import stop_server, wait_healthy
 from PIL import Image
 
 from cmpnas import __version__
@@ -755,11 +755,7 @@ def main() -> None:
             if args.soak_s > 0:
                 result["soak"] = soak(url, server.pid, png_payloads(held_out), args)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server, 20)
         summary = {k: result["load_test"][k] for k in ("throughput_rps", "latency_ms", "errors")}
         log(f"load test: {json.dumps(summary)}")
 

@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, wait_healthy, write_result  # noqa: E402
+from common import RESULTS, stop_server, wait_healthy, write_result  # noqa: E402
 from upgrade import V1_SEED, _trained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -439,11 +439,7 @@ def run_trace(
             step |= {"backfill_s": backfill_s, "swap_wait_s": wait_s, "during_swap": load.summary()}
             probed(step)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, 60)
     refused = [line for line in log.read_text().splitlines() if "not swapped in" in line]
     for s in steps:
         score_step(s, steps[0]["probe"][REFERENCE]["hits"])

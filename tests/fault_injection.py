@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cli_support import cli  # noqa: F401  (re-exported for the reliability tests)
+
 SCRIPT = Path(__file__).resolve()
 
 TINY_QUERY = {
@@ -335,19 +337,6 @@ def _assert_equal(a: Any, b: Any, where: str) -> None:
 def file_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) by relative path: to show that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def cli(capsys: Any, *args: object) -> tuple[int, str, str]:
-    """Run ``cmpnas ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    from cmpnas.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str, exit_code: int = 2) -> str:
