@@ -77,6 +77,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for need in ("config.yaml", "gallery/model.safetensors", "supernet/supernet.safetensors"):
+        if not (args.run / need).is_file():
+            print(f"{args.run / need} does not exist: pass --run, the folder of a finished `cmpnas run`", file=sys.stderr)
+            raise SystemExit(2)
 
     from cmpnas.config import load_config
     from cmpnas.io import read_json

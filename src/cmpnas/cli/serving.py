@@ -513,7 +513,7 @@ def serve_cmd(
         ),
     ] = None,
 ) -> None:
-    """Serve the index over HTTP: POST /search, /search/vector, GET /healthz, /stats, /models, /docs and a web
+    """Serve the index over HTTP: POST /search, /search/vector, GET /healthz, /stats, /metrics, /models, /docs and a web
     page at /."""
     if ort_web_dir is not None:
         missing = [name for name in ORT_FILES if not (ort_web_dir / name).is_file()]
