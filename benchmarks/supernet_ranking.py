@@ -1,0 +1,170 @@
+"""Benchmark (not a test): which supernet recipe ranks architectures, chosen on the VALIDATION split.
+
+The default profile's data, gallery and space. One ranking set is the target for every recipe: architectures
+stratified by MACs over the search band (the study stage's ranking set), each trained stand-alone with BCT on
+the table schedule (``query_train``) for two seeds and scored leave-one-out on validation. Each recipe trains
+a supernet and estimates the same architectures as the search does (BN recalibration, validation images);
+per recipe the JSON gives Kendall τ with its bootstrap interval, the MACs-only τ, the target's split-half
+reliability and the τ ceiling it implies, and the verdict (heterogeneous and homogeneous), beside the
+supernet's health and training time. Compare recipes at similar training time (``train.seconds``).
+
+Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; finished
+stand-alone rows are read back (``targets/study_rows.json``). The JSON is rewritten after every recipe.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/supernet_ranking.py --work runs/supernet-ranking \\
+        [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_result  # noqa: E402
+from supernet_ablation import config  # noqa: E402
+
+# the ranking set and the estimator's images, the same for every recipe
+RANKING = {
+    "nas.study_archs": 0,
+    "nas.ranking_archs": 16,
+    "nas.ranking_seeds": [0, 1],
+    "nas.study_train.epochs": 1.0,
+    "nas.study_train.warmup_epochs": 0.1,
+    "nas.search.val_images": 5000,
+}
+
+# name -> (what it is, --set style overrides on top of the default profile)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fair": (
+        "the default recipe: 6 epochs, widest-first warm-up, fair width sampling, one path per step",
+        {},
+    ),
+    "sandwich-kd": (
+        "sandwich rule (the space's widest path, the band's narrowest and a random in-band path every step) "
+        "with in-place distillation from the widest path; 2 epochs (about the default's training time)",
+        {
+            "nas.supernet.sandwich": True,
+            "nas.supernet.inplace_distill": True,
+            "nas.supernet_train.epochs": 2,
+        },
+    ),
+    "sandwich": (
+        "sandwich rule without distillation; 2 epochs",
+        {"nas.supernet.sandwich": True, "nas.supernet_train.epochs": 2},
+    ),
+}
+
+
+def targets(cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, work: Path) -> list[dict[str, Any]]:
+    """The ranking set trained stand-alone (resumable rows): the study stage's ranking protocol."""
+    from cmpnas.stages.study import study
+
+    res = study(cfg, gallery_path, work / "targets", supernet_path=supernet_path, data=data)
+    return [r for r in res["rows"] if r.get("set") == "ranking"]
+
+
+def score(
+    cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The recipe's supernet estimates every ranking architecture; the study's ranking summary of them."""
+    from cmpnas.models.spaces import family_budgets, sample_bands
+    from cmpnas.nas.candidates import build_evaluator
+    from cmpnas.nas.supernet import load_supernet
+    from cmpnas.stages.common import nas_setup, supernet_identity
+    from cmpnas.stages.study import ranking_summary
+
+    setup = nas_setup(cfg, gallery_path, data)
+    supernet, _ = load_supernet(supernet_path, supernet_identity(cfg, data, setup.gallery))
+    s = cfg.nas.search
+    evaluate = build_evaluator(
+        supernet, setup.gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
+    )
+    estimates: dict[str, dict[str, Any]] = {}
+    scored = []
+    for r in rows:
+        if r["arch_key"] not in estimates:
+            estimates[r["arch_key"]] = evaluate(r["arch"])
+        est = estimates[r["arch_key"]]
+        scored.append(
+            {**r, **{f"supernet_{k}": est[k] for k in ("het_top1", "hom_top1", "het_map", "hom_map")}}
+        )
+    bands = sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
+    summary = ranking_summary(scored, bands)
+    keep = ("split_half", "estimate", "macs_only", "verdict")
+    return {
+        "n_archs": summary["n"],
+        "seeds": summary["seeds"],
+        **{
+            side: {k: summary[side].get(k) for k in keep}
+            for side in ("heterogeneous", "homogeneous")
+            if side in summary
+        },
+        "archs": [
+            {"macs": a["macs"], "supernet": a["supernet"], "standalone": a["standalone"]}
+            for a in summary["archs"]
+        ],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="runs/supernet-ranking")
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--variants", default="fair,sandwich-kd")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variant {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)}", file=sys.stderr)
+        raise SystemExit(2)
+
+    from cmpnas.stages.common import load_data
+    from cmpnas.stages.gallery import train_gallery
+    from cmpnas.stages.supernet import SUPERNET_FILE, train_supernet
+
+    work = Path(args.work)
+    base = config(args.profile, RANKING)
+    data = load_data(base)
+    gallery_path = work / "gallery" / "model.safetensors"
+    train_gallery(base, work / "gallery", resume=True, data=data)
+    payload: dict[str, Any] = {
+        "profile": args.profile,
+        "split": "val",
+        "ranking_set": RANKING,
+        "target_schedule": base.nas.study_train.model_dump(mode="json"),
+        "variants": {},
+    }
+    rows: list[dict[str, Any]] | None = None
+    for name in args.variants.split(","):
+        desc, overrides = VARIANTS[name]
+        cfg = config(args.profile, {**RANKING, **overrides})
+        t0 = time.perf_counter()
+        res = train_supernet(cfg, gallery_path, work / name, resume=True, data=data)
+        wall = time.perf_counter() - t0
+        if rows is None:
+            rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
+        payload["variants"][name] = {
+            "change": desc,
+            "overrides": overrides,
+            "train": res["train"],
+            "wall_seconds": round(wall, 1),
+            "health": res["health"],
+            "ranking": score(cfg, gallery_path, work / name / SUPERNET_FILE, data, rows),
+        }
+        r = payload["variants"][name]["ranking"]
+        for side in ("heterogeneous", "homogeneous"):
+            if side in r:
+                print(
+                    f"{name} {side}: {r[side]['estimate']} macs-only {r[side]['macs_only']} verdict {r[side]['verdict']}",
+                    flush=True,
+                )
+        write_result("supernet_ranking", payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
