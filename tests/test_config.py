@@ -81,6 +81,12 @@ def test_bad_value_is_an_error_naming_key_and_value(tmp_path: Path, text: str, k
     assert "Fix:" in msg
 
 
+def test_inplace_distillation_without_a_sandwich_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CmpnasError, match="inplace_distill needs sandwich") as exc:
+        load_config(write_yaml(tmp_path, "nas: {supernet: {inplace_distill: true}}\n"))
+    assert "nas.supernet" in str(exc.value)
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [("data: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "mapping")],

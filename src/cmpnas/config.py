@@ -236,6 +236,16 @@ class SupernetConfig(_Strict):
         description="rejection = uniform paths rejection-sampled into the band (SPOS); fair = one layer's scale "
         "drawn uniformly, the other layers repaired into the band",
     )
+    sandwich: bool = Field(
+        False,
+        description="after the warm-up every step also trains the space's widest and narrowest paths (random "
+        "blocks) beside the in-band path: the sandwich rule, so every channel is trained at every step",
+    )
+    inplace_distill: bool = Field(
+        False,
+        description="with sandwich: the narrower paths learn the widest path's classifier output (in-place "
+        "distillation) instead of the labels; the compatibility terms stay on every path",
+    )
     compat: CompatConfig | None = Field(
         None,
         description="the supernet's compatibility objective (None = the run's compat); e.g. align_weight > 0 "
@@ -249,6 +259,12 @@ class SupernetConfig(_Strict):
         description="the search refuses a supernet whose paths score below chance + min_skill x (100 - chance) "
         "on classifier or heterogeneous top-1 (mean over the health paths)",
     )
+
+    @model_validator(mode="after")
+    def _distill_needs_a_teacher(self) -> SupernetConfig:
+        if self.inplace_distill and not self.sandwich:
+            raise ValueError("inplace_distill needs sandwich: true (the widest path is the teacher)")
+        return self
 
 
 class NasConfig(_Strict):

@@ -128,6 +128,24 @@ def test_path_sampler_warms_up_at_full_width_then_draws_each_band() -> None:
     assert all(n >= 30 for n in in_each) and sum(in_each) == 100
 
 
+def test_sandwich_steps_are_the_widest_the_in_band_and_the_narrowest_path() -> None:
+    from cmpnas.models.spaces.spos import SposSpace
+
+    space = SposSpace({}, in_chans=1, input_size=28)
+    band = (0.8e6, 1.6e6)
+    plain = space.path_sampler(3, None, None, 0, sampling="fair", widest_until=5, bands=[band])
+    sample = space.path_sampler(3, None, None, 0, sampling="fair", widest_until=5, bands=[band], sandwich=True)
+    assert all(isinstance(sample(s), dict) for s in range(5))  # the warm-up stays one widest path per step
+    for step in range(5, 40):
+        widest, middle, narrowest = sample(step)
+        assert set(widest["scales"]) == {max(space.scales)}
+        assert set(narrowest["scales"]) == {min(space.scales)}
+        assert band[0] <= space.macs(middle) <= band[1]
+        assert space.macs(narrowest) < space.macs(middle) < space.macs(widest)
+    assert len({space.arch_key(sample(s)[1]) for s in range(5, 40)}) > 30  # the in-band path still varies
+    assert space.arch_key(plain(7)) != space.arch_key(sample(7)[0])
+
+
 def test_open_set_validation_is_judged_without_the_classifier() -> None:
     # val classes the classifier never saw: its top-1 is not measurable (None) and not judged; chance is one over
     # the 3 validation classes

@@ -98,8 +98,11 @@ def train_supernet(
         sampling=scfg.sampling,
         widest_until=int(scfg.width_warmup * total_steps),
         bands=bands,
+        sandwich=scfg.sandwich,
     )
-    task = CompatTask(model, losses, tcfg.label_smoothing, arch_sampler=sampler)
+    task = CompatTask(
+        model, losses, tcfg.label_smoothing, arch_sampler=sampler, inplace_distill=scfg.inplace_distill
+    )
     result = train(
         task,
         data.train,

@@ -38,6 +38,11 @@ class CompatTask(nn.Module):
     updated (SPOS): parameters off the path get ``grad=None`` so momentum and weight decay leave them
     alone, and the unused channels of a partly used (sliced) weight are put back after the step, momentum
     buffer included, so weight decay and momentum do not move them through their zero gradients.
+
+    A sampler may return a list of paths for a step (the sandwich rule: the space's widest path first): their
+    losses are summed into one update of the union of their weights. With ``inplace_distill`` the paths after
+    the first learn their own classifier's output from the first path's (KL to its detached softmax, BigNAS's
+    in-place distillation) instead of from the labels; the compatibility terms stay on every path.
     """
 
     def __init__(
@@ -46,14 +51,16 @@ class CompatTask(nn.Module):
         compat: CompatLosses,
         label_smoothing: float = 0.0,
         arch_sampler: Callable[[int], Any] | None = None,
+        inplace_distill: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.compat = compat
         self.label_smoothing = label_smoothing
         self.arch_sampler = arch_sampler
+        self.inplace_distill = inplace_distill
         self.dynamic_graph = arch_sampler is not None
-        self._arch: Any = None
+        self._archs: list[Any] = []
         self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def train(self, mode: bool = True) -> CompatTask:
@@ -64,17 +71,40 @@ class CompatTask(nn.Module):
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict]:
-        if self.arch_sampler is not None:
-            self._arch = self.arch_sampler(step)
-            emb = self.model(x, self._arch)
-        else:
-            emb = self.model(x)
+        if self.arch_sampler is None:
+            loss, logs, _ = self._loss(self.model(x), y, index)
+            return loss, logs
+        drawn = self.arch_sampler(step)
+        self._archs = drawn if isinstance(drawn, list) else [drawn]
+        total, logs, teacher = None, {}, None
+        for i, arch in enumerate(self._archs):
+            loss, path_logs, logits = self._loss(self.model(x, arch), y, index, teacher)
+            if self.inplace_distill and i == 0:
+                teacher = logits.detach()
+            total = loss if total is None else total + loss
+            if i == len(self._archs) // 2:  # the logs follow the in-band path (a sandwich's middle one)
+                logs = path_logs
+        if len(self._archs) > 1:
+            logs["paths"] = len(self._archs)
+        assert total is not None
+        return total, logs
+
+    def _loss(
+        self,
+        emb: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict, torch.Tensor]:
         logits = classifier_logits(self.model.classifier, emb, y).float()
-        own = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if teacher is None:
+            own = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        else:
+            own = F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher, 1), reduction="batchmean")
         extra, logs = self.compat(emb.float(), y, index)
         logs["loss_own"] = float(own.detach())
         logs["acc"] = float((logits.argmax(1) == y).float().mean())
-        return own + extra, logs
+        return own + extra, logs, logits
 
     def after_backward(self) -> None:
         if self.arch_sampler is None:
@@ -89,11 +119,14 @@ class CompatTask(nn.Module):
         self._saved = []
         if self.arch_sampler is None:
             return
-        for p, used in self.model.path_slices(self._arch):
-            if p.grad is None:
-                continue
-            mask = torch.zeros_like(p, dtype=torch.bool)
-            mask[used] = True
+        masks: dict[nn.Parameter, torch.Tensor] = {}
+        for arch in self._archs:
+            for p, used in self.model.path_slices(arch):
+                if p.grad is None:
+                    continue
+                mask = masks.setdefault(p, torch.zeros_like(p, dtype=torch.bool))
+                mask[used] = True
+        for p, mask in masks.items():
             if bool(mask.all()):
                 continue
             state = {

@@ -261,33 +261,44 @@ class SposSpace:
         sampling: str = "rejection",
         widest_until: int = 0,
         bands: Sequence[tuple[float, float]] | None = None,
-    ) -> Callable[[int], Arch]:
+        sandwich: bool = False,
+    ) -> Callable[[int], Arch | list[Arch]]:
         """Path for a global step: seeded by (seed, step) so every DDP rank samples the same path.
 
         Steps before ``widest_until`` train random blocks at every layer's widest scale (widest-first warm-up).
         After that a path lies in the query-MACs band [low, high], or in one of ``bands`` drawn per step (a
         family: every budget's band is trained, not only the union). ``rejection``: uniform paths rejected
         until one fits (SPOS's budget-binned sampling with one bin; after 100 misses the fair repair is used
-        so training never stalls on a narrow band); ``fair``: see :meth:`sample_fair`.
+        so training never stalls on a narrow band); ``fair``: see :meth:`sample_fair`. With ``sandwich`` a
+        step after the warm-up is three paths: the space's widest (random blocks), the in-band path and the
+        space's narrowest (random blocks), widest first.
         """
         hm = self.head_macs(embed_dim)
         if bands is None:
             bands = [] if low is None or high is None else [(low, high)]
-        widest = max(self.scales)
+        widest, narrowest = max(self.scales), min(self.scales)
 
-        def sample(step: int) -> Arch:
-            rng = random.Random(seed * 1_000_003 + step)
-            if step < widest_until:
-                return {
-                    "blocks": [rng.randrange(len(self.choices)) for _ in range(self.num_layers)],
-                    "scales": [widest] * self.num_layers,
-                }
+        def at_scale(rng: random.Random, scale: float) -> Arch:
+            return {
+                "blocks": [rng.randrange(len(self.choices)) for _ in range(self.num_layers)],
+                "scales": [scale] * self.num_layers,
+            }
+
+        def in_band(rng: random.Random) -> Arch:
             if not bands:
                 return self.sample(rng)
             lo, hi = bands[rng.randrange(len(bands))]
             if sampling == "fair":
                 return self.sample_fair(rng, lo - hm, hi - hm)
             return self.sample_in_band_or_fair(rng, lo - hm, hi - hm, max_tries=100)
+
+        def sample(step: int) -> Arch | list[Arch]:
+            rng = random.Random(seed * 1_000_003 + step)
+            if step < widest_until:
+                return at_scale(rng, widest)
+            if sandwich:
+                return [at_scale(rng, widest), in_band(rng), at_scale(rng, narrowest)]
+            return in_band(rng)
 
         return sample
 
