@@ -60,6 +60,43 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# name -> fine-tuning steps of each path before it is scored (0: the one-shot estimate the search uses)
+ESTIMATORS = {"one-shot": 0, "fine-tune-100": 100}
+FINE_TUNE_LR = 0.02  # a tenth of the supernet schedule's peak: the inherited weights are a starting point
+
+
+def fine_tuned(cfg: Any, gallery: Any, gallery_path: Path, data: Any, base: Any, steps: int) -> Any:
+    """``base`` with every path first trained ``steps`` SGD steps alone (BCT, fixed shuffled training batches)."""
+    import torch
+
+    from cmpnas.compat.targets import compat_losses_for
+    from cmpnas.data.base import stratified_subset
+    from cmpnas.data.batching import fetch_batch
+    from cmpnas.data.transforms import normalize_batch
+    from cmpnas.nas.finetune import FineTunedEvaluator
+    from cmpnas.training.finetune import fine_tune
+    from cmpnas.training.tasks import CompatTask
+
+    tcfg = cfg.nas.supernet_train
+    compat = cfg.nas.supernet.compat or cfg.compat
+    losses = compat_losses_for(cfg, gallery, gallery_path, data, compat, tcfg.label_smoothing)
+    rows = torch.tensor(
+        sorted(int(i) for i in stratified_subset(data.train.labels, steps * tcfg.batch_size, 0))
+    )
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    imgs, labels = fetch_batch(data.train, rows.tolist())
+    x = normalize_batch(imgs, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+    b = tcfg.batch_size
+    batches = [(x[i : i + b], labels[i : i + b], rows[i : i + b]) for i in range(0, len(rows), b)]
+    schedule = tcfg.model_copy(update={"optim": tcfg.optim.model_copy(update={"lr": FINE_TUNE_LR})})
+
+    def tune(model: Any, arch: dict) -> None:
+        task = CompatTask(model, losses, tcfg.label_smoothing, arch_sampler=lambda step: arch)
+        fine_tune(task, batches, schedule)
+
+    return FineTunedEvaluator(base, tune)
+
+
 def targets(cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, work: Path) -> list[dict[str, Any]]:
     """The ranking set trained stand-alone (resumable rows): the study stage's ranking protocol."""
     from cmpnas.stages.study import study
@@ -69,9 +106,11 @@ def targets(cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, work: 
 
 
 def score(
-    cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, rows: list[dict[str, Any]]
+    cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, rows: list[dict[str, Any]], steps: int = 0
 ) -> dict[str, Any]:
-    """The recipe's supernet estimates every ranking architecture; the study's ranking summary of them."""
+    """The recipe's supernet estimates every ranking architecture (after ``steps`` of fine-tuning each); the
+    study's ranking summary of them, and the estimator's seconds per architecture."""
+    t0 = time.perf_counter()
     from cmpnas.models.spaces import family_budgets, sample_bands
     from cmpnas.nas.candidates import build_evaluator
     from cmpnas.nas.supernet import load_supernet
@@ -84,6 +123,8 @@ def score(
     evaluate = build_evaluator(
         supernet, setup.gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
     )
+    if steps:
+        evaluate = fine_tuned(cfg, setup.gallery, gallery_path, data, evaluate, steps)
     estimates: dict[str, dict[str, Any]] = {}
     scored = []
     for r in rows:
@@ -97,6 +138,7 @@ def score(
     summary = ranking_summary(scored, bands)
     keep = ("split_half", "estimate", "macs_only", "verdict")
     return {
+        "seconds_per_arch": round((time.perf_counter() - t0) / max(1, len(estimates)), 2),
         "n_archs": summary["n"],
         "seeds": summary["seeds"],
         **{
@@ -154,13 +196,16 @@ def main() -> None:
             "train": res["train"],
             "wall_seconds": round(wall, 1),
             "health": res["health"],
-            "ranking": score(cfg, gallery_path, work / name / SUPERNET_FILE, data, rows),
+            "ranking": {
+                est: score(cfg, gallery_path, work / name / SUPERNET_FILE, data, rows, steps)
+                for est, steps in ESTIMATORS.items()
+            },
         }
-        r = payload["variants"][name]["ranking"]
-        for side in ("heterogeneous", "homogeneous"):
-            if side in r:
+        for est, r in payload["variants"][name]["ranking"].items():
+            for side in ("heterogeneous", "homogeneous"):
                 print(
-                    f"{name} {side}: {r[side]['estimate']} macs-only {r[side]['macs_only']} verdict {r[side]['verdict']}",
+                    f"{name} {est} {side}: {r[side]['estimate']} macs-only {r[side]['macs_only']} "
+                    f"verdict {r[side]['verdict']}",
                     flush=True,
                 )
         write_result("supernet_ranking", payload, args.out)
