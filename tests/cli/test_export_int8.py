@@ -77,7 +77,7 @@ def test_export_int8_end_to_end(capsys: pytest.CaptureFixture[str], run_dir: Pat
     # the fp32 export can be quantized again on its own, per channel, with the data and gallery given
     again = tmp_path / "again.int8.onnx"
     code, stdout, stderr = cli(
-        capsys, "export", "--model", out, "--out", again, "--int8", "--int8-per-channel", "--no-latency",
+        capsys, "export", "--model", out, "--out", again, "--int8", "--int8-granularity", "per-channel", "--no-latency",
         "--gallery-model", run_dir / "gallery" / "model.safetensors",
         "--config", run_dir / "retrain" / "R3" / "config.yaml",
     )  # fmt: skip
@@ -124,7 +124,7 @@ def test_int8_options_without_int8_are_refused(
     capsys: pytest.CaptureFixture[str], run_dir: Path, tmp_path: Path
 ) -> None:
     model = run_dir / "retrain" / "R3" / "model.safetensors"
-    code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--int8-per-channel")
+    code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--int8-granularity", "depthwise")
     assert_one_line_error(code, err, "only apply to an int8 export", "add --int8")
     code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--min-cosine", "2")
     assert code == 2 and "--min-cosine" in err and len(err.strip().splitlines()) == 1

@@ -168,7 +168,7 @@ def test_quantize_export_calibrates_on_the_train_split(
 
     monkeypatch.setattr(quantize_mod, "quantize_file", spy)
     opts = Int8Options(
-        calibration_images=30, calibration_batch=8, parity_images=20, measure=False, per_channel=True
+        calibration_images=30, calibration_batch=8, parity_images=20, measure=False, granularity="per-channel"
     )
     report = quantize_export(
         int8_models.fp32, tiny_data, int8_models.gallery, tmp_path / "pc.int8.onnx", opts
@@ -299,3 +299,44 @@ def test_a_runs_export_stage_follows_run_export_int8(
     res = export_model(model, out, exporter="legacy", measure=False, int8_options=FAST)
     assert ("int8" in res) is asked and (out.parent / "query.int8.onnx").is_file() is asked
     assert build_config(raw).run.export_int8 is asked  # the field the run's config validates
+
+
+def test_depthwise_granularity_scales_only_the_depthwise_weights_per_channel(
+    int8_models: Any, tiny_data: DataBundle, tmp_path: Path
+) -> None:
+    from onnx import numpy_helper
+
+    torch.manual_seed(2)
+    spec = ModelSpec(
+        backbone="tv:mobilenet_v2",
+        backbone_kwargs={"width_mult": 0.25},
+        embed_dim=32,
+        num_classes=tiny_data.num_classes,
+        in_chans=tiny_data.in_chans,
+        input_size=tiny_data.image_size,
+        mean=list(tiny_data.mean),
+        std=list(tiny_data.std),
+        compatible_with=int8_models.gfp,
+    )
+    save_model(EmbeddingModel(spec), tmp_path / "m.safetensors")
+    export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", exporter="legacy", measure=False)
+    opts = Int8Options(**{**FAST.__dict__, "granularity": "depthwise", "min_cosine": -1.0})
+    quantize_export(tmp_path / "m.onnx", tiny_data, int8_models.gallery, tmp_path / "m.int8.onnx", opts)
+
+    graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    dequant = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    scales = {"depthwise": set(), "other": set()}
+    for conv in (n for n in graph.node if n.op_type == "Conv"):
+        weight = dequant[conv.input[1]]
+        assert weight.input[0] in inits  # a quantized weight
+        grouped = any(a.name == "group" and a.i > 1 for a in conv.attribute)
+        scales["depthwise" if grouped else "other"].add(inits[weight.input[1]].size > 1)
+    assert scales == {"depthwise": {True}, "other": {False}}
+
+
+def test_an_unknown_granularity_is_refused(int8_models: Any, tiny_data: DataBundle, tmp_path: Path) -> None:
+    opts = Int8Options(**{**FAST.__dict__, "granularity": "per-layer"})
+    with pytest.raises(CmpnasError, match="Unknown int8 granularity 'per-layer'"):
+        quantize_export(int8_models.fp32, tiny_data, int8_models.gallery, tmp_path / "x.int8.onnx", opts)
+    assert not (tmp_path / "x.int8.onnx").exists()

@@ -335,9 +335,14 @@ def export_cmd(
             "if its embeddings drift from the fp32 export's; reports its retrieval against the gallery model",
         ),
     ] = False,
-    int8_per_channel: Annotated[
-        bool, typer.Option("--int8-per-channel", help="--int8: one weight scale per output channel")
-    ] = False,
+    int8_granularity: Annotated[
+        str,
+        typer.Option(
+            "--int8-granularity",
+            help="--int8: weight scales per-tensor, per-channel (every weight) or depthwise (per channel on the "
+            "depthwise convolutions only, per tensor elsewhere)",
+        ),
+    ] = "per-tensor",
     gallery_model: Annotated[
         Path | None,
         typer.Option(
@@ -371,10 +376,10 @@ def export_cmd(
     writes and scores an int8 version."""
     if (model is None) == (family is None):
         raise CmpnasError("Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json")
-    int8_only = (int8_per_channel, gallery_model, data_config) != (False, None, None)
+    int8_only = (int8_granularity, gallery_model, data_config) != ("per-tensor", None, None)
     if int8_only and not int8:
         raise CmpnasError(
-            "--int8-per-channel, --gallery-model and --config only apply to an int8 export.", "add --int8"
+            "--int8-granularity, --gallery-model and --config only apply to an int8 export.", "add --int8"
         )
     if family is not None:
         if int8:
@@ -393,7 +398,7 @@ def export_cmd(
             )
         return
     options = Int8Options(
-        per_channel=int8_per_channel,
+        granularity=int8_granularity,
         calibration_images=calibration_images,
         min_cosine=min_cosine,
         latency_runs=latency_runs,
