@@ -8,11 +8,14 @@ of them and no process sits between client and worker. Each worker serves its so
 ``uvicorn.Server(config).run(sockets=[sock])``. The spread is a hash, not round-robin: a handful of connections
 can land unevenly.
 
-The parent binds and listens on every socket before it starts a worker, and keeps its copy open, so a connection
-that arrives while the workers load their models waits in a backlog instead of being refused. A worker that dies
-is restarted; while others serve, its queued connections are dropped with its socket and the replacement gets a
-fresh one that is bound but not listening, which uvicorn puts in the kernel's rotation once the new worker is
-ready, so no connection waits on a worker that is still loading. A worker also stops when the parent dies.
+The parent binds and listens on every socket before it starts a worker and keeps its copy open until the worker
+serves, so a connection that arrives while the workers load their models waits in a backlog instead of being
+refused. Then the parent closes its copy: the worker holds the socket's last reference, and when the worker dies
+the kernel takes the socket out of the port's group at once, so reconnecting clients are hashed to the live
+workers instead of queueing on a dead one's socket until the parent notices. A dead worker is restarted on a
+fresh socket that is bound but not listening, which uvicorn puts in the kernel's rotation once the new worker is
+ready, so no connection waits on a worker that is still loading; if no other worker serves, the parent listens on
+it as at start. A worker also stops when the parent dies.
 """
 
 from __future__ import annotations
@@ -72,10 +75,6 @@ def bind_group(host: str, port: int, count: int, backlog: int) -> list[socket.so
     return sockets
 
 
-def _listening(sock: socket.socket) -> bool:
-    return sock.fileno() != -1 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
-
-
 def _stop_with_parent(server: Any) -> None:
     """A worker whose parent was killed would serve on with no one to restart it or stop it: stop it too."""
     parent = multiprocessing.parent_process()
@@ -89,23 +88,48 @@ def _stop_with_parent(server: Any) -> None:
     threading.Thread(target=watch, name="cmpnas-parent-watch", daemon=True).start()
 
 
-def _worker_main(sock: socket.socket, app_factory: str, log_level: str, env: dict[str, str]) -> None:
+def _report_serving(server: Any, serving: Any) -> None:
+    """Set ``serving`` (a multiprocessing Event) once uvicorn has started: the parent may then drop its copy."""
+
+    def watch() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            serving.set()
+
+    threading.Thread(target=watch, name="cmpnas-serving-watch", daemon=True).start()
+
+
+def _worker_main(
+    sock: socket.socket, app_factory: str, log_level: str, env: dict[str, str], serving: Any
+) -> None:
     import uvicorn
 
     os.environ.update(env)
     server = uvicorn.Server(uvicorn.Config(app_factory, factory=True, log_level=log_level))
     _stop_with_parent(server)
+    _report_serving(server, serving)
     server.run(sockets=[sock])
 
 
 class _Slot:
-    """One worker process and the parent's copy of its socket."""
+    """One worker process and the parent's copy of its socket (None once the worker serves on it)."""
 
     def __init__(self, index: int, sock: socket.socket) -> None:
         self.index = index
-        self.sock = sock
+        self.sock: socket.socket | None = sock
         self.process: Any = None
+        self.serving: Any = None
         self.started_at = 0.0
+
+    def release(self) -> None:
+        """Close the parent's copy of the socket (the worker keeps its own)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def serves(self) -> bool:
+        return self.process is not None and self.process.is_alive() and self.serving.is_set()
 
 
 def serve_reuseport(
@@ -119,12 +143,14 @@ def serve_reuseport(
 ) -> None:
     """Serve ``app_factory`` (``module:function``) from ``workers`` processes on ``host:port`` until SIGTERM/SIGINT."""
     ctx = multiprocessing.get_context("spawn")
-    slots = [_Slot(i, sock) for i, sock in enumerate(bind_group(host, port, workers, backlog))]
-    port = slots[0].sock.getsockname()[1]
+    group = bind_group(host, port, workers, backlog)
+    port = group[0].getsockname()[1]
+    slots = [_Slot(i, sock) for i, sock in enumerate(group)]
 
     def spawn(slot: _Slot) -> None:
+        slot.serving = ctx.Event()
         slot.process = ctx.Process(
-            target=_worker_main, args=(slot.sock, app_factory, log_level, env), daemon=True
+            target=_worker_main, args=(slot.sock, app_factory, log_level, env, slot.serving), daemon=True
         )
         slot.process.start()
         slot.started_at = time.monotonic()
@@ -151,19 +177,26 @@ def serve_reuseport(
             else:
                 time.sleep(0.5)
             for slot in slots:
-                if stopping or slot.process.is_alive():
+                if stopping:
+                    break
+                if slot.process.is_alive():
+                    if slot.sock is not None and slot.serving.is_set():
+                        slot.release()
                     continue
                 if time.monotonic() - slot.started_at <= RESTART_BACKOFF_S:
                     continue
                 log.warning("worker %d exited (code %s); restarting", slot.index, slot.process.exitcode)
-                if any(o is not slot and o.process.is_alive() and _listening(o.sock) for o in slots):
-                    slot.sock.close()
-                    slot.sock = _member(host, port)  # listens once the new worker is ready
-                # else: no one else serves; the old socket keeps queueing for the new worker, as at start
+                others_serve = any(o is not slot and o.serves() for o in slots)
+                if others_serve or slot.sock is None:
+                    slot.release()  # the parent's copy, if the worker died before it served
+                    slot.sock = _member(host, port)  # uvicorn listens on it once the new worker is ready
+                    if not others_serve:
+                        slot.sock.listen(backlog)  # no one else serves: queue for the new worker, as at start
+                # else: the parent's listening copy keeps queueing for the new worker, as at start
                 spawn(slot)
     finally:
         for slot in slots:
-            slot.sock.close()
+            slot.release()
         for slot in slots:
             if slot.process is not None and slot.process.is_alive():
                 slot.process.terminate()  # uvicorn finishes in-flight requests, then exits
