@@ -6,8 +6,9 @@
         [--config FILE] [--set KEY=VALUE ...] \\
         [--calibration-images 512] [--latency-runs 200] [--exporter auto|dynamo|legacy] [--out FILE]
 
-Exports the query model to fp32 ONNX (as `cmpnas export`), then quantizes it twice (static QDQ int8, weights
-per tensor and per channel, calibrated on class-stratified training images) with the same code as
+Exports the query model to fp32 ONNX (as `cmpnas export`), then quantizes it three times (static QDQ int8, weights
+per tensor, per channel, and per channel on the depthwise convolutions only; calibrated on class-stratified
+training images) with the same code as
 `cmpnas export --int8`. For each int8 file: mean / min cosine with the fp32 embeddings on validation images,
 heterogeneous and homogeneous top-1 / mAP against the gallery model on the test split (leave-one-out, as the
 evaluate stage scores) next to the fp32 export's, file sizes, and batch-1 p50 latency in ONNX Runtime at 1 thread
@@ -36,6 +37,9 @@ from common import write_result  # noqa: E402
 
 MAX_TOP1_LOSS = 0.3  # points of heterogeneous top-1
 MAX_SIZE_RATIO = 1 / 3  # int8 bytes / fp32 bytes
+# JSON key -> --int8-granularity: one weight scale per tensor, per output channel, or per channel on the
+# depthwise convolutions only
+GRANULARITIES = {"per_tensor": "per-tensor", "per_channel": "per-channel", "depthwise": "depthwise"}
 
 
 def target_check(report: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +73,7 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
 def mean_check(per_model: list[dict[str, Any]]) -> dict[str, Any]:
     """The target judged on the mean over the query models (a profile's seeds), per granularity."""
     out: dict[str, Any] = {}
-    for name in ("per_tensor", "per_channel"):
+    for name in GRANULARITIES:
         checks = [m["int8"][name]["target_check"] for m in per_model if "target_check" in m["int8"].get(name, {})]
         if len(checks) != len(per_model):
             out[name] = {"verdict": "missed", "summary": "a model could not be quantized (see per_model)"}
@@ -155,9 +159,9 @@ def measure(query: Path, data: Any, gallery_model: Any, args: argparse.Namespace
     with tempfile.TemporaryDirectory(prefix="cmpnas-int8-bench-") as tmp:
         fp32 = Path(tmp) / "query.onnx"
         export = export_onnx(query, fp32, exporter=args.exporter, measure=False)  # type: ignore[arg-type]
-        for name, per_channel in (("per_tensor", False), ("per_channel", True)):
+        for name, granularity in GRANULARITIES.items():
             opts = Int8Options(
-                per_channel=per_channel,
+                granularity=granularity,
                 calibration_images=args.calibration_images,
                 parity_images=args.parity_images,
                 latency_runs=args.latency_runs,
