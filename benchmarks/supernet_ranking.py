@@ -8,8 +8,8 @@ per recipe the JSON gives Kendall τ with its bootstrap interval, the MACs-only 
 reliability and the τ ceiling it implies, and the verdict (heterogeneous and homogeneous), beside the
 supernet's health and training time. Compare recipes at similar training time (``train.seconds``).
 
-Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; finished
-stand-alone rows are read back (``targets/study_rows.json``). The JSON is rewritten after every recipe.
+Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; a finished
+supernet (its ``manifest.json``) and finished stand-alone rows (``targets/study_rows.json``) are read back. The JSON is rewritten after every recipe.
 
     PYTHONPATH=src .venv/bin/python benchmarks/supernet_ranking.py --work runs/supernet-ranking \\
         [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
@@ -165,6 +165,7 @@ def main() -> None:
         print(f"unknown variant {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)}", file=sys.stderr)
         raise SystemExit(2)
 
+    from cmpnas.io import read_json
     from cmpnas.stages.common import load_data
     from cmpnas.stages.gallery import train_gallery
     from cmpnas.stages.supernet import SUPERNET_FILE, train_supernet
@@ -186,15 +187,20 @@ def main() -> None:
         desc, overrides = VARIANTS[name]
         cfg = config(args.profile, {**RANKING, **overrides})
         t0 = time.perf_counter()
-        res = train_supernet(cfg, gallery_path, work / name, resume=True, data=data)
-        wall = time.perf_counter() - t0
+        done = work / name / "manifest.json"
+        if (work / name / SUPERNET_FILE).is_file() and done.is_file():  # a finished recipe is read back
+            res = read_json(done, f"delete '{work / name}' to train the recipe again")["outputs"]
+            wall = None
+        else:
+            res = train_supernet(cfg, gallery_path, work / name, resume=True, data=data)
+            wall = round(time.perf_counter() - t0, 1)
         if rows is None:
             rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
         payload["variants"][name] = {
             "change": desc,
             "overrides": overrides,
             "train": res["train"],
-            "wall_seconds": round(wall, 1),
+            "wall_seconds": wall,
             "health": res["health"],
             "ranking": {
                 est: score(cfg, gallery_path, work / name / SUPERNET_FILE, data, rows, steps)
