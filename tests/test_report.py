@@ -110,12 +110,14 @@ def _row(name: str, seed: int) -> dict:
 def test_the_report_says_what_the_search_buys(tmp_path, tiny_raw: dict) -> None:
     import json
 
+    from cmpnas.pipeline.layout import RunLayout
     from cmpnas.report import write_report
 
     (tmp_path / "evaluation").mkdir()
     rows = [_row(n, s) for n in MODELS for s in (0, 1)]
     (tmp_path / "evaluation" / "rows.json").write_text(json.dumps(rows))
-    write_report(tmp_path, _config(tiny_raw, [0, 1]), {})
+    cfg = _config(tiny_raw, [0, 1])
+    write_report(tmp_path, cfg, {}, RunLayout(tmp_path).report_inputs(cfg.run.rewards))
     results = json.loads((tmp_path / "results.json").read_text())
     stock = next(m for m in results["query_models"] if m["name"] == "stock-b")
     assert stock["validation"]["heterogeneous_top1"] == 74.5  # 75 and 74: the mean over seeds chooses

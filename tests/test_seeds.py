@@ -12,6 +12,7 @@ from cmpnas.cli import main
 from cmpnas.config import build_config
 from cmpnas.errors import CmpnasError
 from cmpnas.pipeline import _clear_stage, build_stages, split_seed, stage_key
+from cmpnas.pipeline.layout import RunLayout
 from cmpnas.report import write_report
 
 SMALL = {"backbone": "resnet_small", "embed_dim": 16, "backbone_kwargs": {"widths": [4, 8], "depths": [1, 1]}}
@@ -117,7 +118,7 @@ def _row(name: str, kind: str, seed: int, het: float, macs: int = 1000, fp: str 
 def _report(tmp_path: Path, cfg, rows: list[dict]) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
     (tmp_path / "evaluation").mkdir(parents=True, exist_ok=True)
     (tmp_path / "evaluation" / "rows.json").write_text(json.dumps(rows))
-    write_report(tmp_path, cfg, {})
+    write_report(tmp_path, cfg, {}, RunLayout(tmp_path).report_inputs(cfg.run.rewards))
     return json.loads((tmp_path / "results.json").read_text()), (tmp_path / "report.md").read_text()
 
 

@@ -511,7 +511,11 @@ def _upgrade_stages(cfg: Config, earlier: list[Stage]) -> list[Stage]:
 def _report(ctx: RunContext) -> dict[str, Any]:
     lay = ctx.layout
     return write_report(
-        lay.out, ctx.cfg, ctx.state, gallery_model=lay.gallery_model, upgrade_markdown=upgrade_markdown
+        lay.out,
+        ctx.cfg,
+        ctx.state,
+        lay.report_inputs(list(ctx.cfg.run.rewards)),
+        upgrade_markdown=upgrade_markdown,
     )
 
 

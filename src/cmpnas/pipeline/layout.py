@@ -20,7 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmpnas.report import ReportInputs
 from cmpnas.serving.family import FAMILY_FILE
+from cmpnas.serving.quantize import int8_path_for, report_path_for
 from cmpnas.stages.common import MODEL_FILE
 from cmpnas.stages.supernet import SUPERNET_FILE
 
@@ -53,6 +55,8 @@ RESULTS_FILE = "results.json"  # written by the report (cmpnas.report.write)
 ROWS_FILE = "rows.json"  # written by cmpnas.stages.evaluate
 UPGRADE_RESULTS_FILE = "results.json"  # written by cmpnas.stages.upgrade.evaluate_upgrade
 QUERY_ONNX = "query.onnx"
+SEARCH_FILE = "search.json"  # written by cmpnas.stages.search
+STUDY_FILE = "study.json"  # written by cmpnas.stages.study
 CANDIDATES_FILE = "candidates.json"
 LATENCY_TABLE_FILE = "latency_table.json"
 SEED_DIR = re.compile(r"seed\d+")
@@ -181,6 +185,18 @@ class RunLayout:
     @property
     def upgrade_results_file(self) -> Path:
         return self.upgrade_dir(EVALUATE_UPGRADE) / UPGRADE_RESULTS_FILE
+
+    def report_inputs(self, rewards: list[str]) -> ReportInputs:
+        """What the report stage reads, for a run searching with ``rewards``."""
+        return ReportInputs(
+            rows=self.rows_file,
+            searches={r: self.search_dir(r) / SEARCH_FILE for r in rewards},
+            study=self.study_dir / STUDY_FILE,
+            upgrade=self.upgrade_results_file,
+            family=self.family_export_file,
+            int8=report_path_for(int8_path_for(self.query_onnx)),
+            gallery_model=self.gallery_model,
+        )
 
     # -------------------------------------------------------------------------------------- per stage
     def stage_paths(self, name: str) -> list[Path]:

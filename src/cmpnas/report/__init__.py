@@ -14,7 +14,7 @@ from cmpnas.report.comparisons import CONTROL_KIND
 from cmpnas.report.family import budget_use_notes
 from cmpnas.report.figures import backfill_figure, family_figure
 from cmpnas.report.summary import summarize_models
-from cmpnas.report.write import write_report
+from cmpnas.report.write import ReportInputs, write_report
 
 __all__ = [
     "CONTROL_KIND",
@@ -22,5 +22,6 @@ __all__ = [
     "budget_use_notes",
     "family_figure",
     "summarize_models",
+    "ReportInputs",
     "write_report",
 ]

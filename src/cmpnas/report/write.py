@@ -1,12 +1,14 @@
 """write_report: a run's stage outputs -> results.json, report.md and a self-contained report.html.
 
-The report reads what the stages wrote and runs none of them; what only the pipeline knows (where the gallery
-model is, how the upgrade stage renders its table) is passed in.
+The report reads what the stages wrote and runs none of them; what only the pipeline knows (where each stage's
+output is, how the upgrade stage renders its table) is passed in: the run-folder layout makes the
+:class:`ReportInputs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +23,45 @@ from cmpnas.report.sections import report_markdown
 from cmpnas.report.summary import summarize_models
 
 
+@dataclass(frozen=True)
+class ReportInputs:
+    """The stage outputs a report reads (a missing file is a stage that did not run)."""
+
+    rows: Path  # the evaluate stage's rows
+    searches: dict[str, Path]  # reward -> its search's result
+    study: Path
+    upgrade: Path  # the upgrade evaluation's results
+    family: Path  # the exported family's document
+    int8: Path  # the int8 export's report
+    # the gallery's model file, whose class count sets the learning check's chance level when the evaluated rows
+    # do not record their split's classes (None: no learning check)
+    gallery_model: Path | None = None
+
+
 def write_report(
     out: Path,
     cfg: Config,
     state: dict[str, Any],
+    inputs: ReportInputs,
     *,
-    gallery_model: Path | None = None,
     upgrade_markdown: Callable[[dict[str, Any]], str] | None = None,
 ) -> dict[str, Any]:
     """Write the run's report into ``out`` and return what was written.
 
-    ``gallery_model``: the gallery's model file, whose class count sets the learning check's chance level when
-    the evaluated rows do not record their split's classes (None then: no learning check). ``upgrade_markdown``: how the upgrade stage renders its results (None: the upgrade's
-    numbers go to results.json and its figure to the HTML, without a Markdown section).
+    ``upgrade_markdown``: how the upgrade stage renders its results (None: the upgrade's numbers go to
+    results.json and its figure to the HTML, without a Markdown section).
     """
-    rows = load_output(out / "evaluation" / "rows.json") or []
-    searches = {r: load_output(out / "search" / r / "search.json") for r in cfg.run.rewards}
+    rows = load_output(inputs.rows) or []
+    searches = {r: load_output(path) for r, path in inputs.searches.items()}
     searches = {k: v for k, v in searches.items() if v}
-    study = load_output(out / "study" / "study.json")
-    upgrade = load_output(out / "upgrade" / "evaluate" / "results.json")
-    family = load_output(out / "export" / "family" / "family.json")
-    int8 = load_output(out / "export" / "query.int8.json")
+    study = load_output(inputs.study)
+    upgrade = load_output(inputs.upgrade)
+    family = load_output(inputs.family)
+    int8 = load_output(inputs.int8)
     models = summarize_models(rows)
-    results = build_results(cfg, rows, models, searches, study, state, table_num_classes(rows, gallery_model))
+    results = build_results(
+        cfg, rows, models, searches, study, state, table_num_classes(rows, inputs.gallery_model)
+    )
     if upgrade:
         results["upgrade"] = upgrade
     if family:
