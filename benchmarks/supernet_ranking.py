@@ -9,7 +9,8 @@ reliability and the τ ceiling it implies, and the verdict (heterogeneous and ho
 supernet's health and training time. Compare recipes at similar training time (``train.seconds``).
 
 Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; a finished
-supernet (its ``manifest.json``) and finished stand-alone rows (``targets/study_rows.json``) are read back. The JSON is rewritten after every recipe.
+supernet (its ``manifest.json``), its scores (``NAME/ranking.json``) and finished stand-alone rows
+(``targets/study_rows.json``) are read back. The JSON is rewritten after every recipe.
 
     PYTHONPATH=src .venv/bin/python benchmarks/supernet_ranking.py --work runs/supernet-ranking \\
         [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
@@ -153,6 +154,22 @@ def score(
     }
 
 
+def ranking(
+    cfg: Any, gallery_path: Path, folder: Path, data: Any, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Every estimator's ranking of the recipe's supernet, kept in ``folder/ranking.json`` (read back when there)."""
+    from cmpnas.io import read_json, write_json_atomic
+    from cmpnas.stages.supernet import SUPERNET_FILE
+
+    path = folder / "ranking.json"
+    done = read_json(path, f"delete '{path}' to score the recipe again") if path.is_file() else {}
+    for est, steps in ESTIMATORS.items():
+        if est not in done:
+            done[est] = score(cfg, gallery_path, folder / SUPERNET_FILE, data, rows, steps)
+            write_json_atomic(path, done)
+    return {est: done[est] for est in ESTIMATORS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/supernet-ranking")
@@ -202,10 +219,7 @@ def main() -> None:
             "train": res["train"],
             "wall_seconds": wall,
             "health": res["health"],
-            "ranking": {
-                est: score(cfg, gallery_path, work / name / SUPERNET_FILE, data, rows, steps)
-                for est, steps in ESTIMATORS.items()
-            },
+            "ranking": ranking(cfg, gallery_path, work / name, data, rows),
         }
         for est, r in payload["variants"][name]["ranking"].items():
             for side in ("heterogeneous", "homogeneous"):
