@@ -7,9 +7,8 @@
         [--calibration-images 512] [--latency-runs 200] [--exporter auto|dynamo|legacy] [--out FILE]
 
 Exports the query model to fp32 ONNX (as `cmpnas export`), then quantizes it three times (static QDQ int8, weights
-per tensor, per channel, and per channel on the depthwise convolutions only; calibrated on class-stratified
-training images) with the same code as
-`cmpnas export --int8`. For each int8 file: mean / min cosine with the fp32 embeddings on validation images,
+per tensor, per channel, and per channel only where one scale would crush a weight's channels; calibrated on
+class-stratified training images) with the same code as `cmpnas export --int8`. For each int8 file: mean / min cosine with the fp32 embeddings on validation images,
 heterogeneous and homogeneous top-1 / mAP against the gallery model on the test split (leave-one-out, as the
 evaluate stage scores) next to the fp32 export's, file sizes, and batch-1 p50 latency in ONNX Runtime at 1 thread
 and at its default thread count. The data is the run's (``--config``, default: config.yaml beside the query
@@ -37,9 +36,9 @@ from common import write_result  # noqa: E402
 
 MAX_TOP1_LOSS = 0.3  # points of heterogeneous top-1
 MAX_SIZE_RATIO = 1 / 3  # int8 bytes / fp32 bytes
-# JSON key -> --int8-granularity: one weight scale per tensor, per output channel, or per channel on the
-# depthwise convolutions only
-GRANULARITIES = {"per_tensor": "per-tensor", "per_channel": "per-channel", "depthwise": "depthwise"}
+# JSON key -> --int8-granularity: one weight scale per tensor, per output channel, or per channel only where one
+# scale would crush a weight's channels
+GRANULARITIES = {"per_tensor": "per-tensor", "per_channel": "per-channel", "auto": "auto"}
 
 
 def target_check(report: dict[str, Any]) -> dict[str, Any]:

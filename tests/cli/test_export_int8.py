@@ -124,7 +124,7 @@ def test_int8_options_without_int8_are_refused(
     capsys: pytest.CaptureFixture[str], run_dir: Path, tmp_path: Path
 ) -> None:
     model = run_dir / "retrain" / "R3" / "model.safetensors"
-    code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--int8-granularity", "depthwise")
+    code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--int8-granularity", "auto")
     assert_one_line_error(code, err, "only apply to an int8 export", "add --int8")
     code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--min-cosine", "2")
     assert code == 2 and "--min-cosine" in err and len(err.strip().splitlines()) == 1

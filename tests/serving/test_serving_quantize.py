@@ -301,7 +301,7 @@ def test_a_runs_export_stage_follows_run_export_int8(
     assert build_config(raw).run.export_int8 is asked  # the field the run's config validates
 
 
-def test_depthwise_granularity_scales_only_the_depthwise_weights_per_channel(
+def test_auto_granularity_scales_per_channel_only_the_weight_one_scale_would_crush(
     int8_models: Any, tiny_data: DataBundle, tmp_path: Path
 ) -> None:
     from onnx import numpy_helper
@@ -318,21 +318,24 @@ def test_depthwise_granularity_scales_only_the_depthwise_weights_per_channel(
         std=list(tiny_data.std),
         compatible_with=int8_models.gfp,
     )
-    save_model(EmbeddingModel(spec), tmp_path / "m.safetensors")
+    model = EmbeddingModel(spec)
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    with torch.no_grad():
+        depthwise[2].weight[0] *= 1000  # one channel 1000x wider: one scale would zero the others
+    save_model(model, tmp_path / "m.safetensors")
     export_onnx(tmp_path / "m.safetensors", tmp_path / "m.onnx", exporter="legacy", measure=False)
-    opts = Int8Options(**{**FAST.__dict__, "granularity": "depthwise", "min_cosine": -1.0})
+    opts = Int8Options(**{**FAST.__dict__, "granularity": "auto", "min_cosine": -1.0})
     quantize_export(tmp_path / "m.onnx", tiny_data, int8_models.gallery, tmp_path / "m.int8.onnx", opts)
 
     graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     dequant = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
-    scales = {"depthwise": set(), "other": set()}
+    per_channel = []
     for conv in (n for n in graph.node if n.op_type == "Conv"):
         weight = dequant[conv.input[1]]
-        assert weight.input[0] in inits  # a quantized weight
-        grouped = any(a.name == "group" and a.i > 1 for a in conv.attribute)
-        scales["depthwise" if grouped else "other"].add(inits[weight.input[1]].size > 1)
-    assert scales == {"depthwise": {True}, "other": {False}}
+        if inits[weight.input[1]].size > 1:
+            per_channel.append(inits[weight.input[0]].shape)
+    assert per_channel == [tuple(depthwise[2].weight.shape)]
 
 
 def test_an_unknown_granularity_is_refused(int8_models: Any, tiny_data: DataBundle, tmp_path: Path) -> None:

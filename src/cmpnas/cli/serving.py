@@ -339,8 +339,8 @@ def export_cmd(
         str,
         typer.Option(
             "--int8-granularity",
-            help="--int8: weight scales per-tensor, per-channel (every weight) or depthwise (per channel on the "
-            "depthwise convolutions only, per tensor elsewhere)",
+            help="--int8: weight scales per-tensor, per-channel (every weight) or auto (per channel only on the "
+            "convolutions whose channels one scale would crush, per tensor elsewhere)",
         ),
     ] = "per-tensor",
     gallery_model: Annotated[

@@ -45,15 +45,18 @@ _SEED_CALIBRATION = 8101
 _SEED_PARITY = 8102
 
 
-GRANULARITIES = ("per-tensor", "per-channel", "depthwise")
+GRANULARITIES = ("per-tensor", "per-channel", "auto")
+# auto: a weight whose median output channel would get fewer of int8's 127 levels than this under one scale
+# per tensor is quantized per channel (a few channels far wider than the rest, e.g. after BN folding)
+MIN_LEVELS = 16
 
 
 @dataclass(frozen=True)
 class Int8Options:
     """How to quantize and how strictly to check the result (the CLI's --int8-* options)."""
 
-    # per-tensor: one scale per weight; per-channel: one per output channel of every weight; depthwise: per
-    # channel on the depthwise convolutions only (whose channels' ranges differ most), per tensor elsewhere
+    # per-tensor: one scale per weight; per-channel: one per output channel of every weight; auto: per channel
+    # only on the convolution weights that one scale would crush (see _crushed_weights), per tensor elsewhere
     granularity: str = "per-tensor"
     calibration_images: int = 512  # training images, class-stratified (capped at the split's size)
     calibration_batch: int = 64
@@ -188,16 +191,21 @@ def _compact_names(model: Any) -> None:
     del graph.metadata_props[:]
 
 
-def _depthwise_weights(model: Any) -> list[str]:
-    """The weight initializers of the grouped (depthwise) convolutions of an ONNX graph."""
-    inits = {i.name for i in model.graph.initializer}
-    return [
-        node.input[1]
-        for node in model.graph.node
-        if node.op_type == "Conv"
-        and any(a.name == "group" and a.i > 1 for a in node.attribute)
-        and node.input[1] in inits
-    ]
+def _crushed_weights(model: Any) -> list[str]:
+    """The convolution weights of an ONNX graph that one int8 scale per tensor would crush: their median output
+    channel spans fewer than ``MIN_LEVELS`` of the 127 levels the widest channel sets."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    crushed = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in inits:
+            continue
+        w = np.abs(numpy_helper.to_array(inits[node.input[1]]))
+        per_channel = w.reshape(w.shape[0], -1).max(axis=1)
+        if per_channel.max() > 0 and np.median(per_channel) / per_channel.max() * 127 < MIN_LEVELS:
+            crushed.append(node.input[1])
+    return crushed
 
 
 def quantize_file(
@@ -216,7 +224,7 @@ def quantize_file(
         # BN folding and tensor shapes for the calibrator (ONNX Runtime's recommended first step)
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         overrides = (
-            {w: [{"axis": 0}] for w in _depthwise_weights(onnx.load(str(pre)))} if granularity == "depthwise" else {}
+            {w: [{"axis": 0}] for w in _crushed_weights(onnx.load(str(pre)))} if granularity == "auto" else {}
         )
         reader.rewind()
         quantize_static(
@@ -340,7 +348,7 @@ def quantize_export(
             raise CmpnasError(
                 f"The int8 query model's embeddings have mean cosine {mean_cos:.4f} (min {min_cos:.4f}) with the "
                 f"fp32 export's on {len(par_idx)} held-out images, below {opts.min_cosine:g}; nothing written.",
-                "retry with --int8-granularity depthwise or per-channel, or more --calibration-images, or "
+                "retry with --int8-granularity auto or per-channel, or more --calibration-images, or "
                 "deploy the fp32 export",
             )
     report: dict[str, Any] = {
