@@ -54,6 +54,7 @@ from cmpnas.io import write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
 from cmpnas.serving.export import export_onnx, load_encoder, onnx_session, percentiles_ms
 from cmpnas.serving.index import GalleryIndex, build_index
+from cmpnas.serving.reuseport import queued_connections_migrate
 
 SMALL_GALLERY = {"widths": [16, 32], "depths": [1, 1], "strides": [1, 2]}
 SMALL_QUERY = {"widths": [8, 16], "depths": [1, 1], "strides": [2, 1]}
@@ -661,6 +662,7 @@ def main() -> None:
             "faiss": faiss.__version__,
             "torch_threads": torch.get_num_threads(),
             "cpu_model": cpu_model(),
+            "tcp_migrate_req": queued_connections_migrate(),
         },
     }
     with tempfile.TemporaryDirectory(prefix="cmpnas-bench-") as tmp:

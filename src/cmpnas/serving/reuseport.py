@@ -15,7 +15,9 @@ the kernel takes the socket out of the port's group at once, so reconnecting cli
 workers instead of queueing on a dead one's socket until the parent notices. A dead worker is restarted on a
 fresh socket that is bound but not listening, which uvicorn puts in the kernel's rotation once the new worker is
 ready, so no connection waits on a worker that is still loading; if no other worker serves, the parent listens on
-it as at start. A worker also stops when the parent dies.
+it as at start. A worker also stops when the parent dies. Connections that a dying worker's socket had queued
+are moved to the live workers by the kernel only with ``net.ipv4.tcp_migrate_req = 1``; the parent says so at
+start when it is off.
 """
 
 from __future__ import annotations
@@ -28,12 +30,26 @@ import socket
 import threading
 import time
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("cmpnas.serving")
 
 RESTART_BACKOFF_S = 1.0
 STOP_GRACE_S = 10.0
+MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def queued_connections_migrate() -> bool | None:
+    """Whether the kernel moves the connections queued on a closing listener to the other listeners of its
+    ``SO_REUSEPORT`` group (``net.ipv4.tcp_migrate_req``, Linux 5.14+); None where the setting does not exist.
+
+    Without it, clients that reconnect in the moment a killed worker's process is torn down are hashed to its
+    dying socket and reset."""
+    try:
+        return MIGRATE_SYSCTL.read_text().strip() != "0"
+    except OSError:
+        return None
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -170,6 +186,13 @@ def serve_reuseport(
             f"pid {os.getpid()})",
             flush=True,
         )
+        if workers > 1 and queued_connections_migrate() is False:
+            print(
+                "cmpnas serve: net.ipv4.tcp_migrate_req is 0, so connections queued on a worker that dies are "
+                "reset; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1) to have the kernel move them to the "
+                "live workers",
+                flush=True,
+            )
         while not stopping:
             live = [slot.process.sentinel for slot in slots if slot.process.is_alive()]
             if live:
