@@ -9,8 +9,9 @@ reliability and the τ ceiling it implies, and the verdict (heterogeneous and ho
 supernet's health and training time. Compare recipes at similar training time (``train.seconds``).
 
 Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; a finished
-supernet (its ``manifest.json``), its scores (``NAME/ranking.json``) and finished stand-alone rows
-(``targets/study_rows.json``) are read back. The JSON is rewritten after every recipe.
+supernet (its ``manifest.json``), its estimates (``NAME/estimates-EST.json``) and finished stand-alone rows
+(``targets/study_rows.json``) are read back; ``--estimate-only`` scores the ranking set without its targets
+(to run beside them). The JSON is rewritten after every recipe.
 
     PYTHONPATH=src .venv/bin/python benchmarks/supernet_ranking.py --work runs/supernet-ranking \\
         [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
@@ -106,40 +107,71 @@ def targets(cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, work: 
     return [r for r in res["rows"] if r.get("set") == "ranking"]
 
 
-def score(
-    cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, rows: list[dict[str, Any]], steps: int = 0
-) -> dict[str, Any]:
-    """The recipe's supernet estimates every ranking architecture (after ``steps`` of fine-tuning each); the
-    study's ranking summary of them, and the estimator's seconds per architecture."""
-    t0 = time.perf_counter()
+def ranking_archs(cfg: Any, gallery_path: Path, data: Any) -> list[dict]:
+    """The study stage's ranking set for ``cfg`` (stratified by MACs over the supernet's bands, seeded)."""
     from cmpnas.models.spaces import family_budgets, sample_bands
+    from cmpnas.stages.common import nas_setup
+    from cmpnas.stages.study import sample_ranking_archs
+
+    setup = nas_setup(cfg, gallery_path, data)
+    bands = sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
+    dim = setup.gallery.spec.embed_dim
+    return sample_ranking_archs(
+        setup.space, bands, cfg.nas.ranking_archs, cfg.nas.search.seed + 29, dim, set()
+    )
+
+
+def estimate(
+    cfg: Any, gallery_path: Path, folder: Path, data: Any, archs: list[dict], est: str
+) -> dict[str, dict[str, Any]]:
+    """Estimator ``est``'s scores of ``archs`` on the recipe's supernet, by arch key, kept (and read back) in
+    ``folder/estimates-EST.json`` arch by arch, with the seconds each took."""
+    from cmpnas.io import read_json, write_json_atomic
     from cmpnas.nas.candidates import build_evaluator
     from cmpnas.nas.supernet import load_supernet
     from cmpnas.stages.common import nas_setup, supernet_identity
-    from cmpnas.stages.study import ranking_summary
+    from cmpnas.stages.supernet import SUPERNET_FILE
 
+    path = folder / f"estimates-{est}.json"
+    done: dict[str, dict[str, Any]] = read_json(path, f"delete '{path}'") if path.is_file() else {}
     setup = nas_setup(cfg, gallery_path, data)
-    supernet, _ = load_supernet(supernet_path, supernet_identity(cfg, data, setup.gallery))
+    if all(setup.space.arch_key(a) in done for a in archs):
+        return done
+    supernet, _ = load_supernet(folder / SUPERNET_FILE, supernet_identity(cfg, data, setup.gallery))
     s = cfg.nas.search
     evaluate = build_evaluator(
         supernet, setup.gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
     )
-    if steps:
-        evaluate = fine_tuned(cfg, setup.gallery, gallery_path, data, evaluate, steps)
-    estimates: dict[str, dict[str, Any]] = {}
-    scored = []
-    for r in rows:
-        if r["arch_key"] not in estimates:
-            estimates[r["arch_key"]] = evaluate(r["arch"])
-        est = estimates[r["arch_key"]]
-        scored.append(
-            {**r, **{f"supernet_{k}": est[k] for k in ("het_top1", "hom_top1", "het_map", "hom_map")}}
-        )
-    bands = sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
-    summary = ranking_summary(scored, bands)
+    if ESTIMATORS[est]:
+        evaluate = fine_tuned(cfg, setup.gallery, gallery_path, data, evaluate, ESTIMATORS[est])
+    for arch in archs:
+        key = setup.space.arch_key(arch)
+        if key not in done:
+            t0 = time.perf_counter()
+            done[key] = {**evaluate(arch), "seconds": round(time.perf_counter() - t0, 2)}
+            write_json_atomic(path, done)
+    return done
+
+
+def score(
+    cfg: Any, gallery_path: Path, data: Any, rows: list[dict[str, Any]], estimates: dict
+) -> dict[str, Any]:
+    """The study's ranking summary of the stand-alone rows against one estimator's scores."""
+    import statistics
+
+    from cmpnas.models.spaces import family_budgets, sample_bands
+    from cmpnas.stages.common import nas_setup
+    from cmpnas.stages.study import ranking_summary
+
+    keys = ("het_top1", "hom_top1", "het_map", "hom_map")
+    scored = [{**r, **{f"supernet_{k}": estimates[r["arch_key"]][k] for k in keys}} for r in rows]
+    setup = nas_setup(cfg, gallery_path, data)
+    summary = ranking_summary(
+        scored, sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
+    )
     keep = ("split_half", "estimate", "macs_only", "verdict")
     return {
-        "seconds_per_arch": round((time.perf_counter() - t0) / max(1, len(estimates)), 2),
+        "seconds_per_arch": round(statistics.fmean(estimates[r["arch_key"]]["seconds"] for r in rows), 2),
         "n_archs": summary["n"],
         "seeds": summary["seeds"],
         **{
@@ -154,28 +186,15 @@ def score(
     }
 
 
-def ranking(
-    cfg: Any, gallery_path: Path, folder: Path, data: Any, rows: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Every estimator's ranking of the recipe's supernet, kept in ``folder/ranking.json`` (read back when there)."""
-    from cmpnas.io import read_json, write_json_atomic
-    from cmpnas.stages.supernet import SUPERNET_FILE
-
-    path = folder / "ranking.json"
-    done = read_json(path, f"delete '{path}' to score the recipe again") if path.is_file() else {}
-    for est, steps in ESTIMATORS.items():
-        if est not in done:
-            done[est] = score(cfg, gallery_path, folder / SUPERNET_FILE, data, rows, steps)
-            write_json_atomic(path, done)
-    return {est: done[est] for est in ESTIMATORS}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/supernet-ranking")
     ap.add_argument("--profile", default="default")
     ap.add_argument("--variants", default="fair,sandwich-kd")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--estimate-only", action="store_true", help="score the ranking set with every recipe, no targets"
+    )
     args = ap.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -199,6 +218,13 @@ def main() -> None:
         "target_schedule": base.nas.study_train.model_dump(mode="json"),
         "variants": {},
     }
+    if args.estimate_only:  # the estimators' scores of the ranking set, without the stand-alone targets
+        archs = ranking_archs(base, gallery_path, data)
+        for name in args.variants.split(","):
+            cfg = config(args.profile, {**RANKING, **VARIANTS[name][1]})
+            for est in ESTIMATORS:
+                estimate(cfg, gallery_path, work / name, data, archs, est)
+        return
     rows: list[dict[str, Any]] | None = None
     for name in args.variants.split(","):
         desc, overrides = VARIANTS[name]
@@ -213,13 +239,19 @@ def main() -> None:
             wall = round(time.perf_counter() - t0, 1)
         if rows is None:
             rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
+            archs = list({r["arch_key"]: r["arch"] for r in rows}.values())
         payload["variants"][name] = {
             "change": desc,
             "overrides": overrides,
             "train": res["train"],
             "wall_seconds": wall,
             "health": res["health"],
-            "ranking": ranking(cfg, gallery_path, work / name, data, rows),
+            "ranking": {
+                est: score(
+                    cfg, gallery_path, data, rows, estimate(cfg, gallery_path, work / name, data, archs, est)
+                )
+                for est in ESTIMATORS
+            },
         }
         for est, r in payload["variants"][name]["ranking"].items():
             for side in ("heterogeneous", "homogeneous"):
