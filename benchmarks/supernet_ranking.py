@@ -192,13 +192,20 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--variants", default="fair,sandwich-kd")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--estimators", default=",".join(ESTIMATORS), help=f"from {', '.join(ESTIMATORS)}")
     ap.add_argument(
         "--estimate-only", action="store_true", help="score the ranking set with every recipe, no targets"
     )
     args = ap.parse_args()
+    estimators = args.estimators.split(",")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown += [e for e in estimators if e not in ESTIMATORS]
     if unknown:
-        print(f"unknown variant {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)}", file=sys.stderr)
+        print(
+            f"unknown recipe or estimator {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)} and "
+            f"--estimators from {', '.join(ESTIMATORS)}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
     from cmpnas.io import read_json
@@ -222,7 +229,7 @@ def main() -> None:
         archs = ranking_archs(base, gallery_path, data)
         for name in args.variants.split(","):
             cfg = config(args.profile, {**RANKING, **VARIANTS[name][1]})
-            for est in ESTIMATORS:
+            for est in estimators:
                 estimate(cfg, gallery_path, work / name, data, archs, est)
         return
     rows: list[dict[str, Any]] | None = None
@@ -250,7 +257,7 @@ def main() -> None:
                 est: score(
                     cfg, gallery_path, data, rows, estimate(cfg, gallery_path, work / name, data, archs, est)
                 )
-                for est in ESTIMATORS
+                for est in estimators
             },
         }
         for est, r in payload["variants"][name]["ranking"].items():
