@@ -42,9 +42,11 @@ FAST = Int8Options(
 )
 
 
-def _spec(data: DataBundle, kw: dict, dim: int, compatible_with: str | None = None) -> ModelSpec:
+def _spec(
+    data: DataBundle, kw: dict, dim: int, compatible_with: str | None = None, backbone: str = "resnet_small"
+) -> ModelSpec:
     return ModelSpec(
-        backbone="resnet_small",
+        backbone=backbone,
         backbone_kwargs=kw,
         embed_dim=dim,
         num_classes=data.num_classes,
@@ -307,18 +309,9 @@ def test_auto_granularity_scales_per_channel_only_the_weight_one_scale_would_cru
     from onnx import numpy_helper
 
     torch.manual_seed(2)
-    spec = ModelSpec(
-        backbone="tv:mobilenet_v2",
-        backbone_kwargs={"width_mult": 0.25},
-        embed_dim=32,
-        num_classes=tiny_data.num_classes,
-        in_chans=tiny_data.in_chans,
-        input_size=tiny_data.image_size,
-        mean=list(tiny_data.mean),
-        std=list(tiny_data.std),
-        compatible_with=int8_models.gfp,
+    model = EmbeddingModel(
+        _spec(tiny_data, {"width_mult": 0.25}, 32, int8_models.gfp, backbone="tv:mobilenet_v2")
     )
-    model = EmbeddingModel(spec)
     depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     with torch.no_grad():
         depthwise[2].weight[0] *= 1000  # one channel 1000x wider: one scale would zero the others

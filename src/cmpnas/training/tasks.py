@@ -40,7 +40,7 @@ class CompatTask(nn.Module):
     buffer included, so weight decay and momentum do not move them through their zero gradients.
 
     A sampler may return a list of paths for a step (the sandwich rule: the space's widest path first): their
-    losses are summed into one update of the union of their weights. With ``inplace_distill`` the paths after
+    losses are summed (the step's logged loss is that sum) into one update of the union of their weights. With ``inplace_distill`` the paths after
     the first learn their own classifier's output from the first path's (KL to its detached softmax, BigNAS's
     in-place distillation) instead of from the labels; the compatibility terms stay on every path.
     """
@@ -76,18 +76,17 @@ class CompatTask(nn.Module):
             return loss, logs
         drawn = self.arch_sampler(step)
         self._archs = drawn if isinstance(drawn, list) else [drawn]
-        total, logs, teacher = None, {}, None
+        losses, logs, teacher = [], {}, None
         for i, arch in enumerate(self._archs):
             loss, path_logs, logits = self._loss(self.model(x, arch), y, index, teacher)
+            losses.append(loss)
             if self.inplace_distill and i == 0:
                 teacher = logits.detach()
-            total = loss if total is None else total + loss
             if i == len(self._archs) // 2:  # the logs follow the in-band path (a sandwich's middle one)
                 logs = path_logs
         if len(self._archs) > 1:
             logs["paths"] = len(self._archs)
-        assert total is not None
-        return total, logs
+        return torch.stack(losses).sum(), logs
 
     def _loss(
         self,
