@@ -40,9 +40,10 @@ class CompatTask(nn.Module):
     buffer included, so weight decay and momentum do not move them through their zero gradients.
 
     A sampler may return a list of paths for a step (the sandwich rule: the space's widest path first): their
-    losses are summed (the step's logged loss is that sum) into one update of the union of their weights. With ``inplace_distill`` the paths after
-    the first learn their own classifier's output from the first path's (KL to its detached softmax, BigNAS's
-    in-place distillation) instead of from the labels; the compatibility terms stay on every path.
+    losses are summed (the step's logged loss is that sum) into one update of the union of their weights. With
+    ``inplace_distill`` the paths after the first learn their own classifier's output from the first path's (KL
+    to its detached softmax, BigNAS's in-place distillation) instead of from the labels; the compatibility terms
+    stay on every path.
     """
 
     def __init__(
