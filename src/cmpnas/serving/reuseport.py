@@ -11,7 +11,7 @@ can land unevenly.
 The parent binds and listens on every socket before it starts a worker and keeps its copy open until the worker
 serves, so a connection that arrives while the workers load their models waits in a backlog instead of being
 refused. Then the parent closes its copy: the worker holds the socket's last reference, and when the worker dies
-the kernel takes the socket out of the port's group at once, so reconnecting clients are hashed to the live
+the kernel takes the socket out of the port's group as the process is torn down, so reconnecting clients go to the live
 workers instead of queueing on a dead one's socket until the parent notices. A dead worker is restarted on a
 fresh socket that is bound but not listening, which uvicorn puts in the kernel's rotation once the new worker is
 ready, so no connection waits on a worker that is still loading; if no other worker serves, the parent listens on
