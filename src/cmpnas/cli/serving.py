@@ -35,6 +35,12 @@ class BackendKind(str, Enum):
     milvus = "milvus"
 
 
+class Int8Granularity(str, Enum):
+    per_tensor = "per-tensor"
+    per_channel = "per-channel"
+    auto = "auto"
+
+
 class ExporterKind(str, Enum):
     auto = "auto"
     dynamo = "dynamo"
@@ -310,7 +316,9 @@ def export_cmd(
     ] = None,
     family: Annotated[
         Path | None,
-        typer.Option("--family", help="family.json with trained members (`cmpnas retrain --family`): export all"),
+        typer.Option(
+            "--family", help="family.json with trained members (`cmpnas retrain --family`): export all"
+        ),
     ] = None,
     exporter: Annotated[
         ExporterKind,
@@ -336,13 +344,13 @@ def export_cmd(
         ),
     ] = False,
     int8_granularity: Annotated[
-        str,
+        Int8Granularity,
         typer.Option(
             "--int8-granularity",
             help="--int8: weight scales per-tensor, per-channel (every weight) or auto (per channel only on the "
             "convolutions whose channels one scale would crush, per tensor elsewhere)",
         ),
-    ] = "per-tensor",
+    ] = Int8Granularity.per_tensor,
     gallery_model: Annotated[
         Path | None,
         typer.Option(
@@ -375,8 +383,10 @@ def export_cmd(
     """Export a model to ONNX (dynamic batch), check parity with PyTorch and measure latency; --int8 also
     writes and scores an int8 version."""
     if (model is None) == (family is None):
-        raise CmpnasError("Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json")
-    int8_only = (int8_granularity, gallery_model, data_config) != ("per-tensor", None, None)
+        raise CmpnasError(
+            "Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json"
+        )
+    int8_only = (int8_granularity, gallery_model, data_config) != (Int8Granularity.per_tensor, None, None)
     if int8_only and not int8:
         raise CmpnasError(
             "--int8-granularity, --gallery-model and --config only apply to an int8 export.", "add --int8"
@@ -398,7 +408,7 @@ def export_cmd(
             )
         return
     options = Int8Options(
-        granularity=int8_granularity,
+        granularity=int8_granularity.value,
         calibration_images=calibration_images,
         min_cosine=min_cosine,
         latency_runs=latency_runs,
