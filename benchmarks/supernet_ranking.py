@@ -48,7 +48,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "sandwich-kd": (
         "sandwich rule (the space's widest path, the band's narrowest and a random in-band path every step) "
-        "with in-place distillation from the widest path; 2.5 epochs (about the default's training time: a sandwich step costs 2.9 single-path steps)",
+        "with in-place distillation from the widest path; 2.5 epochs (a sandwich step trains three paths: about the default's training time, see train.seconds)",
         {
             "nas.supernet.sandwich": True,
             "nas.supernet.inplace_distill": True,
