@@ -20,14 +20,15 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from cmpnas.cli import serving as commands
+from cmpnas.cli import deploy, index
 from cmpnas.errors import CmpnasError
 
 
 @pytest.fixture(scope="module")
 def cli() -> typer.Typer:
     app = typer.Typer()
-    commands.register(app)
+    for group in (index, deploy):
+        group.register(app)
     return app
 
 
@@ -173,7 +174,7 @@ def test_serve_passes_limits_to_the_server(
     cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any
 ) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
+    monkeypatch.setattr(deploy, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
     r = run(
         cli,
         "serve",
@@ -199,7 +200,7 @@ def test_serve_passes_every_query_model_to_the_server(
     cli: typer.Typer, monkeypatch: pytest.MonkeyPatch, flat_index: Path, models: Any, small_query: Path
 ) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
+    monkeypatch.setattr(deploy, "run_server", lambda *a, **kw: seen.update(args=a, **kw))
     r = run(cli, "serve", "--index", flat_index, "--query-model", models.query, "--query-model", small_query)
     assert r.exit_code == 0, r.output
     assert seen["args"] == (flat_index, models.query, small_query)
@@ -352,7 +353,7 @@ def test_serve_ort_web_dir_is_checked_then_handed_to_the_workers(
     from cmpnas.serving.browser import ORT_DIR_ENV, ORT_FILES
 
     monkeypatch.delenv(ORT_DIR_ENV, raising=False)
-    monkeypatch.setattr(commands, "run_server", lambda *a, **kw: None)
+    monkeypatch.setattr(deploy, "run_server", lambda *a, **kw: None)
     empty = tmp_path / "dist"
     empty.mkdir()
     r = run(cli, "serve", "--index", flat_index, "--query-model", models.query, "--ort-web-dir", empty)

@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from cmpnas.cli import evaluate, nas, run, serving, train, upgrade
+from cmpnas.cli import deploy, evaluate, index, nas, run, train, upgrade
 from cmpnas.errors import CmpnasError, one_line
 
 app = typer.Typer(
@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 # Command groups, in the order of the flow (a new group: one module with register(app), one line here).
-for _group in (train, nas, evaluate, run, serving, upgrade):
+for _group in (train, nas, evaluate, run, index, deploy, upgrade):
     _group.register(app)
 
 

@@ -68,13 +68,17 @@ def retrain_cmd(
     arch: Annotated[Path | None, typer.Option("--arch", help="search.json or arch JSON.")] = None,
     family: Annotated[
         Path | None,
-        typer.Option("--family", help="family.json of `cmpnas search --family`: retrain every member into OUT/NAME."),
+        typer.Option(
+            "--family", help="family.json of `cmpnas search --family`: retrain every member into OUT/NAME."
+        ),
     ] = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Train the searched architecture from scratch with BCT (then `cmpnas evaluate` it)."""
     if (arch is None) == (family is None):
-        raise CmpnasError("Pass exactly one of --arch and --family.", "--arch search.json, or --family family.json")
+        raise CmpnasError(
+            "Pass exactly one of --arch and --family.", "--arch search.json, or --family family.json"
+        )
     if family is not None:
         doc = retrain_family(cfg, gallery, family, out, resume=resume)
         progress.event("done", message=f"retrained {len(doc['members'])} members -> {out / 'family.json'}")

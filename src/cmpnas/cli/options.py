@@ -50,7 +50,9 @@ def _with_options(
         for p in inspect.signature(fn).parameters.values()
         if p.name != "cfg"
     ]
-    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in added]
+    extra = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in added
+    ]
 
     @functools.wraps(fn)
     def command(**kwargs: Any) -> Any:
@@ -87,3 +89,28 @@ def configured(fn: Callable[..., Any]) -> Callable[..., Any]:
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     """``cfg`` with a command's own dotted overrides applied after ``--set`` (e.g. ``compat.mode=bct``)."""
     return build_config(cfg.model_dump(mode="json"), overrides) if overrides else cfg
+
+
+# Options of the index and deploy commands
+IndexDirOpt = Annotated[Path, typer.Option("--index", help="index folder written by cmpnas index")]
+QueryModelOpt = Annotated[
+    Path, typer.Option("--query-model", help="query model: .safetensors checkpoint or .onnx export")
+]
+QueryModelsOpt = Annotated[
+    list[Path],
+    typer.Option(
+        "--query-model",
+        help="query model: .safetensors checkpoint, .onnx export, or a folder with family.json (its members); "
+        "repeat for several, all served against the index (the first is the default, the others are "
+        "picked with /search?model=NAME)",
+    ),
+]
+AllowIncompatibleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-incompatible",
+        help="search even if the query model was not trained compatible with the index's gallery model (experts)",
+    ),
+]
+NprobeOpt = Annotated[int | None, typer.Option("--nprobe", min=1, help="override ivf/ivfpq cells visited")]
+EfSearchOpt = Annotated[int | None, typer.Option("--ef-search", min=1, help="override hnsw search beam")]

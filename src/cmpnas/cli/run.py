@@ -19,12 +19,17 @@ def run_cmd(
     config: ConfigOpt = None,
     profile: Annotated[
         str | None,
-        typer.Option("--profile", "-p", help="Packaged profile: smoke, default, full, paper-deepfashion2, paper-ijbc."),
+        typer.Option(
+            "--profile", "-p", help="Packaged profile: smoke, default, full, paper-deepfashion2, paper-ijbc."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (a stage per subfolder).")] = Path(
         "runs/default"
     ),
-    force: Annotated[list[str] | None, typer.Option("--force", help="Rerun this stage and every stage that uses it (repeatable).")] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="Rerun this stage and every stage that uses it (repeatable)."),
+    ] = None,
     seeds: Annotated[
         str | None,
         typer.Option(

@@ -50,8 +50,12 @@ def upgrade_gallery_cmd(
 ) -> None:
     """Train a new gallery model (the config's gallery + gallery_train) compatible with the old one (BCT)."""
     res = upgrade_gallery(cfg, old, out, resume=resume, independent=independent)
-    _done(f"new gallery model: {out / 'model.safetensors'} ({res['fingerprint']}, compatible with the old one)"
-          if not independent else f"control gallery model (no compat term): {out / 'model.safetensors'}", res)
+    _done(
+        f"new gallery model: {out / 'model.safetensors'} ({res['fingerprint']}, compatible with the old one)"
+        if not independent
+        else f"control gallery model (no compat term): {out / 'model.safetensors'}",
+        res,
+    )
 
 
 @configured
@@ -73,7 +77,9 @@ def evaluate_upgrade_cmd(
     old: OldOpt,
     new: NewOpt,
     out: OutOpt,
-    small: Annotated[Path | None, typer.Option("--small", help="A query model trained against the old gallery.")] = None,
+    small: Annotated[
+        Path | None, typer.Option("--small", help="A query model trained against the old gallery.")
+    ] = None,
     independent: Annotated[
         Path | None, typer.Option("--independent", help="The control: a new model trained without compat.")
     ] = None,
@@ -95,7 +101,10 @@ def backfill_cmd(
     index: IndexOpt,
     gallery_model: NewGalleryOpt,
     fraction: Annotated[
-        float, typer.Option("--fraction", min=0.0, max=1.0, help="Share of the index the new model embeds when done.")
+        float,
+        typer.Option(
+            "--fraction", min=0.0, max=1.0, help="Share of the index the new model embeds when done."
+        ),
     ],
     order: Annotated[
         Order,
@@ -106,7 +115,8 @@ def backfill_cmd(
     ] = Order.random,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random order.")] = 0,
     chunk_size: Annotated[
-        int, typer.Option("--chunk-size", min=1, help="Images per saved chunk (the unit a killed run redoes).")
+        int,
+        typer.Option("--chunk-size", min=1, help="Images per saved chunk (the unit a killed run redoes)."),
     ] = 256,
 ) -> None:
     """Re-embed part of an index with an upgraded gallery model (atomic; a killed run continues)."""
