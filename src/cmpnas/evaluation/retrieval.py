@@ -23,7 +23,7 @@ Memory stays bounded for 70k x 70k: queries are processed in blocks of at most `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -463,16 +463,44 @@ def metrics_from_similarity(
             f"exclude_self=True needs a square similarity matrix, got {n_query} x {n_gallery}.",
             "use exclude_self=False for separate query and gallery sets.",
         )
-    q_labels = _as_labels("query", query_labels, n_query, sim.device)
-    g_labels = _as_labels("gallery", gallery_labels, n_gallery, sim.device)
+    return _metrics_by_blocks(
+        lambda start, stop: sim[start:stop],
+        (n_query, n_gallery),
+        query_labels,
+        gallery_labels,
+        sim.device,
+        exclude_self=exclude_self,
+        ks=ks,
+        lone_queries=lone_queries,
+        chunk_size=chunk_size,
+    )
+
+
+def _metrics_by_blocks(
+    rows: Callable[[int, int], torch.Tensor],
+    shape: tuple[int, int],
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    device: torch.device,
+    *,
+    exclude_self: bool,
+    ks: tuple[int, ...],
+    lone_queries: str,
+    chunk_size: int,
+) -> dict[str, float]:
+    """The metrics of a [Q, G] similarity matrix read block by block (``rows(start, stop)``), so that
+    :func:`retrieval_metrics` never holds the whole matrix."""
+    n_query, n_gallery = shape
+    q_labels = _as_labels("query", query_labels, n_query, device)
+    g_labels = _as_labels("gallery", gallery_labels, n_gallery, device)
     ks = _check_ks(ks)
     _check_lone_mode(lone_queries)
     _check_chunk_size(chunk_size)
-    per_query = _PerQuery(n_query, sim.device)
+    per_query = _PerQuery(n_query, device)
     block_rows = _rows_per_block(chunk_size, n_gallery)
     for start in range(0, n_query, block_rows):
         stop = min(start + block_rows, n_query)
-        per_query.add_block(start, sim[start:stop], q_labels[start:stop], g_labels, exclude_self)
+        per_query.add_block(start, rows(start, stop), q_labels[start:stop], g_labels, exclude_self)
     return per_query.summarize(ks, lone_queries)
 
 
@@ -496,19 +524,17 @@ def retrieval_metrics(
     query = l2_normalize(_as_embeddings("query", query_emb))
     gallery = l2_normalize(_as_embeddings("gallery", gallery_emb)).to(query.device)
     _check_pair(query, gallery, exclude_self)
-    n_query, n_gallery = query.shape[0], gallery.shape[0]
-    q_labels = _as_labels("query", query_labels, n_query, query.device)
-    g_labels = _as_labels("gallery", gallery_labels, n_gallery, query.device)
-    ks = _check_ks(ks)
-    _check_lone_mode(lone_queries)
-    _check_chunk_size(chunk_size)
-    per_query = _PerQuery(n_query, query.device)
-    block_rows = _rows_per_block(chunk_size, n_gallery)
-    for start in range(0, n_query, block_rows):
-        stop = min(start + block_rows, n_query)
-        sim_block = query[start:stop] @ gallery.T
-        per_query.add_block(start, sim_block, q_labels[start:stop], g_labels, exclude_self)
-    return per_query.summarize(ks, lone_queries)
+    return _metrics_by_blocks(
+        lambda start, stop: query[start:stop] @ gallery.T,
+        (query.shape[0], gallery.shape[0]),
+        query_labels,
+        gallery_labels,
+        query.device,
+        exclude_self=exclude_self,
+        ks=ks,
+        lone_queries=lone_queries,
+        chunk_size=chunk_size,
+    )
 
 
 def ranked_label_metrics(
