@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
 
-KEYS = ("split_half", "estimate", "macs_only", "verdict", "kendall_in_search_band")
+KEYS = ("split_half", "estimate", "macs_only", "given_macs", "verdict", "kendall_in_search_band")
 
 
 def summarise(ranking: dict[str, Any]) -> dict[str, Any]:

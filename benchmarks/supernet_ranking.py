@@ -11,7 +11,8 @@ supernet's health and training time. Compare recipes at similar training time (`
 Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; a finished
 supernet (its ``manifest.json``), its estimates (``NAME/estimates-EST.json``) and finished stand-alone rows
 (``targets/study_rows.json``) are read back; ``--estimate-only`` scores the ranking set without its targets
-(to run beside them). The JSON is rewritten after every recipe.
+(to run beside them). The JSON is rewritten after every recipe. ``--rescore FILE`` recomputes a written
+result's statistics from its own per-architecture rows with the current code (no training).
 
     PYTHONPATH=src .venv/bin/python benchmarks/supernet_ranking.py --work runs/supernet-ranking \\
         [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
@@ -169,13 +170,12 @@ def score(
     summary = ranking_summary(
         scored, sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
     )
-    keep = ("split_half", "estimate", "macs_only", "verdict")
     return {
         "seconds_per_arch": round(statistics.fmean(estimates[r["arch_key"]]["seconds"] for r in rows), 2),
         "n_archs": summary["n"],
         "seeds": summary["seeds"],
         **{
-            side: {k: summary[side].get(k) for k in keep}
+            side: {k: summary[side].get(k) for k in KEEP}
             for side in ("heterogeneous", "homogeneous")
             if side in summary
         },
@@ -184,6 +184,42 @@ def score(
             for a in summary["archs"]
         ],
     }
+
+
+KEEP = ("split_half", "estimate", "macs_only", "given_macs", "verdict")
+
+
+def rescore(path: Path, out: Path) -> None:
+    """Recompute every recipe's and estimator's ranking statistics from the file's per-architecture rows."""
+    from cmpnas.io import read_json, write_json_atomic
+    from cmpnas.stages.study import ranking_summary
+
+    payload = read_json(path, "pass a JSON written by this benchmark")
+    metrics = ("het_top1", "het_map", "hom_top1", "hom_map")
+    for variant in payload["variants"].values():
+        for scored in variant["ranking"].values():
+            rows = [
+                {
+                    "arch_key": str(i),
+                    "arch": None,
+                    "macs": a["macs"],
+                    "seed": s["seed"],
+                    **{f"supernet_{k}": a["supernet"][k] for k in metrics},
+                    **{k: s[k] for k in metrics},
+                }
+                for i, a in enumerate(scored["archs"])
+                for s in a["standalone"]
+            ]
+            summary = ranking_summary(rows, [])
+            for side in ("heterogeneous", "homogeneous"):
+                if side in summary:
+                    scored[side] = {k: summary[side].get(k) for k in KEEP}
+    payload["rescored"] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "what": "statistics recomputed from the rows above by the current code (no training)",
+    }
+    write_json_atomic(out, payload)
+    print(f"rescored {path} -> {out}")
 
 
 def main() -> None:
@@ -196,7 +232,11 @@ def main() -> None:
     ap.add_argument(
         "--estimate-only", action="store_true", help="score the ranking set with every recipe, no targets"
     )
+    ap.add_argument("--rescore", default=None, help="a JSON of this benchmark: recompute its statistics only")
     args = ap.parse_args()
+    if args.rescore:
+        rescore(Path(args.rescore), Path(args.out or args.rescore))
+        return
     estimators = args.estimators.split(",")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     unknown += [e for e in estimators if e not in ESTIMATORS]

@@ -19,6 +19,7 @@ from cmpnas.evaluation.ranking import (
     kendall_ceiling,
     ranking_report,
     ranking_verdict,
+    residual_on_log_cost,
     spearman_brown,
     split_half,
     zscores,
@@ -169,6 +170,44 @@ def test_bootstrap_point_estimates_match_scipy_and_intervals_contain_them() -> N
     assert lo < out["spearman"] < hi
 
 
+def test_residual_on_log_cost_matches_numpy_polyfit() -> None:
+    rng = np.random.default_rng(3)
+    cost = rng.uniform(1e5, 3e6, size=9)
+    values = rng.normal(size=9)
+    slope, intercept = np.polyfit(np.log(cost), values, 1)
+    expected = values - (slope * np.log(cost) + intercept)
+    assert residual_on_log_cost(values, cost) == pytest.approx(expected)
+    assert residual_on_log_cost([1.0, 2.0, 6.0], [5.0, 5.0, 5.0]) == pytest.approx([-2.0, -1.0, 3.0])
+
+
+def test_tau_given_cost_by_hand() -> None:
+    """Cost pulls the target up and the estimate down, but at equal cost both order the architectures the same
+    way: τ given cost is exactly 1 where the plain τ is negative."""
+    cost = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    wobble = np.array([0.3, -0.2, 0.1, -0.4, 0.5, 0.0])
+    target = 10.0 * np.log(cost) + wobble
+    estimate = -5.0 * np.log(cost) + 2.0 * wobble
+    plain = bootstrap_rank_interval(list(estimate), list(target), n_boot=100, seed=0)
+    given = bootstrap_rank_interval(list(estimate), list(target), n_boot=100, seed=0, cost=cost)
+    assert plain is not None and given is not None
+    assert plain["kendall"] == pytest.approx(stats.kendalltau(estimate, target)[0]) and plain["kendall"] < 0
+    assert given["kendall"] == pytest.approx(1.0) and given["spearman"] == pytest.approx(1.0)
+    assert given["kendall_interval"] == pytest.approx([1.0, 1.0])  # every resample refits the line
+
+
+def test_tau_given_equal_costs_is_the_plain_tau() -> None:
+    x, y = _noisy()
+    plain = bootstrap_rank_interval(x, y, n_boot=50, seed=2)
+    assert plain == bootstrap_rank_interval(x, y, n_boot=50, seed=2, cost=[7.0] * len(x))
+
+
+def test_tau_given_cost_rejects_bad_costs() -> None:
+    with pytest.raises(CmpnasError, match="cost 2"):
+        bootstrap_rank_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], cost=[1.0, 2.0])
+    with pytest.raises(CmpnasError, match="cost of 0 or less"):
+        bootstrap_rank_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], cost=[1.0, 0.0, 2.0])
+
+
 def test_bootstrap_is_reproducible_with_a_seed() -> None:
     x, y = _noisy()
     a = bootstrap_rank_interval(x, y, n_boot=200, seed=7)
@@ -274,6 +313,8 @@ def test_report_ties_the_pieces_together() -> None:
     )
     assert report["estimate"]["kendall"] == pytest.approx(stats.kendalltau(quality, target)[0], abs=1e-4)
     assert report["macs_only"]["kendall"] == pytest.approx(stats.kendalltau(macs, target)[0], abs=1e-4)
+    given = stats.kendalltau(residual_on_log_cost(quality, macs), residual_on_log_cost(target, macs))[0]
+    assert report["given_macs"]["kendall"] == pytest.approx(given, abs=1e-4)
     assert report["verdict"]["verdict"] == "pass", report["verdict"]["reason"]
     assert all(round(v, 4) == v for v in report["target"])
 

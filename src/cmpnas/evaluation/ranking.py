@@ -6,7 +6,9 @@ does. But the stand-alone numbers are themselves noisy (one training run per see
 can mean a bad estimator or a target that does not agree with itself. The split-half reliability of
 the target (seed halves against each other) says which: it gives the τ a perfect estimator could
 expect (the ceiling), and below a minimum reliability there is nothing to judge. A MACs-only predictor
-is the baseline a supernet has to beat, since bigger models are often simply better.
+is the baseline a supernet has to beat, since bigger models are often simply better. The same τ with the
+cost taken out of both sides (``given_macs``) says whether the estimator orders architectures of equal cost,
+which is all a search under a budget asks of it.
 
 The target of one architecture is the mean over seeds of a composite: per seed, the average of the
 z-scores (over architectures) of heterogeneous top-1 and heterogeneous mAP, so that neither metric's
@@ -128,19 +130,54 @@ def split_half(per_seed: np.ndarray) -> dict[str, float | None]:
     return {"r1": r1, "r2": r2, "tau_ceiling": kendall_ceiling(r2)}
 
 
+# ------------------------------------------------------------------------------------------ cost
+def residual_on_log_cost(values: Sequence[float], cost: Sequence[float]) -> np.ndarray:
+    """``values`` minus their least-squares line in log(cost): what is left once cost has said its part.
+
+    Log, because accuracy grows about linearly in log MACs over a space's range. Equal costs leave the
+    values minus their mean.
+    """
+    y = np.asarray(values, dtype=float)
+    x = np.log(np.asarray(cost, dtype=float))
+    if np.ptp(x) == 0:
+        return y - y.mean()
+    design = np.stack([np.ones_like(x), x], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return y - design @ coef
+
+
+def _correlations(x: np.ndarray, y: np.ndarray, cost: np.ndarray | None) -> dict[str, float | None]:
+    if cost is not None:
+        if len(np.unique(np.stack([x, y, cost], axis=1), axis=0)) < 3:
+            # a line through two architectures fits them exactly: what is left is rounding noise, not an order
+            return {"kendall": None, "spearman": None}
+        # rounded: residuals equal but for float rounding are ties, not an order
+        x, y = np.round(residual_on_log_cost(x, cost), 10), np.round(residual_on_log_cost(y, cost), 10)
+    return rank_correlations(list(x), list(y))
+
+
 # ------------------------------------------------------------------------------------------ bootstrap
 def bootstrap_rank_interval(
-    x: Sequence[float], y: Sequence[float], n_boot: int = 2000, confidence: float = 0.9, seed: int = 0
+    x: Sequence[float],
+    y: Sequence[float],
+    n_boot: int = 2000,
+    confidence: float = 0.9,
+    seed: int = 0,
+    cost: Sequence[float] | None = None,
 ) -> dict[str, Any] | None:
     """Kendall τ and Spearman ρ of ``x`` against ``y`` with percentile bootstrap intervals.
 
     Why resample architectures (pairs): the architectures are the sample — another draw from the search
     space would give another τ — so the interval says how much τ depends on which ones were measured.
     Resamples where a correlation is undefined (all one value) are skipped; ``n_resamples`` counts the
-    ones used. None with fewer than 3 points.
+    ones used. None with fewer than 3 points. With ``cost`` (> 0, one per point) both sides are first
+    replaced by :func:`residual_on_log_cost`, in every resample: the rank agreement at equal cost.
     """
-    if len(x) != len(y):
-        raise CmpnasError(f"Bootstrap of lists of {len(x)} and {len(y)} values.", "pass paired lists")
+    if len(x) != len(y) or (cost is not None and len(cost) != len(x)):
+        sizes = f"{len(x)} and {len(y)}" + ("" if cost is None else f" (cost {len(cost)})")
+        raise CmpnasError(f"Bootstrap of lists of {sizes} values.", "pass paired lists")
+    if cost is not None and not (np.asarray(cost, dtype=float) > 0).all():
+        raise CmpnasError("A cost of 0 or less (its log is undefined).", "pass MACs > 0 for every point")
     if not 0.0 < confidence < 1.0:
         raise CmpnasError(f"Confidence {confidence} is not between 0 and 1.", "pass e.g. confidence=0.9")
     if n_boot < 1:
@@ -149,13 +186,14 @@ def bootstrap_rank_interval(
     if n < MIN_POINTS:
         return None
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    point = rank_correlations(list(xa), list(ya))
+    ca = None if cost is None else np.asarray(cost, dtype=float)
+    point = _correlations(xa, ya, ca)
     rng = np.random.Generator(np.random.PCG64(seed))
     taus: list[float] = []
     rhos: list[float] = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
-        r = rank_correlations(list(xa[idx]), list(ya[idx]))
+        r = _correlations(xa[idx], ya[idx], None if ca is None else ca[idx])
         if r["kendall"] is None or r["spearman"] is None:
             continue
         taus.append(r["kendall"])
@@ -270,7 +308,8 @@ def ranking_report(
     """The estimator's ranking against the stand-alone target, the MACs-only baseline and the verdict.
 
     ``estimates`` and ``macs`` have one value per architecture (higher = predicted better); ``top1`` and
-    ``map_`` are the heterogeneous metrics, shape [n_archs, n_seeds]. ``verdict_kwargs`` go to
+    ``map_`` are the heterogeneous metrics, shape [n_archs, n_seeds]. ``given_macs`` is the estimate's τ with
+    log MACs taken out of both sides (informative; not part of the verdict). ``verdict_kwargs`` go to
     :func:`ranking_verdict`. Plain floats and lists rounded to 4 digits, ready for ``json.dumps``.
     """
     per_seed = composite_target(top1, map_)
@@ -289,6 +328,13 @@ def ranking_report(
     reliability = split_half(per_seed)
     est = bootstrap_rank_interval(estimates, list(target), n_boot=n_boot, confidence=confidence, seed=seed)
     mac = bootstrap_rank_interval(macs, list(target), n_boot=n_boot, confidence=confidence, seed=seed)
+    given_macs = (
+        bootstrap_rank_interval(
+            estimates, list(target), n_boot=n_boot, confidence=confidence, seed=seed, cost=macs
+        )
+        if min(macs) > 0
+        else None  # log MACs undefined
+    )
     verdict = ranking_verdict(
         tau=est["kendall"] if est else None,
         tau_interval=est["kendall_interval"] if est else None,
@@ -306,6 +352,7 @@ def ranking_report(
             "split_half": reliability,
             "estimate": est,
             "macs_only": mac,
+            "given_macs": given_macs,
             "verdict": verdict,
         }
     )

@@ -51,8 +51,16 @@ def _tau_text(side: dict[str, Any]) -> str:
             f"{'n/a' if r1 is None else f'{r1:.2f}'} (< 0.4), so no τ is quoted; train the ranking archs longer "
             "(nas.study_train) or with more seeds (nas.ranking_seeds)"
         )
+    given = side.get("given_macs")
+    at_equal_cost = (
+        f", at equal MACs τ {given['kendall']:+.2f} [{given['kendall_interval'][0]:+.2f}, "
+        f"{given['kendall_interval'][1]:+.2f}]"
+        if given and given.get("kendall") is not None and given.get("kendall_interval")
+        else ""
+    )
     return (
-        f"Kendall τ {est['kendall']:+.2f} [{lo:+.2f}, {hi:+.2f}] (90 % bootstrap), MACs-only τ {macs['kendall']:+.2f}; "
+        f"Kendall τ {est['kendall']:+.2f} [{lo:+.2f}, {hi:+.2f}] (90 % bootstrap), MACs-only τ {macs['kendall']:+.2f}"
+        f"{at_equal_cost}; "
         f"split-half reliability r1 {'n/a' if r1 is None else f'{r1:.2f}'}, ceiling τ "
         f"{'n/a' if ceiling is None else f'{ceiling:.2f}'}: **{verdict['verdict']}** ({verdict['reason']})"
     )
