@@ -1,6 +1,7 @@
 """The CMP-NAS stage graph of `cmpnas run`: which stages a config asks for, what each one's key hashes, what
 it builds on, and the adapters that call :mod:`cmpnas.stages` with the run folder's paths (from
-:mod:`cmpnas.pipeline.layout`).
+:mod:`cmpnas.pipeline.layout`). One idea, kept in one file although it is long: the graph is read as a whole
+(which stage builds on which, and why a change to one config part reruns what it does).
 
 Seeds (``run.seeds``): every query model (each baseline, each retrain) is trained once per seed ``s`` over the
 same gallery, supernet and search, with its TrainConfig seed + ``s`` (names and folders: the layout's docstring).
