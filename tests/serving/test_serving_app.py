@@ -245,7 +245,7 @@ def test_the_raw_fast_path_and_the_endpoint_give_the_same_answers(client: TestCl
     assert strip(fast) == strip(routed) and len(fast.json()["results"]) == 4
     assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
     assert client.get("/stats").json()["queries"] == before + 2
-    for query in ("k=0", "k=abc"):  # not plainly valid: the route's canonical 422
+    for query in ("k=0", "k=abc", "k=%C2%B2"):  # not plainly valid: the route's canonical 422
         r = client.post(f"/search?{query}", content=data, headers=png)
         assert r.status_code == 422, (query, r.text)
     repeated = client.post("/search?k=5&k=6", content=data, headers=png)  # the route's rule: the last wins

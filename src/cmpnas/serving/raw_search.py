@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl
 
 from cmpnas.serving.state import Member, SearchService
 from cmpnas.serving.uploads import UploadRejected, is_raw_image, send_json
@@ -32,22 +32,18 @@ class RawSearch:
 
     def _params(self, query: bytes) -> tuple[int, Member] | None:
         """(k, query model) of a plainly valid query string, else None (the route answers it)."""
-        k: int | None = None
-        model: str | None = None
-        seen: set[bytes] = set()
-        for part in query.split(b"&") if query else ():
-            name, sep, value = part.partition(b"=")
-            if not sep or name in seen:
-                return None
-            seen.add(name)
-            if name == b"k":
-                if not value.isdigit() or len(value) > MAX_K_DIGITS:
-                    return None
-                k = int(value)
-            elif name == b"model":
-                model = unquote_plus(value.decode("latin-1"))
-            else:
-                return None
+        try:  # at most k and model; a part without "=" is not plain
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, strict_parsing=True, max_num_fields=2)
+        except ValueError:
+            return None
+        params = dict(pairs)
+        if len(params) < len(pairs) or not params.keys() <= {"k", "model"}:
+            return None  # a name twice, or one the route must judge
+        k_text = params.get("k")
+        if k_text is not None and not (k_text.isascii() and k_text.isdigit() and len(k_text) <= MAX_K_DIGITS):
+            return None
+        k = None if k_text is None else int(k_text)
+        model = params.get("model")
         try:
             return search_params(self.service, k, model, max_k=self.max_k, default_k=self.default_k)
         except UploadRejected:
