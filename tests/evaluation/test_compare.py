@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cmpnas.evaluation.compare as compare_module
-from cmpnas.evaluation.compare import compare, gap_to_paragon, is_compatible, markdown_table, settings_for
+from cmpnas.evaluation.compare import compare, comparison_table, gap_to_paragon, is_compatible, settings_for
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint
 
 
@@ -40,7 +40,7 @@ def test_compare_derives_cost_reduction_gap_and_verdict(
     assert res["gallery"] == {"name": "big", "macs": 1_000_000, "fingerprint": fingerprint(gallery)}
     assert res["query"]["name"] == "small" and res["query"]["macs"] == 8_000
     assert res["n_queries"] == 10
-    table = markdown_table([res])
+    table = comparison_table([res])
     assert "| small | 0.01 M | 125.0x |" in table
     assert f"{het_top1:.2f} / 65.00" in table and ("| yes |" if compatible else "| no |") in table
 

@@ -11,7 +11,7 @@ from cmpnas import progress
 from cmpnas.cli.options import OutOpt, configured
 from cmpnas.config import Config
 from cmpnas.errors import CmpnasError
-from cmpnas.evaluation.compare import markdown_table
+from cmpnas.evaluation.compare import comparison_table
 from cmpnas.evaluation.protocols import PROTOCOLS
 from cmpnas.stages import evaluate_models, evaluate_protocol
 
@@ -69,7 +69,7 @@ def evaluate_cmd(
         )
     res = evaluate_models(cfg, gallery, query, out, split=split)
     if progress.human():
-        typer.echo(markdown_table([res]))
+        typer.echo(comparison_table([res]))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from cmpnas.evaluation.evaluate import three_way
 from cmpnas.models.cost import count_macs
 from cmpnas.models.embedding import EmbeddingModel, fingerprint
+from cmpnas.tables import markdown_table
 
 SETTINGS = ("paragon", "homogeneous", "heterogeneous")
 
@@ -121,18 +122,31 @@ def compare(
     return res
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def comparison_table(rows: list[dict[str, Any]]) -> str:
     """paragon / homogeneous / heterogeneous (top-1, mAP) per query model, with MACs and cost reduction."""
-    lines = [
-        "| query model | MACs | cost reduction | paragon top-1 / mAP | homogeneous top-1 / mAP | "
-        "heterogeneous top-1 / mAP | gap to paragon (top-1) | M(q,g) > M(q,q) |",
-        "|---|---:|---:|---|---|---|---:|:---:|",
+    headers = [
+        "query model",
+        "MACs",
+        "cost reduction",
+        "paragon top-1 / mAP",
+        "homogeneous top-1 / mAP",
+        "heterogeneous top-1 / mAP",
+        "gap to paragon (top-1)",
+        "M(q,g) > M(q,q)",
     ]
+    cells = []
     for r in rows:
         p, h, x = r["paragon"], r["homogeneous"], r["heterogeneous"]
-        lines.append(
-            f"| {r['query']['name']} | {r['query']['macs'] / 1e6:.2f} M | {r['cost_reduction']:.1f}x | "
-            f"{p['top1']:.2f} / {p['map']:.2f} | {h['top1']:.2f} / {h['map']:.2f} | {x['top1']:.2f} / {x['map']:.2f} | "
-            f"{r['gap_to_paragon']['top1']:+.2f} | {'yes' if r['compatible'] else 'no'} |"
+        cells.append(
+            [
+                r["query"]["name"],
+                f"{r['query']['macs'] / 1e6:.2f} M",
+                f"{r['cost_reduction']:.1f}x",
+                f"{p['top1']:.2f} / {p['map']:.2f}",
+                f"{h['top1']:.2f} / {h['map']:.2f}",
+                f"{x['top1']:.2f} / {x['map']:.2f}",
+                f"{r['gap_to_paragon']['top1']:+.2f}",
+                "yes" if r["compatible"] else "no",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return markdown_table(headers, cells, align="lrrlllrc") + "\n"

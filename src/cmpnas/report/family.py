@@ -8,7 +8,7 @@ from typing import Any
 
 from cmpnas.evaluation.stats import Summary, format_mean_std
 from cmpnas.report.summary import model_summary
-from cmpnas.report.tables import markdown_table, num
+from cmpnas.tables import markdown_table, num
 
 
 def family_rows(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cmpnas.report.tables import markdown_table, num
+from cmpnas.tables import markdown_table, num
 
 
 def int8_summary(rep: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from cmpnas.report.comparisons import hand_designed
 from cmpnas.report.learning_check import learning_markdown
 from cmpnas.report.summary import pm, val_text
 from cmpnas.report.supernet import supernet_markdown
-from cmpnas.report.tables import markdown_table, num
+from cmpnas.tables import markdown_table, num
 
 
 def models_table(models: list[dict[str, Any]]) -> str:

@@ -16,7 +16,7 @@ from cmpnas.data.base import DataBundle
 from cmpnas.data.sources import GallerySource
 from cmpnas.distributed import init_distributed
 from cmpnas.errors import CmpnasError
-from cmpnas.evaluation.compare import compare, markdown_table
+from cmpnas.evaluation.compare import compare, comparison_table
 from cmpnas.evaluation.evaluate import LeaveOneOut
 from cmpnas.evaluation.protocols import run_protocol_evaluation
 from cmpnas.evaluation.retrieval import ranked_label_metrics
@@ -56,7 +56,7 @@ def evaluate_models(
     if out_dir is not None and init_distributed().is_main:
         out = Path(out_dir)
         write_json_atomic(out / "results.json", res)
-        write_text_atomic(out / "results.md", markdown_table([res]))
+        write_text_atomic(out / "results.md", comparison_table([res]))
     progress.event(
         "evaluate",
         message=(

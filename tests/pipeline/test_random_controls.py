@@ -13,7 +13,7 @@ from cmpnas.errors import CmpnasError
 from cmpnas.pipeline import build_stages, draw_random_controls, stage_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = {"backbone": "resnet_small", "embed_dim": 16, "backbone_kwargs": {"widths": [4, 8], "depths": [1, 1]}}
 
 

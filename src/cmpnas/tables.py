@@ -1,4 +1,4 @@
-"""The one Markdown table builder of the report: every table goes through it, so all share one syntax."""
+"""The one Markdown table builder: every table of the report and of `cmpnas evaluate` goes through it, so all share one syntax."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from cmpnas.errors import CmpnasError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
 TRAIN = "{epochs: 1, batch_size: 50, warmup_epochs: 0.1, log_every: 5, threads: 1}"
 SMALL_QUERY = (
