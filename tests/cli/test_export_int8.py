@@ -67,7 +67,7 @@ def test_export_int8_end_to_end(capsys: pytest.CaptureFixture[str], run_dir: Pat
     assert code == 0, stderr
     int8 = out.parent / "query.int8.onnx"
     assert int8.is_file() and int8.stat().st_size <= out.stat().st_size / 2
-    assert f"wrote {int8} (per-tensor int8" in stdout and "heterogeneous (test) top-1 / mAP: fp32" in stdout
+    assert f"wrote {int8} (auto int8" in stdout and "heterogeneous (test) top-1 / mAP: fp32" in stdout  # the default
     report = json.loads((out.parent / "query.int8.json").read_text())
     assert report["calibration"]["images"] == 64 and report["calibration"]["split"] == "train"
     assert (

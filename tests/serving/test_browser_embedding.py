@@ -179,10 +179,13 @@ def test_browser_embeddings_and_answers_match_python(
     _check_parity(*family, browser, pattern, name)
 
 
-@pytest.fixture(scope="module")
-def int8_query(onnx_query: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["per-tensor", "per-channel"])
+def int8_query(
+    onnx_query: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
     """The fixtures' ONNX query model quantized to int8 (QDQ), calibrated on seeded normalised noise: what
-    matters here is that the browser and Python run the same int8 file alike."""
+    matters here is that the browser and Python run the same int8 file alike, with one weight scale per tensor
+    and per output channel (``auto`` mixes the two)."""
     from cmpnas.serving.export import INPUT_NAME, META_QUANTIZATION, load_encoder
     from cmpnas.serving.quantize import quantize_file
 
@@ -201,8 +204,8 @@ def int8_query(onnx_query: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         def rewind(self) -> None:
             self.rest = iter(batches)
 
-    out = tmp_path_factory.mktemp("int8") / "int8.onnx"
-    quantize_file(onnx_query, out, Reader(), False, {META_QUANTIZATION: "{}"})  # type: ignore[arg-type]
+    out = tmp_path_factory.mktemp(f"int8-{request.param}") / "int8.onnx"
+    quantize_file(onnx_query, out, Reader(), request.param, {META_QUANTIZATION: "{}"})  # type: ignore[arg-type]
     return out
 
 

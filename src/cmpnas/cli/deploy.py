@@ -85,13 +85,13 @@ def export_cmd(
         ),
     ] = False,
     int8_granularity: Annotated[
-        Int8Granularity,
+        Int8Granularity | None,
         typer.Option(
             "--int8-granularity",
-            help="--int8: weight scales per-tensor, per-channel (every weight) or auto (per channel only on the "
-            "convolutions whose channels one scale would crush, per tensor elsewhere)",
+            help="--int8: weight scales auto (default: per channel only on the convolutions whose channels one "
+            "scale would crush, per tensor elsewhere), per-tensor, or per-channel (every weight)",
         ),
-    ] = Int8Granularity.per_tensor,
+    ] = None,
     gallery_model: Annotated[
         Path | None,
         typer.Option(
@@ -127,7 +127,7 @@ def export_cmd(
         raise CmpnasError(
             "Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json"
         )
-    int8_only = (int8_granularity, gallery_model, data_config) != (Int8Granularity.per_tensor, None, None)
+    int8_only = (int8_granularity, gallery_model, data_config) != (None, None, None)
     if int8_only and not int8:
         raise CmpnasError(
             "--int8-granularity, --gallery-model and --config only apply to an int8 export.", "add --int8"
@@ -149,7 +149,7 @@ def export_cmd(
             )
         return
     options = Int8Options(
-        granularity=int8_granularity.value,
+        granularity=(int8_granularity or Int8Granularity.auto).value,
         calibration_images=calibration_images,
         min_cosine=min_cosine,
         latency_runs=latency_runs,

@@ -56,8 +56,9 @@ class Int8Options:
     """How to quantize and how strictly to check the result (the CLI's --int8-* options)."""
 
     # per-tensor: one scale per weight; per-channel: one per output channel of every weight; auto: per channel
-    # only on the convolution weights that one scale would crush (see _crushed_weights), per tensor elsewhere
-    granularity: str = "per-tensor"
+    # only on the convolution weights that one scale would crush (see _crushed_weights), per tensor elsewhere.
+    # auto is the default: the size of per-tensor where one scale holds the weights, per channel where it does not
+    granularity: str = "auto"
     calibration_images: int = 512  # training images, class-stratified (capped at the split's size)
     calibration_batch: int = 64
     parity_images: int = 512  # validation images the int8 / fp32 cosine is measured on
@@ -348,8 +349,12 @@ def quantize_export(
             raise CmpnasError(
                 f"The int8 query model's embeddings have mean cosine {mean_cos:.4f} (min {min_cos:.4f}) with the "
                 f"fp32 export's on {len(par_idx)} held-out images, below {opts.min_cosine:g}; nothing written.",
-                "retry with --int8-granularity auto or per-channel, or more --calibration-images, or "
-                "deploy the fp32 export",
+                (
+                    "retry with --int8-granularity per-channel, or "
+                    if opts.granularity != "per-channel"
+                    else "retry with "
+                )
+                + "more --calibration-images, or deploy the fp32 export",
             )
     report: dict[str, Any] = {
         "int8": str(out),
