@@ -18,13 +18,13 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
-  log "installing torch==2.14.1 torchvision==0.29.1 (first, so nothing else pulls another build)"
-  "${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
+  log "installing torch and torchvision as pinned in constraints.txt (first, so nothing else pulls another build)"
+  "${PIP[@]}" install -c constraints.txt torch torchvision
 fi
 if ! "$VENV/bin/python" -c "import cmpnas, pytest, faiss, onnxruntime, timm" 2>/dev/null \
-   || [[ pyproject.toml -nt "$VENV/.cmpnas-installed" ]]; then
+   || [[ pyproject.toml -nt "$VENV/.cmpnas-installed" || constraints.txt -nt "$VENV/.cmpnas-installed" ]]; then
   log "installing cmpnas with test extras"
-  "${PIP[@]}" install -e '.[test]'
+  "${PIP[@]}" install -c constraints.txt -e '.[test]'
   touch "$VENV/.cmpnas-installed"
 fi
 
