@@ -16,7 +16,7 @@ import torch
 
 from cmpnas.data.deepfashion2 import Item
 from cmpnas.errors import CmpnasError
-from cmpnas.evaluation.retrieval import knn
+from cmpnas.evaluation.retrieval import as_embeddings, knn
 from cmpnas.io import write_json_atomic
 
 TOP_KS = (1, 5, 10, 15, 20)
@@ -153,17 +153,7 @@ def rank_with_scores(
 
 
 def _as_matrix(emb: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-    tensor = torch.as_tensor(emb).detach().to("cpu", torch.float32)
-    if tensor.ndim != 2 or tensor.shape[0] == 0:
-        raise CmpnasError(
-            f"{what} embeddings have shape {tuple(tensor.shape)}; expected a non-empty [N, D] matrix.",
-            "pass one embedding row per item.",
-        )
-    if not torch.isfinite(tensor).all():
-        raise CmpnasError(
-            f"{what} embeddings contain NaN or infinite values.", "check the model that produced them."
-        )
-    return tensor
+    return as_embeddings(what, torch.as_tensor(emb).detach().to("cpu", torch.float32))
 
 
 def _check_ids(ids: Sequence[str], emb: torch.Tensor, what: str) -> None:

@@ -50,7 +50,8 @@ _LONE_MODES = ("exclude", "fail")
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _as_embeddings(name: str, x: torch.Tensor) -> torch.Tensor:
+def as_embeddings(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a non-empty, finite, floating [N, D] tensor, or a CmpnasError naming ``name`` and the fix."""
     x = torch.as_tensor(x)
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise CmpnasError(
@@ -229,8 +230,8 @@ def knn(
     and scores. A candidate list is accepted only if its k-th score beats every item it might have missed by
     more than the float32 rounding bound; otherwise that row is ranked exactly against the whole gallery.
     """
-    query = _as_embeddings("query", query).float()
-    gallery = _as_embeddings("gallery", gallery).float().to(query.device)
+    query = as_embeddings("query", query).float()
+    gallery = as_embeddings("gallery", gallery).float().to(query.device)
     _check_pair(query, gallery, exclude_self)
     _check_chunk_size(chunk_size)
     backend = _resolve_backend(backend)
@@ -521,8 +522,8 @@ def retrieval_metrics(
     Every metric, top-K included, is read off one full ranking per query, so they can never disagree about
     the order. There is no knn backend to choose: mAP needs the whole ranking, which a top-k index cannot give.
     """
-    query = l2_normalize(_as_embeddings("query", query_emb))
-    gallery = l2_normalize(_as_embeddings("gallery", gallery_emb)).to(query.device)
+    query = l2_normalize(as_embeddings("query", query_emb))
+    gallery = l2_normalize(as_embeddings("gallery", gallery_emb)).to(query.device)
     _check_pair(query, gallery, exclude_self)
     return _metrics_by_blocks(
         lambda start, stop: query[start:stop] @ gallery.T,
