@@ -31,7 +31,7 @@ def _item(name: str, image_id: int, source: str, pair_id: int, style: int) -> It
     return Item(name, image_id, Path(f"{image_id}.jpg"), source, pair_id, style, 1, (0, 0, 10, 10))  # type: ignore[arg-type]
 
 
-# ----------------------------------------------------------------------------- toy §1.5 (datasets.md)
+# ----------------------------------------------------------------------------- a toy by hand
 TOY_GALLERY = [
     _item("G0", 10, "shop", 1, 1),
     _item("G1", 11, "shop", 1, 2),

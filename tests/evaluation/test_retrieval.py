@@ -1,4 +1,4 @@
-"""Retrieval metric core: hand-computed toys (datasets.md §3.4), a PML oracle, a naive oracle, properties."""
+"""Retrieval metric core: hand-computed toys, a PML oracle, a naive oracle, properties."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _emb(n: int, dim: int = 4) -> torch.Tensor:
 
 
 def naive_metrics(sim: np.ndarray, q_labels, g_labels, *, exclude_self=False, ks=(1, 5, 10), lone="exclude"):
-    """Definitions of datasets.md §3.1 written out per query, in percent (independent of the module)."""
+    """The metric definitions written out per query, in percent (independent of the module)."""
     per_query = []
     for i, row in enumerate(sim):
         items = [j for j in range(len(row)) if not (exclude_self and j == i)]

@@ -1,6 +1,6 @@
 """DeepFashion2 in its official on-disk format: per-image annotation JSON -> clothing items -> crops.
 
-Layout (datasets.md §1.1): ``<root>/<split>/image/000001.jpg`` and ``<root>/<split>/annos/000001.json``.
+Layout (as the DeepFashion2 release ships it): ``<root>/<split>/image/000001.jpg`` and ``<root>/<split>/annos/000001.json``.
 Each annotation has two image-level keys (``source``, ``pair_id``); every other key is an item
 (``item1``, ``item2``, ... not necessarily contiguous). We follow the ground-truth-box variant of the
 consumer-to-shop protocol: items are cropped with their annotated boxes.

@@ -1,4 +1,4 @@
-"""IJB-C 1:1 as the community runs it (datasets.md §2.1-2.2): insightface meta files + loose crops.
+"""IJB-C 1:1 as the community runs it (insightface's IJB evaluation): insightface meta files + loose crops.
 
 Layout: ``<root>/loose_crop/<name>.jpg`` and ``<root>/meta/ijbc_face_tid_mid.txt`` (name tid mid),
 ``ijbc_template_pair_label.txt`` (tid1 tid2 label), ``ijbc_name_5pts_score.txt`` (name, 5 x/y

@@ -1,4 +1,5 @@
-"""DeepFashion2 consumer-to-shop retrieval, ground-truth-box variant (datasets.md §1.3-1.5).
+"""DeepFashion2 consumer-to-shop retrieval, ground-truth-box variant of the
+official evaluation (the DeepFashion2 repository's ``evaluation/`` scripts).
 
 Queries are consumer ('user') items with style > 0; the gallery is every shop item (style-0 shop items
 stay in as distractors). A retrieved item is correct iff it has the query's pair_id and style. A query

@@ -1,6 +1,6 @@
 """Class-level retrieval: exact k-NN and the metrics of deep metric learning / BCT.
 
-Conventions (see docs/datasets.md §3):
+Conventions:
 
 * Similarity is the inner product; :func:`retrieval_metrics` L2-normalises first, so it is cosine.
 * **Ties are broken by the lower gallery index**, everywhere (``knn`` with either backend and the metric

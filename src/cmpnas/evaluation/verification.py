@@ -1,6 +1,6 @@
 """IJB-C style 1:1 verification: image features -> template features -> pair scores -> TAR@FAR.
 
-Follows insightface's ijb_11.py defaults (datasets.md §2.3-2.4): flip features are added, each image
+Follows the defaults of insightface's IJB-C evaluation script (``recognition/_evaluation_/ijb/ijb_11.py``): flip features are added, each image
 feature is weighted by its detector (faceness) score, images of one media are averaged, media are
 SUMMED into the template, and the template is L2-normalised; a pair's score is the cosine.
 """

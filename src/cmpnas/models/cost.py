@@ -7,7 +7,7 @@ convolution called as ``F.conv2d`` directly (e.g. the supernet's sliced weights)
 standalone model from :func:`cmpnas.models.spaces.spos.build` instead.
 
 Latency is measured, not predicted: on CPU, MACs are a poor predictor of time for depthwise/shuffle nets
-(docs/platform.md §3), so a latency cap needs real timings. A measurement runs in one of
+(the latency table's measurements show it), so a latency cap needs real timings. A measurement runs in one of
 :data:`LATENCY_RUNTIMES`: torch eager, or ONNX Runtime (how query models are deployed, ~20x
 faster on these nets, so the number a latency budget should be about). A :class:`LatencyTable` sums
 per-block timings; :func:`check_prediction` compares its prediction with a whole model's measured time.

@@ -1,6 +1,7 @@
 """SPOS-style evolutionary architecture search, independent of any particular network.
 
-The algorithm follows the official SPOS search (megvii ``src/Search/search.py``; paper_spec §3.3):
+The algorithm follows the official SPOS search (megvii's ``src/Search/search.py``, Guo et al.,
+ECCV 2020):
 generation 0 is a random population; every later generation takes the top ``parents`` of *everything
 evaluated so far* as parents, makes ``mutations`` + ``crossovers`` children and refills with random
 architectures up to ``population``. Candidates over the budget are rejected *before* evaluation and every

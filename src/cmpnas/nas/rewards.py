@@ -4,8 +4,8 @@
 - R2 = M(q, g): heterogeneous accuracy only (query model vs. the fixed gallery model).
 - R3 = w * M(q, g) + (1 - w) * M(q, q).
 
-The paper's exact form of R3 is not available from the sources consulted (paper_spec §3.4); the weighted sum
-is a configurable reconstruction. With w = 0.5 it ranks candidates exactly like the spec's form (a),
+The paper's exact form of R3 is not available from its public abstract and summaries; the weighted sum
+is a configurable reconstruction. With w = 0.5 it ranks candidates exactly like the plain sum
 M(q, g) + M(q, q) (it is that sum halved). New forms go into :data:`REWARDS`; nothing else has to change.
 """
 

@@ -37,7 +37,7 @@ def tiny_cfg(**kw) -> SpaceConfig:
 
 
 def spos_like_cfg(width: float = 1.0, scales: list[float] | None = None) -> SpaceConfig:
-    """SPOS's ShuffleNetV2 space (paper_spec §3.2), stage widths (and stem) scaled by ``width``."""
+    """SPOS's ShuffleNetV2 space (Guo et al., ECCV 2020), stage widths (and stem) scaled by ``width``."""
     widths = [int(w * width) // 2 * 2 for w in (64, 160, 320, 640)]
     return SpaceConfig(
         stem_channels=max(4, int(16 * width)),
@@ -128,8 +128,8 @@ def test_lut_matches_hook_count_tiny_stride1_projection(tiny: SposSpace) -> None
     _check_lut_against_hook_counter(tiny, range(20, 26))
 
 
-def test_spos_reference_macs_from_paper_spec() -> None:
-    # paper_spec §3.2: SPOS's searched arch is 323M MACs with its 1024->1000 FC; all-3x3 is 294.8M at 224.
+def test_spos_reference_macs_from_the_spos_paper() -> None:
+    # the SPOS paper: its searched arch is 323M MACs with its 1024->1000 FC; all-3x3 is 294.8M at 224.
     space = SposSpace(spos_like_cfg(1.0), in_chans=3, input_size=224)
     searched = [2, 1, 0, 1, 2, 0, 2, 0, 2, 0, 2, 3, 0, 0, 0, 0, 3, 2, 3, 3]
     assert abs(space.macs({"blocks": searched}) + 1024 * 1000 - 323e6) < 0.5e6
