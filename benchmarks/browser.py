@@ -43,7 +43,8 @@ from serving import free_port, gallery_source, log, make_models, png_payloads, r
 from cmpnas.data.sources import load_dataset_split  # noqa: E402
 from cmpnas.errors import CmpnasError  # noqa: E402
 from cmpnas.serving.browser import checkout_runtime_dir  # noqa: E402
-from cmpnas.serving.export import export_onnx, load_encoder  # noqa: E402
+from cmpnas.serving.encoder import load_encoder
+from cmpnas.serving.export import export_onnx  # noqa: E402
 from cmpnas.serving.index import GalleryIndex, build_index  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -52,7 +52,8 @@ from cmpnas.data.sources import GallerySource, Item, dataset_source, load_datase
 from cmpnas.errors import CmpnasError
 from cmpnas.io import write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
-from cmpnas.serving.export import export_onnx, load_encoder, onnx_session, percentiles_ms
+from cmpnas.serving.encoder import load_encoder, onnx_session
+from cmpnas.serving.export import export_onnx, percentiles_ms
 from cmpnas.serving.index import GalleryIndex, build_index
 from cmpnas.serving.reuseport import queued_connections_migrate
 

@@ -278,7 +278,7 @@ def embed_queries(model: Path, queries: list[Query], batch: int = 256) -> np.nda
 
     from PIL import Image
 
-    from cmpnas.serving.export import load_encoder
+    from cmpnas.serving.encoder import load_encoder
 
     encoder = load_encoder(model)
     parts = []
@@ -399,7 +399,7 @@ def run_trace(
     seed: int,
 ) -> list[dict[str, Any]]:
     """Serve ``index``, probe it, backfill it by v2 to every fraction, probing after each swap: the steps."""
-    from cmpnas.serving.export import load_encoder
+    from cmpnas.serving.encoder import load_encoder
 
     v2_fp = load_encoder(models["v2"]).fingerprint
     family = work / "query-models"
@@ -518,7 +518,7 @@ def main() -> None:
     )  # fmt: skip
     seconds["trace"] = round(time.time() - t0, 1)
 
-    from cmpnas.serving.export import load_encoder
+    from cmpnas.serving.encoder import load_encoder
 
     trace: dict[str, Any] = {
         "protocol": (

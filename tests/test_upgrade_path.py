@@ -83,7 +83,7 @@ def spec_of(path: Path) -> dict:
 
 
 def fingerprint_of(path: Path) -> str:
-    from cmpnas.serving.export import load_encoder
+    from cmpnas.serving.encoder import load_encoder
 
     return load_encoder(path).fingerprint
 

@@ -16,7 +16,7 @@ from cmpnas.data.sources import folder_source, open_image
 from cmpnas.errors import CmpnasError
 from cmpnas.models.embedding import save_model
 from cmpnas.serving.backfill import backfill, transform_index, work_dir
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.index import GalleryIndex, IndexParams, build_index, check_compatible
 
 

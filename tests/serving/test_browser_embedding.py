@@ -186,7 +186,7 @@ def int8_query(
     """The fixtures' ONNX query model quantized to int8 (QDQ), calibrated on seeded normalised noise: what
     matters here is that the browser and Python run the same int8 file alike, with one weight scale per tensor
     and per output channel (``auto`` mixes the two)."""
-    from cmpnas.serving.export import INPUT_NAME, META_QUANTIZATION, load_encoder
+    from cmpnas.serving.encoder import INPUT_NAME, META_QUANTIZATION, load_encoder
     from cmpnas.serving.quantize import quantize_file
 
     spec = load_encoder(onnx_query).spec

@@ -18,7 +18,7 @@ from cmpnas.cli import main
 from cmpnas.data.sources import csv_source, folder_source
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.backfill import backfill
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.faiss_store import (
     TRAIN_SAMPLE,
     apply_search_params,

@@ -16,7 +16,7 @@ import pytest
 
 from cmpnas.data.sources import dataset_source, load_dataset_split
 from cmpnas.errors import CmpnasError
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.index import GalleryIndex, build_index, query_images
 
 pytest.importorskip("pymilvus")

@@ -15,7 +15,8 @@ import torch
 from cmpnas.errors import CmpnasError
 from cmpnas.models.embedding import ModelSpec, load_model
 from cmpnas.serving import export as export_mod
-from cmpnas.serving.export import export_onnx, load_encoder, onnx_session
+from cmpnas.serving.encoder import load_encoder, onnx_session
+from cmpnas.serving.export import export_onnx
 from cmpnas.serving.index import GalleryIndex, check_compatible
 
 

@@ -17,7 +17,7 @@ from stats_support import record_in_another_process
 
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.app import RawSearch, create_app
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.family import FAMILY_FORMAT, expand_query_models, family_members
 from cmpnas.serving.index import GalleryIndex
 

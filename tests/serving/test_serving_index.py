@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from cmpnas.data.sources import csv_source, dataset_source, folder_source, load_dataset_split
 from cmpnas.errors import CmpnasError
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.faiss_store import new_faiss_index
 from cmpnas.serving.index import (
     GalleryIndex,

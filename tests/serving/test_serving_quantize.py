@@ -23,7 +23,8 @@ from cmpnas.data.synthetic import make_synthetic_bundle
 from cmpnas.errors import CmpnasError
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, save_model
 from cmpnas.serving import quantize as quantize_mod
-from cmpnas.serving.export import export_onnx, load_encoder
+from cmpnas.serving.encoder import load_encoder
+from cmpnas.serving.export import export_onnx
 from cmpnas.serving.quantize import (
     META_QUANTIZATION,
     CalibrationReader,

@@ -30,7 +30,7 @@ from cmpnas.io import atomic_path, make_dirs, read_json, write_json_atomic
 from cmpnas.models.embedding import EmbeddingModel, load_model
 from cmpnas.serving.building import Progress, embed_source, gallery_spec_of
 from cmpnas.serving.compat_policy import lineage_after
-from cmpnas.serving.export import Encoder, load_encoder, torch_encoder
+from cmpnas.serving.encoder import Encoder, load_encoder, torch_encoder
 from cmpnas.serving.index import GalleryIndex
 from cmpnas.serving.index_format import now_iso
 

@@ -22,7 +22,7 @@ from cmpnas.distributed import DistInfo
 from cmpnas.errors import CmpnasError
 from cmpnas.io import read_json
 from cmpnas.serving.compat_policy import lineage_after
-from cmpnas.serving.export import Encoder
+from cmpnas.serving.encoder import Encoder
 from cmpnas.serving.index_format import IndexParams
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cmpnas.errors import CmpnasError
-from cmpnas.serving.export import Encoder
+from cmpnas.serving.encoder import Encoder
 
 if TYPE_CHECKING:
     from cmpnas.serving.index import GalleryIndex

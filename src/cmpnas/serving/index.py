@@ -31,7 +31,7 @@ from cmpnas.registry import Registry
 from cmpnas.serving import faiss_store, milvus_store
 from cmpnas.serving.building import BuildJob, Progress, embed_source, existing_manifest
 from cmpnas.serving.compat_policy import check_compatible, lineage_after
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.index_format import INDEX_FORMAT, IndexParams
 from cmpnas.serving.store import Hits, IndexBackend, VectorStore
 

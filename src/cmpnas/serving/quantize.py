@@ -37,7 +37,8 @@ from cmpnas.evaluation.evaluate import LeaveOneOut, three_way
 from cmpnas.io import atomic_path, check_output_path, write_json_atomic
 from cmpnas.manifest import environment
 from cmpnas.models.embedding import EmbeddingModel, ModelSpec, fingerprint, load_model
-from cmpnas.serving.export import INPUT_NAME, META_QUANTIZATION, measure_latency, onnx_encoder, onnx_session
+from cmpnas.serving.encoder import INPUT_NAME, META_QUANTIZATION, onnx_encoder, onnx_session
+from cmpnas.serving.export import measure_latency
 
 INT8_SUFFIX = ".int8.onnx"
 # Salts of the two seeded draws (as the data factory salts its own), so each set is fixed by the seed alone.

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from cmpnas import __version__
 from cmpnas.errors import CmpnasError
 from cmpnas.serving.compat_policy import check_compatible
-from cmpnas.serving.export import Encoder, load_encoder
+from cmpnas.serving.encoder import Encoder, load_encoder
 from cmpnas.serving.family import expand_query_models
 from cmpnas.serving.index import GalleryIndex
 from cmpnas.serving.stats import WorkerStats

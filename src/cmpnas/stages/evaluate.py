@@ -23,7 +23,7 @@ from cmpnas.evaluation.retrieval import ranked_label_metrics
 from cmpnas.io import write_json_atomic, write_text_atomic
 from cmpnas.models.cost import measure_latency_ms
 from cmpnas.models.embedding import EmbeddingModel, load_model
-from cmpnas.serving.export import load_encoder
+from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.index import GalleryIndex, check_compatible, embed_source
 from cmpnas.stages.common import StageResult, check_gallery, load_data
 
