@@ -1,5 +1,8 @@
 """Typed, validated configuration (pydantic + YAML). One config object drives every stage.
 
+One idea in one file although it is long: the schema is read as a whole (every section a stage reads, its
+defaults and its checks), and a split would scatter the cross-section checks.
+
 A YAML file is validated against :class:`Config`; unknown keys are errors (a typo must not be
 silently ignored). CLI overrides use dotted keys: ``--set train.epochs=3``.
 """

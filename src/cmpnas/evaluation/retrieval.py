@@ -1,5 +1,8 @@
 """Class-level retrieval: exact k-NN and the metrics of deep metric learning / BCT.
 
+One idea in one file although it is long: the ranking of a gallery for each query, and the metrics read off
+that one ranking, share the tie-breaking and validation rules below.
+
 Conventions:
 
 * Similarity is the inner product; :func:`retrieval_metrics` L2-normalises first, so it is cosine.
