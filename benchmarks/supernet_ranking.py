@@ -154,6 +154,10 @@ def estimate(
     return done
 
 
+# what each recipe's JSON keeps of a ranking summary, per side
+KEEP = ("split_half", "estimate", "macs_only", "given_macs", "verdict")
+
+
 def score(
     cfg: Any, gallery_path: Path, data: Any, rows: list[dict[str, Any]], estimates: dict
 ) -> dict[str, Any]:
@@ -186,15 +190,18 @@ def score(
     }
 
 
-KEEP = ("split_half", "estimate", "macs_only", "given_macs", "verdict")
-
-
 def rescore(path: Path, out: Path) -> None:
     """Recompute every recipe's and estimator's ranking statistics from the file's per-architecture rows."""
     from cmpnas.io import read_json, write_json_atomic
     from cmpnas.stages.study import ranking_summary
 
-    payload = read_json(path, "pass a JSON written by this benchmark")
+    payload = read_json(path, "pass a JSON written by this benchmark") if path.is_file() else None
+    if not isinstance(payload, dict) or not isinstance(payload.get("variants"), dict):
+        print(
+            f"{path} is not a result of this benchmark: pass a supernet_ranking*.json to --rescore",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     metrics = ("het_top1", "het_map", "hom_top1", "hom_map")
     for variant in payload["variants"].values():
         for scored in variant["ranking"].values():

@@ -350,11 +350,8 @@ def quantize_export(
             raise CmpnasError(
                 f"The int8 query model's embeddings have mean cosine {mean_cos:.4f} (min {min_cos:.4f}) with the "
                 f"fp32 export's on {len(par_idx)} held-out images, below {opts.min_cosine:g}; nothing written.",
-                (
-                    "retry with --int8-granularity per-channel, or "
-                    if opts.granularity != "per-channel"
-                    else "retry with "
-                )
+                "retry with "
+                + ("--int8-granularity per-channel, " if opts.granularity != "per-channel" else "")
                 + "more --calibration-images, or deploy the fp32 export",
             )
     report: dict[str, Any] = {
