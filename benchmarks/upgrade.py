@@ -11,8 +11,8 @@ backfill orders chosen on validation.
   small       a query model trained with BCT against v1 (MobileNetV2 x0.35, the default profile's query_train)
   FCT         a transformation v1 -> control@first seed, fitted on ``--fct-images`` training images
 
-Per seed, ``evaluate_upgrade`` on the validation split (to choose the backfill order: the best mean area under
-the curve over seeds) and on the test split (to report). Negative flips count queries right under M(old, old)
+Per seed, ``evaluate_upgrade`` on the validation split (to choose the backfill order and query policy: the best
+mean area under the curve over seeds) and on the test split (to report). Negative flips count queries right under M(old, old)
 and wrong after. The BCT effect is the paired difference M(v2@s, v1) - M(control@s, v1) over seeds with a
 t interval. Resumable: finished models are reused, an interrupted training continues from its checkpoint.
 
@@ -197,6 +197,19 @@ def main() -> None:
             "never_below_old": all(x["never_below_old"] for x in summaries),
         }
     pick = per_order[chosen]
+    area_vs_random = _interval(
+        [r["backfill_summary"][chosen]["auc_top1"] - r["backfill_summary"]["random"]["auc_top1"] for r in test.values()]
+    )
+    closest = {  # per target, the curve (any order or policy) that came nearest, on test
+        "min_top1_minus_old_old": max(
+            ((o, round(per_order[o]["min_top1"] - old_old, 3)) for o in orders), key=lambda x: x[1]
+        ),
+        "max_negative_flips": min(((o, per_order[o]["max_negative_flips"]) for o in orders), key=lambda x: x[1]),
+        "area_minus_random": max(
+            ((o, round(per_order[o]["auc_top1"] - per_order["random"]["auc_top1"], 3)) for o in orders if o != "random"),
+            key=lambda x: x[1],
+        ),
+    }
     targets = {
         "never_below_old_old": pick["never_below_old"],
         f"negative_flips_le_{FLIP_TARGET:g}pct": pick["max_negative_flips"] <= FLIP_TARGET,
@@ -259,6 +272,8 @@ def main() -> None:
                 "val_area_by_order": val_area,
                 "chosen_on_val": chosen,
                 "test_by_order": per_order,
+                "chosen_area_minus_random_test": area_vs_random,
+                "closest_on_test": {k: {"curve": o, "value": v} for k, (o, v) in closest.items()},
                 "targets": targets,
             },
             "evaluations": evaluations,

@@ -161,6 +161,11 @@ def test_evaluate_upgrade_table_and_curve_agree(upgrade: dict) -> None:
         for p in curve:  # flips are counted on the same queries as top-1: their balance is the change in top-1
             assert p["positive_flips"] - p["negative_flips"] == pytest.approx(p["top1"] - old_top1)
         assert res["backfill_summary"][order]["min_top1"] == min(p["top1"] for p in curve)
+    for order in ("uncertainty, dual query", "random, dual query"):  # the dual policy starts as the old system
+        curve = res["backfill_curve"][order]
+        assert curve[0]["top1"] == pytest.approx(table[("old", "old")]["top1"])
+        assert curve[0]["negative_flips"] == curve[0]["positive_flips"] == 0.0
+        assert curve[-1]["top1"] == pytest.approx(table[("new", "new")]["top1"])
     assert table[("old", "old")]["negative_flips"] == table[("old", "old")]["positive_flips"] == 0.0
     for r in res["table"]:
         assert r["positive_flips"] - r["negative_flips"] == pytest.approx(r["top1"] - old_top1)

@@ -35,15 +35,16 @@ def cmpnas_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def server(*args: Any) -> Iterator[tuple[int, subprocess.Popen]]:
-    """``cmpnas serve ARGS --port P`` in a subprocess; yields (P, process) once /healthz answers.
+def server(*args: Any, tmpdir: Path | None = None) -> Iterator[tuple[int, subprocess.Popen]]:
+    """``cmpnas serve ARGS --port P`` in a subprocess (temporary files under ``tmpdir`` if given); yields
+    (P, process) once /healthz answers.
 
     The first /healthz goes out as soon as the parent says it serves, while the workers still load: it must wait
     in the kernel's queue and be answered, not refused."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})
     cmd = [*cmpnas_command(), "serve", *map(str, args), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -196,10 +197,11 @@ def test_workers_answer_concurrent_clients_and_stop_with_their_parent(
 
 
 def test_a_killed_worker_is_restarted_while_the_service_answers_and_sigterm_stops_all(
-    flat_index: Path, onnx_query: Path, png: bytes
+    flat_index: Path, onnx_query: Path, png: bytes, tmp_path: Path
 ) -> None:
     args = ["--index", flat_index, "--query-model", onnx_query, "--workers", 2]
-    with server(*args) as (port, proc):
+    with server(*args, tmpdir=tmp_path) as (port, proc):
+        assert len(list(tmp_path.glob("cmpnas-serve-stats-*"))) == 1  # the workers' shared counters
         before = workers_of(proc)
         assert len(before) == 2
         until_answered_by(port, png, set(before), "a worker never answered")
@@ -216,3 +218,4 @@ def test_a_killed_worker_is_restarted_while_the_service_answers_and_sigterm_stop
         proc.terminate()
         assert proc.wait(timeout=60) == 0, proc.stdout.read().decode() if proc.stdout else ""
         assert not any(alive(pid) for pid in (survivor, *restarted))
+        assert not list(tmp_path.glob("cmpnas-serve-stats-*"))  # SIGTERM leaves no temporary folder behind

@@ -137,8 +137,9 @@ def report_plots(
 
 
 def backfill_figure(res: dict[str, Any]) -> Any:
-    """The backfill curve of an upgrade evaluation: top-1 of new-model queries against the fraction of the gallery
-    re-embedded, every order, with M(old, old) and M(new, new) as the ends to compare against."""
+    """The backfill curve of an upgrade evaluation: top-1 against the fraction of the gallery re-embedded, every
+    order and query policy (dashed: dual queries), with M(old, old) and M(new, new) as the ends to compare
+    against."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,14 +147,15 @@ def backfill_figure(res: dict[str, Any]) -> Any:
 
     top1 = {(r["query"], r["gallery"]): r["top1"] for r in res["table"]}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"uncertainty": "o-", "confident": "^-", "random": "s--"}
-    for order, pts in res["backfill_curve"].items():
-        style = styles.get(order, "x-")
-        ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {order}")
+    markers = {"uncertainty": "o", "confident": "^", "random": "s"}
+    for name, pts in res["backfill_curve"].items():  # "order" (new-model queries) or "order, dual query"
+        order, _, policy = name.partition(", ")
+        style = markers.get(order, "x") + ("--" if policy else "-")
+        ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {name}")
     ax.axhline(top1[("old", "old")], color="grey", lw=1, ls=":", label=f"M(old, old) {top1[('old', 'old')]:.1f}")
     ax.axhline(top1[("new", "new")], color="black", lw=1, ls="-.", label=f"M(new, new) {top1[('new', 'new')]:.1f}")
     ax.set_xlabel("gallery re-embedded by the new model (%)")
-    ax.set_ylabel(f"top-1 (%), new-model queries, {res['split']} split")
+    ax.set_ylabel(f"top-1 (%), {res['split']} split")
     ax.set_title("Backfilling an old index with the upgraded gallery model")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -59,19 +59,20 @@ def run_server(
     shared_uri = app.state.service.index.store.shared_uri()
     del app  # checked; each worker loads its own copy
 
-    stats_dir = tempfile.mkdtemp(prefix="cmpnas-serve-stats-")
-    config: dict[str, Any] = {
-        "index_dir": str(index_dir),
-        "query_models": [str(p) for p in query_models],
-        "stats_dir": stats_dir,
-    }
-    if shared_uri is not None:
-        config["milvus_uri"] = shared_uri
-    serve_reuseport(
-        "cmpnas.serving.launch:app_from_env",
-        {SERVE_CONFIG_ENV: json.dumps({**config, **limits})},
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-    )
+    # SIGTERM / Ctrl-C end serve_reuseport normally, so the counters' folder goes with the server
+    with tempfile.TemporaryDirectory(prefix="cmpnas-serve-stats-") as stats_dir:
+        config: dict[str, Any] = {
+            "index_dir": str(index_dir),
+            "query_models": [str(p) for p in query_models],
+            "stats_dir": stats_dir,
+        }
+        if shared_uri is not None:
+            config["milvus_uri"] = shared_uri
+        serve_reuseport(
+            "cmpnas.serving.launch:app_from_env",
+            {SERVE_CONFIG_ENV: json.dumps({**config, **limits})},
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+        )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cmpnas import progress
@@ -27,6 +28,7 @@ from cmpnas.compat.transformation import (
     load_transformation,
     save_transformation,
 )
+from cmpnas.compat.transition import POLICIES, dual_vectors
 from cmpnas.config import Config
 from cmpnas.data.base import DataBundle
 from cmpnas.distributed import init_distributed
@@ -139,8 +141,8 @@ def evaluate_upgrade(
     Table rows M(query model, gallery model): (old, old), (new, new), (new, old); with ``small`` (a query model
     trained against the old gallery) (small, old), (small, new); with ``independent`` (the control, trained
     without the compat term) (indep, indep), (indep, old); with ``transformation`` (new, FCT(old)). The curve:
-    queries by the new model, the gallery re-embedded by it in ``uncertainty`` / ``random`` order, from 0 %
-    to 100 %.
+    the gallery re-embedded by the new model in each order (:data:`cmpnas.compat.backfill_order.ORDERS`), from
+    0 % to 100 %, under each query policy (:data:`cmpnas.compat.transition.POLICIES`).
     """
     data = data or load_data(cfg)
     if split not in ("test", "val"):
@@ -220,6 +222,11 @@ def evaluate_upgrade(
     return StageResult("evaluate-upgrade", None if out_dir is None else Path(out_dir), res)
 
 
+def curve_name(order: str, policy: str) -> str:
+    """The key of one backfill curve: the order, and the query policy when it is not the default ``new``."""
+    return order if policy == "new" else f"{order}, {policy} query"
+
+
 def backfill_curve(
     new_model: EmbeddingModel,
     old_emb: torch.Tensor,
@@ -229,9 +236,11 @@ def backfill_curve(
     fractions: Sequence[float],
     seed: int = 0,
 ) -> dict[str, list[dict[str, float]]]:
-    """Per order, the metrics of new-model queries against a gallery whose first ``f`` of items (in that order)
-    are re-embedded by the new model — the same order :func:`cmpnas.serving.backfill.backfill` uses — with the
-    negative and positive flips against M(old, old) at every point."""
+    """Per order and query policy (:mod:`cmpnas.compat.transition`), the metrics against a gallery whose first
+    ``f`` of items (in that order) are re-embedded by the new model — the same order
+    :func:`cmpnas.serving.backfill.backfill` uses — with the negative and positive flips against M(old, old) at
+    every point. The items are their own queries (leave-one-out), so the old model's query embeddings are
+    ``old_emb``."""
     old_n = torch.nn.functional.normalize(old_emb.float(), dim=1)
     labels = labels_of(dataset)
     reference = top1_hits(old_emb, old_emb, labels)
@@ -239,24 +248,27 @@ def backfill_curve(
     rows = new_model.classifier.weight.detach().float().numpy()
     protocol = LeaveOneOut(dataset)
     out: dict[str, list[dict[str, float]]] = {}
-    for order in ORDERS:
-        perm = backfill_order(
-            old_n.numpy(), order, class_rows=rows, labels=label_rows(names, new_model.spec.class_names), seed=seed
-        )
-        points = []
-        for f in fractions:
-            n = int(round(f * len(perm)))
-            gallery = old_emb.clone()
-            chosen = torch.from_numpy(perm[:n].copy())
-            gallery[chosen] = new_emb[chosen]
-            points.append(
-                {
-                    "fraction": float(f),
-                    **_headline(evaluate_embeddings(new_emb, gallery, protocol)),
-                    **flip_rates(reference, top1_hits(new_emb, gallery, labels)),
-                }
+    for policy in POLICIES:
+        for order in ORDERS:
+            perm = backfill_order(
+                old_n.numpy(), order, class_rows=rows, labels=label_rows(names, new_model.spec.class_names), seed=seed
             )
-        out[order] = points
+            points = []
+            for f in fractions:
+                backfilled = np.zeros(len(perm), dtype=bool)
+                backfilled[perm[: int(round(f * len(perm)))]] = True
+                if policy == "dual":
+                    query, gallery = dual_vectors(old_emb, new_emb, old_emb, new_emb, backfilled)
+                else:
+                    query, gallery = new_emb, torch.where(torch.from_numpy(backfilled)[:, None], new_emb, old_emb)
+                points.append(
+                    {
+                        "fraction": float(f),
+                        **_headline(evaluate_embeddings(query, gallery, protocol)),
+                        **flip_rates(reference, top1_hits(query, gallery, labels)),
+                    }
+                )
+            out[curve_name(order, policy)] = points
     return out
 
 
@@ -294,8 +306,8 @@ def upgrade_markdown(res: dict[str, Any]) -> str:
         md.append(f"\nBCT criterion M({name}, old) > M(old, old): {c['cross']:.1f} vs {c['old']:.1f} — {verdict}.")
     md += [
         "",
-        "Backfill curve (new-model queries; top-1 / negative flips vs old/old by fraction of the gallery "
-        "re-embedded):",
+        "Backfill curve (top-1 / negative flips vs old/old by fraction of the gallery re-embedded; queries by the "
+        "new model, or by both models merged by cosine where it says dual query):",
         "",
     ]
     orders = list(res["backfill_curve"])
