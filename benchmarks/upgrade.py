@@ -50,6 +50,14 @@ def _trained(out: Path, train: Any) -> Path:
     return model
 
 
+def _fitted_transformation(out: Path, fit: Any) -> dict[str, Any]:
+    """The FCT fit's outputs: ``fit()``, or read back from ``out/manifest.json`` when an earlier run fitted it."""
+    manifest = out / "manifest.json"
+    if (out / "transformation.safetensors").exists() and manifest.exists():
+        return json.loads(manifest.read_text())["outputs"]
+    return dict(fit())
+
+
 def _interval(diffs: list[float]) -> dict[str, Any]:
     from scipy import stats
 
@@ -104,7 +112,12 @@ def main() -> None:
     work = args.work
     seconds: dict[str, float] = {}
 
-    def timed(name: str, fn: Any) -> Any:
+    def timed(name: str, fn: Any, made: Path | None = None) -> Any:
+        """``fn()``, its seconds recorded under ``name``, or ``name`` listed as reused when ``made`` (what it
+        makes) is already there from an earlier run of the same ``--work``."""
+        if made is not None and made.exists():
+            seconds.setdefault("reused", []).append(name)
+            return fn()
         t0 = time.time()
         out = fn()
         seconds[name] = round(time.time() - t0, 1)
@@ -115,6 +128,7 @@ def main() -> None:
         lambda: _trained(
             work / "v1", lambda resume: train_gallery(cfg, work / "v1", resume=resume, data=data)
         ),
+        work / "v1" / "model.safetensors",
     )
 
     def upgraded(name: str, seed: int, independent: bool) -> Path:
@@ -129,6 +143,7 @@ def main() -> None:
                     ucfg, v1, work / name, resume=resume, data=data, independent=independent
                 ),
             ),
+            work / name / "model.safetensors",
         )
 
     models = {s: (upgraded(f"v2@{s}", s, False), upgraded(f"control@{s}", s, True)) for s in args.seeds}
@@ -138,10 +153,17 @@ def main() -> None:
         lambda: _trained(
             work / "small", lambda resume: train_query(cfg, v1, work / "small", resume=resume, data=data)
         ),
+        work / "small" / "model.safetensors",
     )
     first = args.seeds[0]
     fct_cfg = load_config(profile, [*args.set, f"data.subset_train={args.fct_images}"])
-    fct = timed("fct", lambda: train_transformation(fct_cfg, v1, models[first][1], work / "fct"))
+    fct = timed(
+        "fct",
+        lambda: _fitted_transformation(
+            work / "fct", lambda: train_transformation(fct_cfg, v1, models[first][1], work / "fct")
+        ),
+        work / "fct" / "transformation.safetensors",
+    )
 
     evaluations: dict[str, dict[str, Any]] = {}
     for s, (v2, control) in models.items():
