@@ -110,17 +110,26 @@ def main() -> None:
     cfg = load_config(profile, args.set)
     data = load_data(cfg)
     work = args.work
-    seconds: dict[str, float] = {}
+
+    # what each step took when it ran, kept across runs of the same --work (a resumed run reuses finished steps)
+    seconds_file = work / "seconds.json"
+    seconds: dict[str, Any] = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+    reused: list[str] = []
 
     def timed(name: str, fn: Any, made: Path | None = None) -> Any:
-        """``fn()``, its seconds recorded under ``name``, or ``name`` listed as reused when ``made`` (what it
-        makes) is already there from an earlier run of the same ``--work``."""
+        """``fn()``, its seconds recorded under ``name``; when ``made`` (what it makes) is already there, ``name``
+        is listed as reused and keeps the seconds its run recorded (``seconds.json`` or ``made``'s manifest)."""
         if made is not None and made.exists():
-            seconds.setdefault("reused", []).append(name)
+            reused.append(name)
+            manifest = made.parent / "manifest.json"
+            if name not in seconds and manifest.exists():
+                seconds[name] = json.loads(manifest.read_text()).get("seconds")
             return fn()
         t0 = time.time()
         out = fn()
         seconds[name] = round(time.time() - t0, 1)
+        work.mkdir(parents=True, exist_ok=True)
+        seconds_file.write_text(json.dumps(seconds, indent=1))
         return out
 
     v1 = args.v1 or timed(
@@ -302,7 +311,8 @@ def main() -> None:
             "same_init_evaluation": same_res,
             "plot": png.name,
             "seconds": seconds,
-            "wall_time_s": round(time.time() - started, 1),
+            "reused_from_earlier_runs": reused,
+            "wall_time_s_this_run": round(time.time() - started, 1),
         },
         out=str(out_json),
     )
