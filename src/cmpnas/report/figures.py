@@ -148,10 +148,17 @@ def backfill_figure(res: dict[str, Any]) -> Any:
     top1 = {(r["query"], r["gallery"]): r["top1"] for r in res["table"]}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     markers = {"uncertainty": "o", "confident": "^", "random": "s"}
+    colours: dict[str, str] = {}
     for name, pts in res["backfill_curve"].items():  # "order" (new-model queries) or "order, dual query"
         order, _, policy = name.partition(", ")
-        style = markers.get(order, "x") + ("--" if policy else "-")
-        ax.plot([100 * p["fraction"] for p in pts], [p["top1"] for p in pts], style, label=f"backfill order: {name}")
+        colour = colours.setdefault(order, f"C{len(colours)}")  # one colour per order, dashed when dual
+        ax.plot(
+            [100 * p["fraction"] for p in pts],
+            [p["top1"] for p in pts],
+            markers.get(order, "x") + ("--" if policy else "-"),
+            color=colour,
+            label=f"backfill order: {name}",
+        )
     ax.axhline(top1[("old", "old")], color="grey", lw=1, ls=":", label=f"M(old, old) {top1[('old', 'old')]:.1f}")
     ax.axhline(top1[("new", "new")], color="black", lw=1, ls="-.", label=f"M(new, new) {top1[('new', 'new')]:.1f}")
     ax.set_xlabel("gallery re-embedded by the new model (%)")
