@@ -231,3 +231,59 @@ def test_serve_swaps_the_index_under_load_without_a_failed_request(upgrade: dict
     assert stats["index"]["swaps"] >= 1 and stats["index"]["count"] == 63
     assert len(statuses) > 10 and set(statuses) == {200}  # not one request failed across the swaps
     assert modes == {"heterogeneous", "lineage"}  # the small query model fits v1's index, then the v2 chain
+
+
+def test_serve_dual_query_merges_both_generations_like_the_offline_policy(upgrade: dict, pattern: Any) -> None:
+    """Half the index re-embedded by v2: /search?model=v2~v1 answers as the dual policy computed here from the
+    stored vectors (v1's query on v1 rows, v2's on v2 rows, one cosine ranking); bad pairs are refused."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from cmpnas.compat.transition import dual_vectors
+    from cmpnas.errors import CmpnasError
+    from cmpnas.serving.app import create_app
+    from cmpnas.serving.encoder import load_encoder
+
+    d = upgrade["dir"]
+    index_dir, named = d / "idx-dual", d / "named"
+    shutil.copytree(d / "idx", index_dir)
+    named.mkdir()
+    for k in ("v1", "v2"):  # served models are named by their file stem
+        shutil.copy(upgrade[k], named / f"{k}.safetensors")
+    cmpnas("backfill", "--index", index_dir, "--gallery-model", upgrade["v2"], "--fraction", "0.5", "-q")
+    v1, v2 = named / "v1.safetensors", named / "v2.safetensors"
+    client = TestClient(create_app(index_dir, v2, v1, dual_query=["v2~v1"], watch_index_s=0))
+
+    index = GalleryIndex.load(index_dir)
+    ids = [it.id for it in index.items]
+    stored = torch_tensor(index.store.vectors(ids))
+    backfilled = np.array([m == fingerprint_of(v2) for m in index.store.model_of(ids)])
+    assert 0 < backfilled.sum() < len(ids)
+    enc = {k: load_encoder(p) for k, p in (("v1", v1), ("v2", v2))}
+    for kind, seed in (("checks", 7), ("blobs", 8), ("stripes", 9)):
+        img = pattern(kind, seed)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        r = client.post("/search", params={"k": 5, "model": "v2~v1"}, content=buf.getvalue(),
+                        headers={"Content-Type": "image/png"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        query, gallery = dual_vectors(
+            torch_tensor(enc["v1"].embed_images([img])), torch_tensor(enc["v2"].embed_images([img])),
+            stored, stored, backfilled,
+        )  # fmt: skip
+        scores = (query @ gallery.T)[0].numpy()  # the cosine in each row's own space
+        best = np.argsort(-scores, kind="stable")[:5]
+        assert [h["id"] for h in got] == [ids[i] for i in best]
+        np.testing.assert_allclose([h["score"] for h in got], scores[best], atol=1e-5)
+    for bad in (["v2~v3"], ["v2~v2"], ["v2"]):
+        with pytest.raises(CmpnasError) as exc:
+            create_app(index_dir, v2, v1, dual_query=bad, watch_index_s=0)
+        assert "--dual-query" in exc.value.problem
+
+
+def torch_tensor(x: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.asarray(x, dtype=np.float32))

@@ -194,6 +194,7 @@ def test_serve_passes_limits_to_the_server(
     assert seen["max_upload_bytes"] == 512 * 1024 and seen["host"] == "127.0.0.1"
     assert seen["threads"] == 1  # the serving default: one query at a time
     assert seen["workers"] == 1
+    assert seen["dual_query"] == []
 
 
 def test_serve_passes_every_query_model_to_the_server(
@@ -345,6 +346,14 @@ def test_serve_refuses_two_models_with_one_name(tmp_path: Path, flat_index: Path
     r = subprocess.run([*cmd, "--query-model", str(other)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "both named 'query'" in r.stderr and "Fix: rename one file" in r.stderr
+
+
+def test_serve_refuses_a_dual_query_pair_it_does_not_serve(flat_index: Path, models: Any) -> None:
+    """--dual-query names two served models: anything else is exit code 2 and one line, before serving."""
+    cmd = [*cmpnas_command(), "serve", "--index", str(flat_index), "--query-model", str(models.query)]
+    r = subprocess.run([*cmd, "--dual-query", "query~old"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "--dual-query 'query~old'" in r.stderr and "Fix:" in r.stderr
 
 
 def test_serve_ort_web_dir_is_checked_then_handed_to_the_workers(

@@ -85,6 +85,26 @@ def test_milvus_and_faiss_give_the_same_top10_for_200_queries(models, fm_indexes
     assert [h["label"] for h in rb[0]] == [b.store.item(h["id"]).label for h in rb[0]]
 
 
+def test_milvus_searches_among_one_models_rows_like_faiss(models, fm_indexes) -> None:
+    """The dual query policy's row filter (by the gallery model that embedded each row) on both engines: every
+    row here is the gallery model's, so its rows are everything and the others nothing."""
+    from cmpnas.serving.store import ModelRows
+
+    a, b = (GalleryIndex.load(p) for p in fm_indexes)
+    images, _ = load_dataset_split("fashion_mnist", "train", None)
+    from cmpnas.data.sources import array_to_pil
+
+    queries = load_encoder(models.gallery).embed_images([array_to_pil(images[i]) for i in range(20)])
+    head = b.gallery_fingerprint
+    for index in (a, b):
+        everything = index.search(queries, 10)
+        assert index.store.search(queries, 10, ModelRows(head)) == everything
+        assert index.store.search(queries, 10, ModelRows("0" * 16, other=True)) == everything
+        assert index.store.search(queries, 10, ModelRows(head, other=True)) == [[] for _ in range(20)]
+        merged = index.search_dual(queries, queries, 10, head)  # nothing on the old side: the new side alone
+        assert [[h["id"] for h in x] for x in merged] == [[h["id"] for h in x] for x in everything]
+
+
 def test_the_guard_lives_in_the_collection_and_refuses_an_incompatible_query_model(
     models, milvus_index
 ) -> None:

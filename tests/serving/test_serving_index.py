@@ -334,3 +334,40 @@ def test_a_rebuild_replaces_a_corrupt_index(models: Any, gallery_dir: Path, tmp_
     (out / "manifest.json").write_text("{")
     with pytest.raises(CmpnasError, match="rebuild the index"):  # an append needs the manifest
         build_index(models.gallery, folder_source(gallery_dir), out, append=True)
+
+
+@pytest.mark.usefixtures("one_faiss_thread")
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "PCA16,Flat"])
+def test_search_among_one_models_rows_matches_numpy_on_those_rows(factory: str) -> None:
+    """A dual-query search reads the rows of one gallery model (or all the others) only: as exact as the index
+    type is, whatever the mix, including a model with fewer rows than k."""
+    from cmpnas.data.sources import Item
+    from cmpnas.serving.faiss_store import FaissStore, set_faiss_parameters
+    from cmpnas.serving.store import ModelRows
+
+    rng = np.random.default_rng(3)
+    data, queries = _unit(rng, 400, 32), _unit(rng, 20, 32)
+    tags = np.where(rng.random(400) < 0.1, "v2", "v1")
+    tags[:3] = "v3"  # three rows only: fewer than k
+    import faiss
+
+    index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(data)
+    set_faiss_parameters(index, nprobe=8)  # every cell: exact, so numpy is the oracle
+    index.add(data)
+    store = FaissStore(index, [Item(f"i{r}", "", str(r % 5)) for r in range(400)], tags.tolist())
+    projected = data if factory != "PCA16,Flat" else None
+    for rows in (ModelRows("v2"), ModelRows("v2", other=True), ModelRows("v3"), ModelRows("absent")):
+        keep = np.flatnonzero(np.array([rows.holds(t) for t in tags]))
+        got = store.search(queries, 10, rows)
+        assert all({h["id"] for h in hits} <= {f"i{r}" for r in keep} for hits in got)
+        assert all(len(hits) == min(10, len(keep)) for hits in got)
+        if projected is not None and len(keep):
+            scores = queries @ projected[keep].T
+            for q, hits in enumerate(got):
+                np.testing.assert_allclose([h["score"] for h in hits], -np.sort(-scores[q])[:10], atol=1e-5)
+        else:  # a PCA wrapper scores in its projection: the order must be the index's own, filtered
+            full = store.search(queries, 400)
+            for hits, everything in zip(got, full, strict=True):
+                kept = [h["id"] for h in everything if h["id"] in {f"i{r}" for r in keep}]
+                assert [h["id"] for h in hits] == kept[:10]

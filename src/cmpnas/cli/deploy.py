@@ -268,6 +268,15 @@ def serve_cmd(
             "in-browser embedding; default: $CMPNAS_ORT_WEB_DIR, else the checkout's web/node_modules",
         ),
     ] = None,
+    dual_query: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dual-query",
+            help="NEW~OLD (names of two served query models): one more query model of that name for a backfill "
+            "under way; NEW's embedding searches the re-embedded items, OLD's the others, merged by score "
+            "(repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the index over HTTP: POST /search, /search/vector, GET /healthz, /stats, /metrics, /models, /docs and a web
     page at /."""
@@ -300,6 +309,7 @@ def serve_cmd(
         threads=threads,
         workers=workers,
         watch_index_s=watch_index,
+        dual_query=list(dual_query or []),
     )
 
 

@@ -28,7 +28,7 @@ from cmpnas.errors import CmpnasError
 from cmpnas.io import atomic_dir, read_json, write_json_atomic
 from cmpnas.serving.building import BuildJob, embed_all_ranks, gallery_fields, source_record
 from cmpnas.serving.index_format import INDEX_FORMAT, IndexParams, now_iso
-from cmpnas.serving.store import Hits, IndexBackend
+from cmpnas.serving.store import Hits, IndexBackend, ModelRows
 
 # Kept by hand: which vectors train IVF/PQ. FAISS' own cap (cp.max_points_per_centroid = 256 per cell) would
 # train a 2M gallery's default 5657 cells on 1.45M vectors, not these 200k: other cells, other results.
@@ -182,6 +182,7 @@ class FaissStore:
     def __init__(self, index: faiss.Index, items: list[Item], models: list[str]) -> None:
         self.index, self.items, self.models = index, items, models
         self.row_of = {it.id: i for i, it in enumerate(items)}
+        self._rows: dict[ModelRows, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -217,15 +218,30 @@ class FaissStore:
             counts[m] = counts.get(m, 0) + 1
         return counts
 
-    def search(self, queries: np.ndarray, k: int) -> Hits:
-        scores, rows = self.index.search(queries, k)
+    def search(self, queries: np.ndarray, k: int, rows: ModelRows | None = None) -> Hits:
+        if rows is None:
+            return self._hits(*self.index.search(queries, k), None, k)
+        # Among some rows only: search deeper until k of them are found or the whole index was read. Generic over
+        # every index_factory type (wrappers included); the rows keep the order the index gives them.
+        wanted = self._rows.get(rows)
+        if wanted is None:  # a store never changes its rows (a write makes a new folder): compute once
+            wanted = self._rows[rows] = np.fromiter(map(rows.holds, self.models), dtype=bool, count=len(self.models))
+        depth = max(k, 1)
+        while True:
+            depth = min(len(self.items), depth * 4)
+            scores, found = self.index.search(queries, depth)
+            hits = self._hits(scores, found, wanted, k)
+            if depth >= len(self.items) or all(len(h) == min(k, int(wanted.sum())) for h in hits):
+                return hits
+
+    def _hits(self, scores: np.ndarray, found: np.ndarray, wanted: np.ndarray | None, k: int) -> Hits:
         return [
             [
                 {"id": self.items[r].id, "score": float(s), "label": self.items[r].label}
                 for s, r in zip(srow, rrow, strict=True)
-                if r >= 0
-            ]
-            for srow, rrow in zip(scores, rows, strict=True)
+                if r >= 0 and (wanted is None or wanted[r])
+            ][:k]
+            for srow, rrow in zip(scores, found, strict=True)
         ]
 
     def replace_vectors(

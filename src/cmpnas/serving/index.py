@@ -33,7 +33,7 @@ from cmpnas.serving.building import BuildJob, Progress, embed_source, existing_m
 from cmpnas.serving.compat_policy import check_compatible, lineage_after
 from cmpnas.serving.encoder import load_encoder
 from cmpnas.serving.index_format import INDEX_FORMAT, IndexParams
-from cmpnas.serving.store import Hits, IndexBackend, VectorStore
+from cmpnas.serving.store import Hits, IndexBackend, ModelRows, VectorStore
 
 # How an index folder's store is opened and built, by ``manifest["backend"]``.
 BACKENDS: Registry[IndexBackend] = Registry(
@@ -143,14 +143,25 @@ class GalleryIndex:
 
     def search(self, queries: np.ndarray, k: int) -> Hits:
         """Top-k per query row: [{"id", "score", "label"}], best first."""
+        return self.store.search(self._checked(queries), max(1, min(int(k), len(self))))
+
+    def search_dual(self, new_queries: np.ndarray, old_queries: np.ndarray, k: int, new_model: str) -> Hits:
+        """The dual query policy (:mod:`cmpnas.compat.transition`): ``new_queries`` search the rows gallery model
+        ``new_model`` embedded, ``old_queries`` (an older generation's) the rest; per query the two lists merge
+        by score, top-k."""
+        k = max(1, min(int(k), len(self)))
+        new = self.store.search(self._checked(new_queries), k, ModelRows(new_model))
+        old = self.store.search(self._checked(old_queries), k, ModelRows(new_model, other=True))
+        return [sorted(a + b, key=lambda hit: -hit["score"])[:k] for a, b in zip(new, old, strict=True)]
+
+    def _checked(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise CmpnasError(
                 f"Query embeddings have shape {q.shape}, the index expects dim {self.dim}.",
                 "use a query model with the gallery model's embedding dim",
             )
-        k = max(1, min(int(k), len(self)))
-        return self.store.search(q, k)
+        return q
 
     def thumbnail_image(self, item_id: str) -> Image.Image | None:
         """The gallery image behind ``item_id`` (from disk, or re-rendered from the dataset), or None."""

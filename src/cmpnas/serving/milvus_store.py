@@ -41,7 +41,7 @@ from cmpnas.serving.building import (
     source_record,
 )
 from cmpnas.serving.index_format import INDEX_FORMAT, now_iso
-from cmpnas.serving.store import Hits, IndexBackend
+from cmpnas.serving.store import Hits, IndexBackend, ModelRows
 
 GUARD_PROPERTY = "cmpnas.index"
 DEFAULT_COLLECTION = "gallery"
@@ -235,10 +235,11 @@ class MilvusStore:
             it.close()
         return out
 
-    def search(self, queries: np.ndarray, k: int) -> Hits:
+    def search(self, queries: np.ndarray, k: int, rows: ModelRows | None = None) -> Hits:
         res = self.client.search(
             self.collection,
             data=np.ascontiguousarray(queries, dtype=np.float32).tolist(),
+            filter="" if rows is None else f'model {"!=" if rows.other else "=="} {json.dumps(rows.model)}',
             limit=int(k),
             output_fields=["label"],
             search_params={"metric_type": "IP", "params": self.search_params},

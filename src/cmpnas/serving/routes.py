@@ -53,6 +53,7 @@ def create_app(
     milvus_uri: str | None = None,
     watch_index_s: float = 2.0,
     ort_web_dir: str | Path | None = None,
+    dual_query: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """Load the index and every query model once (refusing any that cannot search the index) and return the
     FastAPI app.
@@ -67,7 +68,10 @@ def create_app(
     app counts on its own). ``milvus_uri`` overrides where a Milvus index's collection is served from. Every
     ``watch_index_s`` seconds (0 = never) the index folder is checked and a rewritten index swapped in.
     ``ort_web_dir`` holds ONNX Runtime Web's files for in-browser embedding (default: ``$CMPNAS_ORT_WEB_DIR``,
-    else the checkout's ``web/node_modules``); without them the page uploads images.
+    else the checkout's ``web/node_modules``); without them the page uploads images. Each ``dual_query`` pair
+    ``NEW~OLD`` of served model names is one more query model of that name, answering by the dual query policy
+    of a backfill (:mod:`cmpnas.compat.transition`): NEW's embedding searches the re-embedded rows, OLD's the
+    rest.
     """
     service = load_service(
         index_dir,
@@ -83,6 +87,7 @@ def create_app(
         stats_dir=stats_dir,
         milvus_uri=milvus_uri,
         watch_index_s=watch_index_s,
+        dual_query=dual_query,
     )
     page, assets = _page(), _static_assets()
     runtime = BrowserRuntime(ort_web_dir)

@@ -71,10 +71,50 @@ class Member:
     encoder: Encoder
     mode: str
     search_ms: float = float("inf")  # best warm-up embed + search; decides inline vs thread pool
+    # the dual query policy (NEW~OLD): an older generation's query model that searches the rows not yet
+    # re-embedded into this model's space (cmpnas.compat.transition)
+    partner: Member | None = None
 
     @property
     def fingerprint(self) -> str:
         return self.encoder.fingerprint
+
+
+DUAL_SEPARATOR = "~"  # unreserved in URLs: /search?model=v2~v1 needs no escaping
+
+
+def space_of(encoder: Encoder) -> str:
+    """The gallery model whose vectors ``encoder``'s embeddings are made to be compared with: itself for a
+    gallery model (also an upgraded one), else the gallery model it was trained against."""
+    if encoder.spec.name == "gallery" or not encoder.compatible_with:
+        return encoder.fingerprint
+    return encoder.compatible_with
+
+
+def dual_members(members: Sequence[Member], pairs: Sequence[str]) -> list[Member]:
+    """One member per ``NEW~OLD`` pair (names of served query models): NEW's embedding searches the rows in its
+    space, OLD's every other row, merged by score."""
+    by_name = {m.name: m for m in members}
+    out: list[Member] = []
+    for pair in pairs:
+        new, sep, old = pair.partition(DUAL_SEPARATOR)
+        if not sep or new not in by_name or old not in by_name:
+            raise CmpnasError(
+                f"--dual-query '{pair}' is not NEW{DUAL_SEPARATOR}OLD with both names among the served query "
+                f"models ({', '.join(by_name)}).",
+                f"pass e.g. --dual-query {next(iter(by_name))}{DUAL_SEPARATOR}OLD_NAME, serving both models",
+            )
+        if space_of(by_name[new].encoder) == space_of(by_name[old].encoder):
+            raise CmpnasError(
+                f"--dual-query '{pair}': both models search gallery model {space_of(by_name[new].encoder)}'s "
+                "vectors, so there is nothing to merge.",
+                "pair the upgraded model with a query model of the older generation",
+            )
+        if pair in by_name or any(m.name == pair for m in out):
+            raise CmpnasError(f"--dual-query '{pair}' is given twice.", "pass each pair once")
+        main = by_name[new]
+        out.append(Member(pair, main.encoder, main.mode, partner=by_name[old]))
+    return out
 
 
 @contextmanager
@@ -177,11 +217,15 @@ class SearchService:
         modes = {
             m.name: check_member(index, m.name, m.encoder, allow_incompatible, self.several)
             for m in self.members.values()
+            if m.partner is None  # a dual member is its two models, checked under their own names
         }
         with self.lock:
             self.index = index
             for name, mode in modes.items():
                 self.members[name].mode = mode
+            for member in self.members.values():
+                if member.partner is not None:
+                    member.mode = modes[member.name.partition(DUAL_SEPARATOR)[0]]
             self.swaps += 1
         self.thumbnail.cache_clear()
 
@@ -190,10 +234,13 @@ class SearchService:
         return upload_bytes <= INLINE_MAX_BYTES and member.search_ms <= INLINE_MAX_MS
 
     def search(self, img: Image.Image, k: int, member: Member | None = None) -> list[dict[str, Any]]:
-        encoder = (member or self.default).encoder
+        member = member or self.default
         with self.lock:
-            vec = encoder.embed_images([img])
-            return self.index.search(vec, k)[0]
+            vec = member.encoder.embed_images([img])
+            if member.partner is None:
+                return self.index.search(vec, k)[0]
+            old = member.partner.encoder.embed_images([img])
+            return self.index.search_dual(vec, old, k, space_of(member.encoder))[0]
 
     def answer(self, data: bytes, content_type: str | None, k: int, member: Member) -> list[dict[str, Any]]:
         """Upload bytes -> top-k hits, or UploadRejected (a bad image, or a model/index error)."""
@@ -361,6 +408,7 @@ def load_service(
     stats_dir: str | None,
     milvus_uri: str | None,
     watch_index_s: float,
+    dual_query: Sequence[str] = (),
 ) -> SearchService:
     """Load the index and every query model (refusing any that cannot search the index) and, unless
     ``watch_index_s`` is 0, start watching the index folder. The arguments are :func:`create_app`'s."""
@@ -381,6 +429,7 @@ def load_service(
         )
         for name, path in named
     ]
+    members += dual_members(members, dual_query)
     limits = {
         "max_k": max_k,
         "default_k": max(1, min(default_k, max_k)),

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 Hits = list[list[dict[str, Any]]]
 
 
+@dataclass(frozen=True)
+class ModelRows:
+    """The rows embedded by gallery model ``model`` or, with ``other``, by every model but it: what each half
+    of a dual-query search reads while a backfill is under way (:mod:`cmpnas.compat.transition`)."""
+
+    model: str
+    other: bool = False
+
+    def holds(self, row_model: str) -> bool:
+        return (row_model == self.model) != self.other
+
+
 class VectorStore(Protocol):
     """L2-normalised gallery vectors keyed by item id, each tagged with the gallery model that embedded it."""
 
@@ -61,8 +73,8 @@ class VectorStore(Protocol):
         """Query-time knobs, in :class:`~cmpnas.serving.index_format.IndexParams` names."""
         ...
 
-    def search(self, queries: np.ndarray, k: int) -> Hits:
-        """Top-k per query row: ``{"id", "score", "label"}``, best first."""
+    def search(self, queries: np.ndarray, k: int, rows: ModelRows | None = None) -> Hits:
+        """Top-k per query row: ``{"id", "score", "label"}``, best first; with ``rows``, among those rows only."""
         ...
 
     def replace_vectors(
