@@ -9,7 +9,8 @@ M(v1, v1) at step 0.
   index       the test split as ``cmpnas run`` indexes it (``data.subset_test`` rows), embedded by v1
   server      ``cmpnas serve --watch-index`` as a subprocess on a free port, serving v1 and v2 (and ``--small``)
               as named query models of one family: v1 queries are the deployed system, v2 queries the curve
-              of ``benchmarks/upgrade.py``
+              of ``benchmarks/upgrade.py``; and ``--dual-query v2~v1``, the dual query policy (v2's embedding
+              on the rows v2 re-embedded, v1's on the rest, merged by score)
   probe       ``--queries`` test images (seeded sample of the index's items) posted as PNG to ``/search?k=2``
               for every query model; the query's own item is dropped from the answer (leave-one-out, the
               protocol of ``evaluate-upgrade``), a query is right when the first other hit has its class. A
@@ -57,6 +58,7 @@ from upgrade import V1_SEED, _trained  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 FRACTIONS = tuple(round(0.1 * i, 2) for i in range(1, 11))
 REFERENCE = "v1"  # the deployed system: v1 queries on the v1 index
+DUAL = "v2~v1"  # the dual query policy: v2's embedding on the rows v2 re-embedded, v1's on the rest
 SWAP_TIMEOUT_S = 600.0  # how long a step waits for the server to serve the backfilled index
 START_TIMEOUT_S = 600.0
 
@@ -251,10 +253,11 @@ def wait_for_version(
 
 
 def offline_hits(
-    index_dir: Path, queries: list[Query], query_emb: dict[str, np.ndarray]
+    index_dir: Path, queries: list[Query], query_emb: dict[str, np.ndarray], v2_fingerprint: str
 ) -> dict[str, np.ndarray]:
     """Per query model, [Q] bool: leave-one-out top-1 of the queries against the vectors stored in the index now
-    (cosine; the query's own item excluded) — what the server should answer for this index version."""
+    (cosine; the query's own item excluded) — what the server should answer for this index version. The dual
+    policy's scores are v2's cosines on the rows v2 embedded and v1's on the others."""
     from cmpnas.serving.index import GalleryIndex
 
     index = GalleryIndex.load(index_dir)
@@ -264,11 +267,13 @@ def offline_hits(
     own = [{it.id: i for i, it in enumerate(items)}[q.id] for q in queries]
     labels = np.asarray([it.label for it in items])
     truth = np.asarray([q.label for q in queries])
+    by_v2 = np.asarray(index.store.model_of([it.id for it in items])) == v2_fingerprint
+    sims = {model: emb @ gallery.T for model, emb in query_emb.items()}
+    sims[DUAL] = np.where(by_v2[None, :], sims["v2"], sims["v1"])
     out = {}
-    for model, emb in query_emb.items():
-        sims = emb @ gallery.T
-        sims[np.arange(len(queries)), own] = -np.inf
-        out[model] = labels[sims.argmax(axis=1)] == truth
+    for model, s in sims.items():
+        s[np.arange(len(queries)), own] = -np.inf
+        out[model] = labels[s.argmax(axis=1)] == truth
     return out
 
 
@@ -378,7 +383,7 @@ def _backfill(index: Path, v2: Path, fraction: float, seed: int) -> float:
 
 def _start_server(index: Path, family: Path, port: int, watch_s: float, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cmpnas.cli", "serve", "--index", str(index), "--query-model", str(family)]
-    cmd += ["--port", str(port), "--watch-index", str(watch_s), "--threads", "1"]
+    cmd += ["--port", str(port), "--watch-index", str(watch_s), "--threads", "1", "--dual-query", DUAL]
     proc = subprocess.Popen(cmd, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", START_TIMEOUT_S)
@@ -409,6 +414,7 @@ def run_trace(
         json.dumps({"format": "cmpnas.family.v1", "members": members}, indent=2)
     )
     emb = {m: embed_queries(p, queries) for m, p in models.items()}
+    served = [*models, DUAL]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = work / "serve.log"
@@ -416,8 +422,8 @@ def run_trace(
     steps: list[dict[str, Any]] = []
 
     def probed(step: dict[str, Any]) -> dict[str, Any]:
-        step["probe"] = {m: probe(url, queries, m) for m in models}
-        offline = offline_hits(index, queries, emb)
+        step["probe"] = {m: probe(url, queries, m) for m in served}
+        offline = offline_hits(index, queries, emb, v2_fp)
         for m, p in step["probe"].items():
             p["offline_agreement"] = round(float((_bits(p["hits"]) == offline[m]).mean()), 4)
         total = step["version"]["count"] or 1
@@ -430,7 +436,7 @@ def run_trace(
     try:
         probed({"step": 0, "target": 0.0, "version": _served(url)})
         for i, f in enumerate(fractions, start=1):
-            with SwapLoad(url, queries, list(models), load_clients) as load:
+            with SwapLoad(url, queries, served, load_clients) as load:
                 backfill_s = _backfill(index, models["v2"], f, seed)
                 manifest = json.loads((index / "manifest.json").read_text())
                 record = manifest["backfills"][-1]
@@ -523,7 +529,8 @@ def main() -> None:
     trace: dict[str, Any] = {
         "protocol": (
             "index = the test split embedded by v1, served by `cmpnas serve --watch-index`; `cmpnas backfill "
-            "--order random` re-embeds it by v2 step by step; after each swap every query model answers the same "
+            "--order random` re-embeds it by v2 step by step; after each swap every query model (and the dual "
+            "policy v2~v1) answers the same "
             "probe queries over HTTP (leave-one-out: the query's own item dropped); flips per query against v1 "
             "queries at step 0, M(v1, v1); a failed request counts as wrong and as an error"
         ),

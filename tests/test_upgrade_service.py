@@ -84,6 +84,9 @@ def test_trace_structure_fractions_and_versions(trace: dict) -> None:
         assert s["version"]["items_by_model"].get(v2) == s["backfill"]["embedded_by_model_after"]
         assert s["backfill"]["order"] == "random" and s["during_swap"]["requests"] >= 0
     assert len(t["query_ids"]) == 30 and all(len(p["hits"]) == 30 for s in steps for p in s["probe"].values())
+    # the dual policy is the old system before the backfill and the new one after it, query by query
+    assert steps[0]["probe"]["v2~v1"]["hits"] == steps[0]["probe"]["v1"]["hits"]
+    assert steps[-1]["probe"]["v2~v1"]["hits"] == steps[-1]["probe"]["v2"]["hits"]
 
 
 @pytest.mark.slow
@@ -112,7 +115,7 @@ def test_trace_reports_no_failed_request_and_matches_the_offline_answer(trace: d
     assert (
         summary["probe_errors"] == summary["swap_load_errors"] == 0 and summary["any_request_failed"] is False
     )
-    assert summary["probe_requests"] == 3 * 2 * 30
+    assert summary["probe_requests"] == 3 * 3 * 30  # 3 steps x (v1, v2, the dual policy v2~v1) x 30 queries
     for s in t["steps"]:
         for p in s["probe"].values():
             assert p["errors"] == 0 and p["statuses"] == {"200": 30}
