@@ -255,6 +255,9 @@ def test_serve_dual_query_merges_both_generations_like_the_offline_policy(upgrad
     v1, v2 = named / "v1.safetensors", named / "v2.safetensors"
     client = TestClient(create_app(index_dir, v2, v1, dual_query=["v2~v1"], watch_index_s=0))
 
+    described = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert described["v2~v1"]["dual_query_with"] == "v1" and described["v2"]["dual_query_with"] is None
+    assert described["v2~v1"]["onnx_url"] is None and "two models" in described["v2~v1"]["browser_problem"]
     index = GalleryIndex.load(index_dir)
     ids = [it.id for it in index.items]
     stored = torch_tensor(index.store.vectors(ids))

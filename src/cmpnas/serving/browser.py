@@ -128,9 +128,21 @@ def resize_pass_order() -> str:
 
 def model_url(member: Member) -> str | None:
     """URL (relative to the server root) of a served model's ``.onnx``; None for a torch checkpoint."""
-    if member.encoder.path.suffix.lower() != ".onnx":
-        return None
+    if member.encoder.path.suffix.lower() != ".onnx" or member.partner is not None:
+        return None  # a torch checkpoint, or the dual policy (two embeddings: the server makes them)
     return f"models/{quote(member.name, safe='')}.onnx"
+
+
+def _browser_problem(member: Member) -> str:
+    if member.partner is not None:
+        return (
+            f"the dual query policy embeds each image with two models ({member.name}): upload the image to "
+            "/search"
+        )
+    return (
+        "served as a .safetensors (torch) checkpoint: export it with cmpnas export and serve the .onnx to embed "
+        "in the browser"
+    )
 
 
 def describe_models(service: SearchService, runtime: BrowserRuntime) -> dict[str, Any]:
@@ -158,10 +170,8 @@ def describe_models(service: SearchService, runtime: BrowserRuntime) -> dict[str
                 "resize_pass_order": resize_pass_order(),
                 "onnx_url": url,
                 "onnx_bytes": member.encoder.path.stat().st_size if url else None,
-                "browser_problem": None
-                if url
-                else "served as a .safetensors (torch) checkpoint: export it with cmpnas export and serve "
-                "the .onnx to embed in the browser",
+                "dual_query_with": member.partner.name if member.partner is not None else None,
+                "browser_problem": None if url else _browser_problem(member),
             }
         )
     return {
