@@ -216,16 +216,12 @@ class SearchService:
         finishes on the index it started with and none sees half of each."""
         modes = {
             m.name: check_member(index, m.name, m.encoder, allow_incompatible, self.several)
-            for m in self.members.values()
-            if m.partner is None  # a dual member is its two models, checked under their own names
+            for m in self.members.values()  # a dual member's partner is served, so checked, on its own too
         }
         with self.lock:
             self.index = index
             for name, mode in modes.items():
                 self.members[name].mode = mode
-            for member in self.members.values():
-                if member.partner is not None:
-                    member.mode = modes[member.name.partition(DUAL_SEPARATOR)[0]]
             self.swaps += 1
         self.thumbnail.cache_clear()
 
