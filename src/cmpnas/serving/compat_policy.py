@@ -50,6 +50,14 @@ def check_compatible(index: GalleryIndex, encoder: Encoder, allow_incompatible: 
     )
 
 
+def space_of(encoder: Encoder) -> str:
+    """The gallery model whose vectors ``encoder``'s embeddings are made to be compared with: itself for a
+    gallery model (also an upgraded one), else the gallery model it was trained against."""
+    if encoder.spec.name == "gallery" or not encoder.compatible_with:
+        return encoder.fingerprint
+    return encoder.compatible_with
+
+
 def lineage_after(manifest: dict[str, Any] | None, encoder: Encoder, where: str = "the index") -> list[str]:
     """The index's chain of compatible gallery models once ``encoder`` writes into it, newest first.
 

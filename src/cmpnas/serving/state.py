@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cmpnas import __version__
 from cmpnas.errors import CmpnasError
-from cmpnas.serving.compat_policy import check_compatible
+from cmpnas.serving.compat_policy import check_compatible, space_of
 from cmpnas.serving.encoder import Encoder, load_encoder
 from cmpnas.serving.family import expand_query_models
 from cmpnas.serving.index import GalleryIndex
@@ -81,14 +81,6 @@ class Member:
 
 
 DUAL_SEPARATOR = "~"  # unreserved in URLs: /search?model=v2~v1 needs no escaping
-
-
-def space_of(encoder: Encoder) -> str:
-    """The gallery model whose vectors ``encoder``'s embeddings are made to be compared with: itself for a
-    gallery model (also an upgraded one), else the gallery model it was trained against."""
-    if encoder.spec.name == "gallery" or not encoder.compatible_with:
-        return encoder.fingerprint
-    return encoder.compatible_with
 
 
 def dual_members(members: Sequence[Member], pairs: Sequence[str]) -> list[Member]:
