@@ -267,9 +267,15 @@ def offline_hits(
     own = [{it.id: i for i, it in enumerate(items)}[q.id] for q in queries]
     labels = np.asarray([it.label for it in items])
     truth = np.asarray([q.label for q in queries])
+    import torch
+
+    from cmpnas.compat.transition import dual_vectors
+
     by_v2 = np.asarray(index.store.model_of([it.id for it in items])) == v2_fingerprint
     sims = {model: emb @ gallery.T for model, emb in query_emb.items()}
-    sims[DUAL] = np.where(by_v2[None, :], sims["v2"], sims["v1"])
+    stored = torch.from_numpy(gallery)  # each row in its own model's space: it is both halves' source
+    q, g = dual_vectors(torch.from_numpy(query_emb["v1"]), torch.from_numpy(query_emb["v2"]), stored, stored, by_v2)
+    sims[DUAL] = (q @ g.T).numpy()
     out = {}
     for model, s in sims.items():
         s[np.arange(len(queries)), own] = -np.inf

@@ -102,7 +102,11 @@ def dual_members(members: Sequence[Member], pairs: Sequence[str]) -> list[Member
                 "vectors, so there is nothing to merge.",
                 "pair the upgraded model with a query model of the older generation",
             )
-        if pair in by_name or any(m.name == pair for m in out):
+        if pair in by_name:
+            raise CmpnasError(
+                f"--dual-query '{pair}' is also the name of a served query model.", "rename that model's file"
+            )
+        if any(m.name == pair for m in out):
             raise CmpnasError(f"--dual-query '{pair}' is given twice.", "pass each pair once")
         main = by_name[new]
         out.append(Member(pair, main.encoder, main.mode, partner=by_name[old]))
