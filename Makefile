@@ -29,7 +29,8 @@ test-slow: setup
 # int8 and browser when given its models (README: the commands as run).
 # The long ones run by hand (README): benchmarks/upgrade.py, benchmarks/family.py (after `make full`, whose
 # gallery and baselines it reuses), benchmarks/compat_ablation.py, benchmarks/compat_objective.py,
-# benchmarks/supernet_ablation.py.
+# benchmarks/supernet_ablation.py; after `make full`: benchmarks/ranking_schedule.py, benchmarks/supernet_ranking.py,
+# benchmarks/gap_schedule.py.
 bench: setup
 	$(VENV)/bin/python benchmarks/latency_table.py
 	$(VENV)/bin/python benchmarks/training_throughput.py

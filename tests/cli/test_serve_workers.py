@@ -173,13 +173,13 @@ def png(pattern: Any) -> bytes:
 
 
 def test_workers_answer_concurrent_clients_and_stop_with_their_parent(
-    flat_index: Path, onnx_query: Path, png: bytes
+    flat_index: Path, onnx_query: Path, png: bytes, tmp_path: Path
 ) -> None:
     """Eight clients at once, three connections each: every /healthz and /search is answered, all searches
     agree, and both workers took connections (the kernel spreads them: all 24 on one of two sockets would be a
     1 in 8 million chance). Then the parent is killed with SIGKILL: its workers stop too."""
     args = ["--index", flat_index, "--query-model", onnx_query, "--workers", 2]
-    with server(*args) as (port, proc):
+    with server(*args, tmpdir=tmp_path) as (port, proc):  # a killed parent cannot remove its counters' folder
         workers = workers_of(proc)
         assert len(workers) == 2
         with ThreadPoolExecutor(8) as pool:
