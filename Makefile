@@ -30,7 +30,7 @@ test-slow: setup
 # The long ones run by hand (README): benchmarks/upgrade.py, benchmarks/family.py (after `make full`, whose
 # gallery and baselines it reuses), benchmarks/compat_ablation.py, benchmarks/compat_objective.py,
 # benchmarks/supernet_ablation.py; after `make full`: benchmarks/ranking_schedule.py, benchmarks/supernet_ranking.py,
-# benchmarks/gap_schedule.py.
+# benchmarks/gap_schedule.py, benchmarks/estimator_noise.py.
 bench: setup
 	$(VENV)/bin/python benchmarks/latency_table.py
 	$(VENV)/bin/python benchmarks/training_throughput.py
