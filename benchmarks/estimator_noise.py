@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 
-def stand_alone_target(path: Path, epochs: float) -> list[dict[str, Any]]:
+def stand_alone_target(path: Path, epochs: float) -> list[dict[str, Any]] | None:
     """Per architecture of a ranking-schedule benchmark: its MACs and the mean stand-alone heterogeneous top-1."""
     doc = json.loads(path.read_text())
     sched = next((s for s in doc["schedules"] if s["epochs"] == epochs), None)
     if sched is None:
-        raise SystemExit(f"{path} has no {epochs:g}-epoch schedule: pass --target-epochs one it has")
+        return None
     return [
         {"macs": a["macs"], "standalone_het_top1": statistics.fmean(s["het_top1"] for s in a["standalone"])}
         for a in sched["archs"]
@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--recal-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for need in (args.config, args.gallery, args.supernet, args.archs, args.target):
+        if not need.is_file():
+            ap.error(f"{need} does not exist: pass the files of one finished full run (see the usage above)")
 
     from cmpnas.config import load_config
     from cmpnas.evaluation.stats import rank_correlations
@@ -70,8 +73,12 @@ def main() -> None:
     supernet, _ = load_supernet(args.supernet, supernet_identity(cfg, data, gallery))
     archs = json.loads(args.archs.read_text())["study"]["ranking"]["archs"]
     target = stand_alone_target(args.target, args.target_epochs)
+    if target is None:
+        ap.error(
+            f"{args.target} has no {args.target_epochs:g}-epoch schedule: pass --target-epochs one it has"
+        )
     if [a["macs"] for a in archs] != [t["macs"] for t in target]:
-        raise SystemExit("--archs and --target list different architectures: pass files of the same run")
+        ap.error("--archs and --target list different architectures: pass files of the same run")
     s = cfg.nas.search
     started = time.time()
     draws: dict[int, list[float]] = {}

@@ -61,6 +61,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for need in (args.run / "config.yaml", args.run / "gallery" / "model.safetensors"):
+        if not need.is_file():
+            ap.error(f"{need} does not exist: pass --run a finished `cmpnas run` folder")
+    if not (args.run / "search" / args.reward / "search.json").is_file():
+        ap.error(f"{args.run} has no search for reward {args.reward}: pass --reward R1, R2 or R3 of that run")
 
     from cmpnas.config import load_config
     from cmpnas.evaluation.compare import compare
