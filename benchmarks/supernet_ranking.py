@@ -1,7 +1,8 @@
 """Benchmark (not a test): which supernet recipe ranks architectures, chosen on the VALIDATION split.
 
-The default profile's data, gallery and space. One ranking set is the target for every recipe: architectures
-stratified by MACs over the search band (the study stage's ranking set), each trained stand-alone with BCT on
+A profile's data, gallery and space (``--profile``, the default one unless given). One ranking set is the
+target for every recipe: architectures stratified by MACs over the search band (the study stage's ranking
+set), each trained stand-alone with BCT on
 the table schedule (``query_train``) for two seeds and scored leave-one-out on validation. Each recipe trains
 a supernet and estimates the same architectures as the search does (BN recalibration, validation images);
 per recipe the JSON gives Kendall τ with its bootstrap interval, the MACs-only τ, the target's split-half
@@ -15,7 +16,15 @@ supernet (its ``manifest.json``), its estimates (``NAME/estimates-EST.json``) an
 result's statistics from its own per-architecture rows with the current code (no training).
 
     PYTHONPATH=src .venv/bin/python benchmarks/supernet_ranking.py --work runs/supernet-ranking \\
-        [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
+        [--profile full] [--variants fair,sandwich-kd] [--out benchmarks/results/supernet_ranking.json]
+
+A recipe's supernet can be trained beside the benchmark (``cmpnas train-supernet`` with the recipe's overrides
+into ``WORK/NAME``): a finished one is read back, not trained again. ``NAME-seed1``/``-seed2`` train the same
+recipe from other supernet seeds; ``recipes`` in the JSON sums each recipe up over its seeds. ``--also-target``
+scores every recipe against a second measurement of the same ranking set's targets too (the 1-epoch schedule of
+a ``ranking_schedule.json`` of the same profile). Per recipe and target, ``pick_vs_random`` says what picking
+each band's best-estimated architecture gains over the band's mean (a random pick), beside picking its
+costliest one.
 """
 
 from __future__ import annotations
@@ -41,7 +50,12 @@ RANKING = {
     "nas.search.val_images": 5000,
 }
 
-# name -> (what it is, --set style overrides on top of the default profile)
+# a sandwich step trains three paths: at the default profile 2.5 sandwich epochs took the time of 6 single-path
+# ones (train.seconds 671 vs 648), so a recipe "at parity" divides the profile's supernet epochs by this
+SANDWICH_COST = 2.4
+EPOCHS_PARITY = "supernet epochs divided by"
+
+# name -> (what it is, --set style overrides on top of the profile)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fair": (
         "the default recipe: 6 epochs, widest-first warm-up, fair width sampling, one path per step",
@@ -60,7 +74,29 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "sandwich rule without distillation; 2.5 epochs",
         {"nas.supernet.sandwich": True, "nas.supernet_train.epochs": 2.5},
     ),
+    # at any profile: its own supernet schedule, or that schedule's training time spent on sandwich steps
+    "sandwich-kd-parity": (
+        f"sandwich rule with in-place distillation for the profile's supernet epochs / {SANDWICH_COST:g} "
+        "(the profile's training time)",
+        {"nas.supernet.sandwich": True, "nas.supernet.inplace_distill": True, EPOCHS_PARITY: SANDWICH_COST},
+    ),
 }
+# the same recipes with other supernet seeds: how far one recipe's ranking moves with the seed
+for _seed in (1, 2):
+    for _name in ("fair", "sandwich-kd-parity"):
+        VARIANTS[f"{_name}-seed{_seed}"] = (
+            f"{_name} with supernet seed {_seed}",
+            {**VARIANTS[_name][1], "nas.supernet_train.seed": _seed},
+        )
+
+
+def resolve(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with an ``EPOCHS_PARITY`` divisor turned into supernet epochs of ``profile``."""
+    out = {k: v for k, v in overrides.items() if k != EPOCHS_PARITY}
+    if EPOCHS_PARITY in overrides:
+        epochs = config(profile, {}).nas.supernet_train.epochs
+        out["nas.supernet_train.epochs"] = round(epochs / overrides[EPOCHS_PARITY], 2)
+    return out
 
 
 # name -> fine-tuning steps of each path before it is scored (0: the one-shot estimate the search uses)
@@ -159,11 +195,18 @@ KEEP = ("split_half", "estimate", "macs_only", "given_macs", "verdict")
 
 
 def score(
-    cfg: Any, gallery_path: Path, data: Any, rows: list[dict[str, Any]], estimates: dict
+    cfg: Any,
+    gallery_path: Path,
+    data: Any,
+    rows: list[dict[str, Any]],
+    estimates: dict,
+    also: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The study's ranking summary of the stand-alone rows against one estimator's scores."""
+    """The study's ranking summary of the stand-alone rows against one estimator's scores (and against the
+    rows of ``also``, a second measurement of the same ranking set's targets, when given)."""
     import statistics
 
+    from cmpnas.evaluation.stats import rank_correlations
     from cmpnas.models.spaces import family_budgets, sample_bands
     from cmpnas.stages.common import nas_setup
     from cmpnas.stages.study import ranking_summary
@@ -171,9 +214,22 @@ def score(
     keys = ("het_top1", "hom_top1", "het_map", "hom_map")
     scored = [{**r, **{f"supernet_{k}": estimates[r["arch_key"]][k] for k in keys}} for r in rows]
     setup = nas_setup(cfg, gallery_path, data)
-    summary = ranking_summary(
-        scored, sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
-    )
+    bands = sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
+    summary = ranking_summary(scored, bands)
+    out_also = None
+    if also is not None:
+        by_macs = {r["macs"]: r["arch_key"] for r in rows}
+        extra = [
+            {**r, **{f"supernet_{k}": estimates[by_macs[r["macs"]]][k] for k in keys}} for r in also["rows"]
+        ]
+        other = ranking_summary(extra, bands)
+        out_also = {
+            "file": also["file"],
+            "epochs": also["epochs"],
+            **{side: {k: other[side].get(k) for k in KEEP} for side in ("heterogeneous", "homogeneous")},
+            "pick_vs_random": pick_vs_random(other["archs"]),
+        }
+    macs = [a["macs"] for a in summary["archs"]]
     return {
         "seconds_per_arch": round(statistics.fmean(estimates[r["arch_key"]]["seconds"] for r in rows), 2),
         "n_archs": summary["n"],
@@ -183,11 +239,146 @@ def score(
             for side in ("heterogeneous", "homogeneous")
             if side in summary
         },
+        # does the supernet see cost at all? (the stand-alone models' order follows it closely)
+        "kendall_estimate_vs_macs": {
+            side: rank_correlations([a["supernet"][f"{key}_top1"] for a in summary["archs"]], macs)["kendall"]
+            for side, key in (("heterogeneous", "het"), ("homogeneous", "hom"))
+        },
+        "pick_vs_random": pick_vs_random(summary["archs"]),
+        "also_target": out_also,
         "archs": [
             {"macs": a["macs"], "supernet": a["supernet"], "standalone": a["standalone"]}
             for a in summary["archs"]
         ],
     }
+
+
+def pick_vs_random(archs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a search over this ranking set would have bought, per band: the stand-alone top-1 (mean over seeds) of
+    the band's architecture with the highest estimate, and of its costliest one, minus the band's mean (what a
+    random pick of the band gets on average)."""
+    import statistics
+
+    out: dict[str, Any] = {}
+    for side in ("het", "hom"):
+        bands = sorted({i for a in archs for i in a["in_band"]})
+        per_band = []
+        for band in bands:
+            members = [a for a in archs if band in a["in_band"]]
+            if len(members) < 2:
+                continue
+            target = {id(a): statistics.fmean(x[f"{side}_top1"] for x in a["standalone"]) for a in members}
+            mean = statistics.fmean(target.values())
+            best_estimate = max(members, key=lambda a: a["supernet"][f"{side}_top1"])
+            costliest = max(members, key=lambda a: a["macs"])
+            per_band.append(
+                {
+                    "band": band,
+                    "n": len(members),
+                    "estimate_pick": round(target[id(best_estimate)] - mean, 3),
+                    "macs_pick": round(target[id(costliest)] - mean, 3),
+                }
+            )
+        out["heterogeneous" if side == "het" else "homogeneous"] = {
+            "bands": per_band,
+            "estimate_pick_mean": round(statistics.fmean(b["estimate_pick"] for b in per_band), 3)
+            if per_band
+            else None,
+            "macs_pick_mean": round(statistics.fmean(b["macs_pick"] for b in per_band), 3)
+            if per_band
+            else None,
+        }
+    return out
+
+
+def second_target(path: Path, epochs: float, ranking_macs: list[int]) -> dict[str, Any]:
+    """The ``epochs`` schedule of a ``ranking_schedule.json`` as study rows, checked to be this ranking set."""
+    from cmpnas.io import read_json
+
+    doc = read_json(path, "pass a JSON written by benchmarks/ranking_schedule.py")
+    sched = next((x for x in doc.get("schedules", []) if x.get("epochs") == epochs), None)
+    problem = None
+    if sched is None:
+        problem = f"{path} has no {epochs:g}-epoch schedule: pass a ranking_schedule.json that has one"
+    elif sorted(a["macs"] for a in sched["archs"]) != sorted(ranking_macs):
+        problem = f"{path} ranks other architectures: pass the ranking_schedule.json of this profile"
+    if problem:
+        print(problem, file=sys.stderr)
+        raise SystemExit(2)
+    metrics = ("het_top1", "het_map", "hom_top1", "hom_map")
+    rows = [
+        {
+            "arch_key": str(a["macs"]),
+            "arch": None,
+            "macs": a["macs"],
+            "seed": x["seed"],
+            **{k: x[k] for k in metrics},
+        }
+        for a in sched["archs"]
+        for x in a["standalone"]
+    ]
+    return {"file": str(path), "epochs": epochs, "rows": rows}
+
+
+def recipes(variants: dict[str, Any]) -> dict[str, Any]:
+    """Per recipe (a variant name without its ``-seedN``), against each target: the one-shot τ of each supernet
+    seed and their mean beside the MACs-only τ, what its pick of each band gains over a random one, and (for
+    every recipe after the first) its τ minus the first recipe's, paired by supernet seed (95 % t interval)."""
+    import re
+    import statistics
+
+    from cmpnas.evaluation.stats import t_interval
+
+    out: dict[str, Any] = {}
+    for name, v in variants.items():
+        scored = v["ranking"].get("one-shot")
+        if scored is None:
+            continue
+        recipe = re.sub(r"-seed\d+$", "", name)
+        entry = out.setdefault(recipe, {"variants": []})
+        entry["variants"].append(name)
+        for target, src in (("own", scored), ("also", scored.get("also_target"))):
+            if not src:
+                continue
+            for side in ("heterogeneous", "homogeneous"):
+                slot = entry.setdefault(target, {}).setdefault(
+                    side, {"kendall": [], "macs_only": None, "estimate_pick": [], "macs_pick": None}
+                )
+                slot["kendall"].append(src[side]["estimate"]["kendall"])
+                slot["macs_only"] = src[side]["macs_only"]["kendall"]
+                picks = src["pick_vs_random"][side]
+                slot["estimate_pick"].append(picks["estimate_pick_mean"])
+                slot["macs_pick"] = picks["macs_pick_mean"]
+        for side in ("heterogeneous", "homogeneous"):
+            entry.setdefault("kendall_estimate_vs_macs", {}).setdefault(side, []).append(
+                scored["kendall_estimate_vs_macs"][side]
+            )
+    recipes_seen = list(out)
+    for entry in out.values():
+        for target in ("own", "also"):
+            for slot in entry.get(target, {}).values():
+                taus = [t for t in slot["kendall"] if t is not None]
+                slot["mean"] = round(statistics.fmean(taus), 4) if taus else None
+                picks = [p for p in slot["estimate_pick"] if p is not None]
+                slot["estimate_pick_mean"] = round(statistics.fmean(picks), 3) if picks else None
+    # every later recipe against the first, paired by supernet seed (the seed also fixes the initial weights)
+    if len(recipes_seen) > 1:
+        base = out[recipes_seen[0]]
+        for name in recipes_seen[1:]:
+            entry = out[name]
+            for target in ("own", "also"):
+                for side, slot in entry.get(target, {}).items():
+                    ref = base.get(target, {}).get(side)
+                    if ref is None or len(ref["kendall"]) != len(slot["kendall"]):
+                        continue
+                    diffs = [a - b for a, b in zip(slot["kendall"], ref["kendall"], strict=True)]
+                    interval = t_interval(diffs)
+                    slot[f"minus_{recipes_seen[0]}"] = {
+                        "by_seed": [round(d, 4) for d in diffs],
+                        "mean": round(statistics.fmean(diffs), 4),
+                        "interval_95": [round(x, 4) for x in interval] if interval else None,
+                    }
+    return out
 
 
 def rescore(path: Path, out: Path) -> None:
@@ -240,10 +431,18 @@ def main() -> None:
         "--estimate-only", action="store_true", help="score the ranking set with every recipe, no targets"
     )
     ap.add_argument("--rescore", default=None, help="a JSON of this benchmark: recompute its statistics only")
+    ap.add_argument(
+        "--also-target",
+        type=Path,
+        default=None,
+        help="a ranking_schedule.json of the same profile: score every recipe against its 1-epoch targets too",
+    )
     args = ap.parse_args()
     if args.rescore:
         rescore(Path(args.rescore), Path(args.out or args.rescore))
         return
+    if args.also_target is not None and not args.also_target.is_file():
+        ap.error(f"{args.also_target} does not exist: pass the ranking_schedule.json of the same profile")
     estimators = args.estimators.split(",")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     unknown += [e for e in estimators if e not in ESTIMATORS]
@@ -275,13 +474,14 @@ def main() -> None:
     if args.estimate_only:  # the estimators' scores of the ranking set, without the stand-alone targets
         archs = ranking_archs(base, gallery_path, data)
         for name in args.variants.split(","):
-            cfg = config(args.profile, {**RANKING, **VARIANTS[name][1]})
+            cfg = config(args.profile, {**RANKING, **resolve(args.profile, VARIANTS[name][1])})
             for est in estimators:
                 estimate(cfg, gallery_path, work / name, data, archs, est)
         return
     rows: list[dict[str, Any]] | None = None
     for name in args.variants.split(","):
-        desc, overrides = VARIANTS[name]
+        desc, listed = VARIANTS[name]
+        overrides = resolve(args.profile, listed)
         cfg = config(args.profile, {**RANKING, **overrides})
         t0 = time.perf_counter()
         done = work / name / "manifest.json"
@@ -294,6 +494,13 @@ def main() -> None:
         if rows is None:
             rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
             archs = list({r["arch_key"]: r["arch"] for r in rows}.values())
+            also = (
+                second_target(
+                    args.also_target, RANKING["nas.study_train.epochs"], list({r["macs"] for r in rows})
+                )
+                if args.also_target
+                else None
+            )
         payload["variants"][name] = {
             "change": desc,
             "overrides": overrides,
@@ -302,7 +509,12 @@ def main() -> None:
             "health": res["health"],
             "ranking": {
                 est: score(
-                    cfg, gallery_path, data, rows, estimate(cfg, gallery_path, work / name, data, archs, est)
+                    cfg,
+                    gallery_path,
+                    data,
+                    rows,
+                    estimate(cfg, gallery_path, work / name, data, archs, est),
+                    also,
                 )
                 for est in estimators
             },
@@ -314,6 +526,7 @@ def main() -> None:
                     f"verdict {r[side]['verdict']}",
                     flush=True,
                 )
+        payload["recipes"] = recipes(payload["variants"])
         write_result("supernet_ranking", payload, args.out)
 
 
