@@ -80,10 +80,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "(the profile's training time)",
         {"nas.supernet.sandwich": True, "nas.supernet.inplace_distill": True, EPOCHS_PARITY: SANDWICH_COST},
     ),
+    "sandwich-kd-long": (
+        f"sandwich-kd-parity for twice the time: the profile's supernet epochs / {SANDWICH_COST / 2:g}",
+        {
+            "nas.supernet.sandwich": True,
+            "nas.supernet.inplace_distill": True,
+            EPOCHS_PARITY: SANDWICH_COST / 2,
+        },
+    ),
 }
 # the same recipes with other supernet seeds: how far one recipe's ranking moves with the seed
 for _seed in (1, 2):
-    for _name in ("fair", "sandwich-kd-parity"):
+    for _name in ("fair", "sandwich-kd-parity", "sandwich-kd-long"):
         VARIANTS[f"{_name}-seed{_seed}"] = (
             f"{_name} with supernet seed {_seed}",
             {**VARIANTS[_name][1], "nas.supernet_train.seed": _seed},
