@@ -2,12 +2,12 @@
 
 A profile's data, gallery and space (``--profile``, the default one unless given). One ranking set is the
 target for every recipe: architectures stratified by MACs over the search band (the study stage's ranking
-set), each trained stand-alone with BCT on
-the table schedule (``query_train``) for two seeds and scored leave-one-out on validation. Each recipe trains
-a supernet and estimates the same architectures as the search does (BN recalibration, validation images);
-per recipe the JSON gives Kendall τ with its bootstrap interval, the MACs-only τ, the target's split-half
-reliability and the τ ceiling it implies, and the verdict (heterogeneous and homogeneous), beside the
-supernet's health and training time. Compare recipes at similar training time (``train.seconds``).
+set), each trained stand-alone with BCT on the table schedule (``query_train``) for two seeds and scored
+leave-one-out on validation. Each recipe trains a supernet and estimates the same architectures as the search
+does (BN recalibration, validation images); per recipe the JSON gives Kendall τ with its bootstrap interval,
+the MACs-only τ, the target's split-half reliability and the τ ceiling it implies, and the verdict
+(heterogeneous and homogeneous), beside the supernet's health and training time. Compare recipes at similar
+training time (``train.seconds``).
 
 Resumable: the gallery, every supernet and every stand-alone model resume from their checkpoints; a finished
 supernet (its ``manifest.json``), its estimates (``NAME/estimates-EST.json``) and finished stand-alone rows
@@ -50,15 +50,16 @@ RANKING = {
     "nas.search.val_images": 5000,
 }
 
-# a sandwich step trains three paths: at the default profile 2.5 sandwich epochs took the time of 6 single-path
-# ones (train.seconds 671 vs 648), so a recipe "at parity" divides the profile's supernet epochs by this
+# a sandwich step trains three paths: 2.5 sandwich epochs took the time of 6 single-path ones (full profile,
+# train.seconds 671 vs 648 in supernet_ranking.json), so a recipe "at parity" divides the profile's supernet
+# epochs by this
 SANDWICH_COST = 2.4
 EPOCHS_PARITY = "supernet epochs divided by"
 
 # name -> (what it is, --set style overrides on top of the profile)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fair": (
-        "the default recipe: 6 epochs, widest-first warm-up, fair width sampling, one path per step",
+        "the profile's recipe (its supernet epochs), widest-first warm-up, fair width sampling, one path per step",
         {},
     ),
     "sandwich-kd": (
