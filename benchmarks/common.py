@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,21 @@ def write_result(name: str, payload: dict[str, Any], out: str | None = None) -> 
     print(json.dumps(payload, indent=2, default=str)[:4000])
     print(f"wrote {path}")
     return path
+
+
+def ranking_schedule(path: Path, epochs: float) -> dict[str, Any] | None:
+    """The ``epochs`` schedule of a ``ranking_schedule.json`` (its per-architecture rows), None if it has none;
+    a corrupt file or one of another benchmark is a one-line ``SystemExit(2)`` naming it."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        schedules = doc["schedules"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"{path} is not a ranking_schedule.json ({exc}): pass one written by benchmarks/ranking_schedule.py",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return next((x for x in schedules if isinstance(x, dict) and x.get("epochs") == epochs), None)
 
 
 def wait_healthy(proc: subprocess.Popen, base_url: str, timeout_s: float) -> None:

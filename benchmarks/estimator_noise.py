@@ -31,13 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result  # noqa: E402
+from common import ranking_schedule, write_result  # noqa: E402
 
 
 def stand_alone_target(path: Path, epochs: float) -> list[dict[str, Any]] | None:
     """Per architecture of a ranking-schedule benchmark: its MACs and the mean stand-alone heterogeneous top-1."""
-    doc = json.loads(path.read_text())
-    sched = next((s for s in doc["schedules"] if s["epochs"] == epochs), None)
+    sched = ranking_schedule(path, epochs)
     if sched is None:
         return None
     return [

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result  # noqa: E402
+from common import ranking_schedule, write_result  # noqa: E402
 from supernet_ablation import config  # noqa: E402
 
 # the ranking set and the estimator's images, the same for every recipe
@@ -269,23 +269,23 @@ def pick_vs_random(archs: list[dict[str, Any]]) -> dict[str, Any]:
     import statistics
 
     out: dict[str, Any] = {}
+    bands = sorted({i for a in archs for i in a["in_band"]})
     for side in ("het", "hom"):
-        bands = sorted({i for a in archs for i in a["in_band"]})
         per_band = []
         for band in bands:
             members = [a for a in archs if band in a["in_band"]]
             if len(members) < 2:
                 continue
-            target = {id(a): statistics.fmean(x[f"{side}_top1"] for x in a["standalone"]) for a in members}
-            mean = statistics.fmean(target.values())
-            best_estimate = max(members, key=lambda a: a["supernet"][f"{side}_top1"])
-            costliest = max(members, key=lambda a: a["macs"])
+            target = [statistics.fmean(x[f"{side}_top1"] for x in a["standalone"]) for a in members]
+            mean = statistics.fmean(target)
+            best_estimate = max(range(len(members)), key=lambda i: members[i]["supernet"][f"{side}_top1"])
+            costliest = max(range(len(members)), key=lambda i: members[i]["macs"])
             per_band.append(
                 {
                     "band": band,
                     "n": len(members),
-                    "estimate_pick": round(target[id(best_estimate)] - mean, 3),
-                    "macs_pick": round(target[id(costliest)] - mean, 3),
+                    "estimate_pick": round(target[best_estimate] - mean, 3),
+                    "macs_pick": round(target[costliest] - mean, 3),
                 }
             )
         out["heterogeneous" if side == "het" else "homogeneous"] = {
@@ -300,19 +300,13 @@ def pick_vs_random(archs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def second_target(path: Path, epochs: float, ranking_macs: list[int]) -> dict[str, Any]:
-    """The ``epochs`` schedule of a ``ranking_schedule.json`` as study rows, checked to be this ranking set."""
-    from cmpnas.io import read_json
-
-    doc = read_json(path, "pass a JSON written by benchmarks/ranking_schedule.py")
-    sched = next((x for x in doc.get("schedules", []) if x.get("epochs") == epochs), None)
-    problem = None
-    if sched is None:
-        problem = f"{path} has no {epochs:g}-epoch schedule: pass a ranking_schedule.json that has one"
-    elif sorted(a["macs"] for a in sched["archs"]) != sorted(ranking_macs):
-        problem = f"{path} ranks other architectures: pass the ranking_schedule.json of this profile"
-    if problem:
-        print(problem, file=sys.stderr)
+def second_target(path: Path, sched: dict[str, Any], ranking_macs: list[int]) -> dict[str, Any]:
+    """A ranking-schedule's ``sched`` as study rows, checked to rank the same architectures as this benchmark."""
+    if sorted(a["macs"] for a in sched["archs"]) != sorted(ranking_macs):
+        print(
+            f"{path} ranks other architectures: pass the ranking_schedule.json of this profile",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     metrics = ("het_top1", "het_map", "hom_top1", "hom_map")
     rows = [
@@ -326,7 +320,7 @@ def second_target(path: Path, epochs: float, ranking_macs: list[int]) -> dict[st
         for a in sched["archs"]
         for x in a["standalone"]
     ]
-    return {"file": str(path), "epochs": epochs, "rows": rows}
+    return {"file": str(path), "epochs": sched["epochs"], "rows": rows}
 
 
 def recipes(variants: dict[str, Any]) -> dict[str, Any]:
@@ -450,8 +444,16 @@ def main() -> None:
     if args.rescore:
         rescore(Path(args.rescore), Path(args.out or args.rescore))
         return
-    if args.also_target is not None and not args.also_target.is_file():
-        ap.error(f"{args.also_target} does not exist: pass the ranking_schedule.json of the same profile")
+    also_sched = None
+    if args.also_target is not None:
+        if not args.also_target.is_file():
+            ap.error(f"{args.also_target} does not exist: pass the ranking_schedule.json of the same profile")
+        also_sched = ranking_schedule(args.also_target, RANKING["nas.study_train.epochs"])
+        if also_sched is None:
+            ap.error(
+                f"{args.also_target} has no {RANKING['nas.study_train.epochs']:g}-epoch schedule: pass a "
+                "ranking_schedule.json that has one"
+            )
     estimators = args.estimators.split(",")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     unknown += [e for e in estimators if e not in ESTIMATORS]
@@ -504,10 +506,8 @@ def main() -> None:
             rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
             archs = list({r["arch_key"]: r["arch"] for r in rows}.values())
             also = (
-                second_target(
-                    args.also_target, RANKING["nas.study_train.epochs"], list({r["macs"] for r in rows})
-                )
-                if args.also_target
+                second_target(args.also_target, also_sched, [r["macs"] for r in rows])
+                if also_sched is not None
                 else None
             )
         payload["variants"][name] = {
