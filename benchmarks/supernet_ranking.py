@@ -2,7 +2,7 @@
 
 A profile's data, gallery and space (``--profile``, the default one unless given). One ranking set is the
 target for every recipe: architectures stratified by MACs over the search band (the study stage's ranking
-set), each trained stand-alone with BCT on the table schedule (``query_train``) for two seeds and scored
+set, drawn from the first recipe's space), each trained stand-alone with BCT on the table schedule (``query_train``) for two seeds and scored
 leave-one-out on validation. Each recipe trains a supernet and estimates the same architectures as the search
 does (BN recalibration, validation images); per recipe the JSON gives Kendall τ with its bootstrap interval,
 the MACs-only τ, the target's split-half reliability and the τ ceiling it implies, and the verdict
@@ -89,10 +89,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             EPOCHS_PARITY: SANDWICH_COST / 2,
         },
     ),
+    "stage-width": (
+        "the profile's recipe in the space with one channel scale per stage (nas.space.name spos-stage); listed "
+        "first, its space's architectures are the ranking set, which every per-layer recipe can score too",
+        {"nas.space.name": "spos-stage"},
+    ),
 }
 # the same recipes with other supernet seeds: how far one recipe's ranking moves with the seed
 for _seed in (1, 2):
-    for _name in ("fair", "sandwich-kd-parity", "sandwich-kd-long"):
+    for _name in ("fair", "sandwich-kd-parity", "sandwich-kd-long", "stage-width"):
         VARIANTS[f"{_name}-seed{_seed}"] = (
             f"{_name} with supernet seed {_seed}",
             {**VARIANTS[_name][1], "nas.supernet_train.seed": _seed},

@@ -16,10 +16,12 @@ from typing import Any
 
 from cmpnas.config import NasConfig, SpaceConfig
 from cmpnas.errors import CmpnasError
-from cmpnas.models.spaces.spos import SposSpace
+from cmpnas.models.spaces.spos import SposSpace, SposStageWidthSpace
 from cmpnas.registry import Registry
 
-SPACES: Registry[Callable[..., Any]] = Registry("search space", {"spos": SposSpace})
+SPACES: Registry[Callable[..., Any]] = Registry(
+    "search space", {"spos": SposSpace, "spos-stage": SposStageWidthSpace}
+)
 
 
 def register_space(name: str, cls: Callable[..., Any]) -> None:

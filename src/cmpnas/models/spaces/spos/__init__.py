@@ -40,6 +40,7 @@ from cmpnas.models.spaces.spos.blocks import (
 )
 from cmpnas.models.spaces.spos.networks import SposNet, Supernet, build, extract_subnet
 from cmpnas.models.spaces.spos.space import SposSpace
+from cmpnas.models.spaces.spos.stage_width import SposStageWidthSpace
 
 __all__ = [
     "KERNELS",
@@ -49,6 +50,7 @@ __all__ = [
     "LayerSpec",
     "SposNet",
     "SposSpace",
+    "SposStageWidthSpace",
     "Supernet",
     "block_macs",
     "build",
