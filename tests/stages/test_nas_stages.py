@@ -366,3 +366,22 @@ def test_ranking_protocol_two_seeds_stratified(chain, tmp_path: Path, tiny_data,
     assert {k: het[k] for k in expect} == expect
     assert set(het["split_half"]) == {"r1", "r2", "tau_ceiling"}
     assert het["verdict"]["verdict"] in {"pass", "fail", "not measurable"}
+
+
+def test_a_space_with_one_scale_per_stage_searches_and_retrains(
+    tmp_path: Path, tiny_raw: dict, tiny_data, tiny_gallery: Path
+) -> None:
+    from cmpnas.models.spaces import create_space
+
+    raw = json.loads(json.dumps(tiny_raw))
+    raw["nas"]["space"]["name"] = "spos-stage"
+    cfg = build_config(raw)
+    train_supernet(cfg, tiny_gallery, tmp_path / "supernet", data=tiny_data)
+    res = search(cfg, tiny_gallery, tmp_path / "supernet" / SUPERNET_FILE, tmp_path / "search", data=tiny_data)
+    space = create_space(raw["nas"]["space"], in_chans=1, input_size=28)
+    for c in res["candidates"]:  # validate refuses a stage with two scales
+        assert space.validate(c["arch"]) == c["arch"] and c["macs"] <= res["budget_macs"]
+    ret = retrain(cfg, tiny_gallery, tmp_path / "search" / "search.json", tmp_path / "retrain", data=tiny_data)
+    model = load_model(tmp_path / "retrain" / "model.safetensors")
+    assert model.spec.arch == res["best"]["arch"]
+    assert count_macs(model, model.input_shape(1)) == res["best"]["macs"] == ret["macs"]

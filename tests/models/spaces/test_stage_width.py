@@ -121,3 +121,15 @@ def test_built_network_costs_what_the_table_says(space: SposStageWidthSpace) -> 
     torch.set_num_threads(1)
     arch = space.sample(random.Random(5))
     assert count_macs(space.build(arch), (1, 1, 16, 16)) == space.macs(arch)
+
+
+@pytest.mark.parametrize("sampling", ["fair", "rejection"])
+def test_supernet_paths_keep_stages_tied(space: SposStageWidthSpace, sampling: str) -> None:
+    mid = (space.min_macs() + space.max_macs()) / 2 + space.head_macs(8)
+    sample = space.path_sampler(0, 0.8 * mid, 1.2 * mid, 8, sampling=sampling, widest_until=3, sandwich=True)
+    for step in range(40):
+        paths = sample(step)
+        paths = paths if isinstance(paths, list) else [paths]
+        assert all(tied(space, p) for p in paths)
+        if step < 3:  # the warm-up trains the widest scale everywhere
+            assert set(paths[0]["scales"]) == {max(SCALES)}
