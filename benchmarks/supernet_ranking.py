@@ -22,7 +22,8 @@ A recipe's supernet can be trained beside the benchmark (``cmpnas train-supernet
 into ``WORK/NAME``): a finished one is read back, not trained again. ``NAME-seed1``/``-seed2`` train the same
 recipe from other supernet seeds; ``recipes`` in the JSON sums each recipe up over its seeds. ``--also-target``
 scores every recipe against a second measurement of the same ranking set's targets too (the 1-epoch schedule of
-a ``ranking_schedule.json`` of the same profile). Per recipe and target, ``pick_vs_random`` says what picking
+a ``ranking_schedule.json`` of the same profile); ``--target`` takes such a file's models as the only target
+instead of training the ranking set here (the profile's own space's ranking set). Per recipe and target, ``pick_vs_random`` says what picking
 each band's best-estimated architecture gains over the band's mean (a random pick), beside picking its
 costliest one.
 """
@@ -328,6 +329,23 @@ def second_target(path: Path, sched: dict[str, Any], ranking_macs: list[int]) ->
     return {"file": str(path), "epochs": sched["epochs"], "rows": rows}
 
 
+def given_target(path: Path, sched: dict[str, Any], cfg: Any, gallery_path: Path, data: Any) -> list[dict[str, Any]]:
+    """A ranking-schedule's ``sched`` as the target rows of the profile's ranking set, matched by MACs (nothing
+    trains alone here)."""
+    from cmpnas.stages.common import nas_setup
+
+    setup = nas_setup(cfg, gallery_path, data)
+    archs = ranking_archs(cfg, gallery_path, data)
+    by_macs = {setup.space.query_macs(a, setup.gallery.spec.embed_dim): a for a in archs}
+    if len(by_macs) != len(archs):
+        print(f"two ranking architectures cost the same: {path} cannot be matched by MACs", file=sys.stderr)
+        raise SystemExit(2)
+    rows = second_target(path, sched, list(by_macs))["rows"]
+    return [
+        {**r, "arch_key": setup.space.arch_key(by_macs[r["macs"]]), "arch": by_macs[r["macs"]]} for r in rows
+    ]
+
+
 def recipes(variants: dict[str, Any]) -> dict[str, Any]:
     """Per recipe (a variant name without its ``-seedN``), against each target: the one-shot τ of each supernet
     seed and their mean beside the MACs-only τ, what its pick of each band gains over a random one, and (for
@@ -445,20 +463,34 @@ def main() -> None:
         default=None,
         help="a ranking_schedule.json of the same profile: score every recipe against its 1-epoch targets too",
     )
+    ap.add_argument(
+        "--target",
+        type=Path,
+        default=None,
+        help="a ranking_schedule.json of the same profile: its 1-epoch stand-alone models are the target instead "
+        "of training the ranking set here (the ranking set is then the profile's own space's)",
+    )
     args = ap.parse_args()
     if args.rescore:
         rescore(Path(args.rescore), Path(args.out or args.rescore))
         return
-    also_sched = None
-    if args.also_target is not None:
-        if not args.also_target.is_file():
-            ap.error(f"{args.also_target} does not exist: pass the ranking_schedule.json of the same profile")
-        also_sched = ranking_schedule(args.also_target, RANKING["nas.study_train.epochs"])
-        if also_sched is None:
+    if args.target is not None and args.also_target is not None:
+        ap.error("--target replaces the trained target: pass --target or --also-target, not both")
+
+    def schedule_of(path: Path | None) -> dict[str, Any] | None:
+        if path is None:
+            return None
+        if not path.is_file():
+            ap.error(f"{path} does not exist: pass the ranking_schedule.json of the same profile")
+        sched = ranking_schedule(path, RANKING["nas.study_train.epochs"])
+        if sched is None:
             ap.error(
-                f"{args.also_target} has no {RANKING['nas.study_train.epochs']:g}-epoch schedule: pass a "
+                f"{path} has no {RANKING['nas.study_train.epochs']:g}-epoch schedule: pass a "
                 "ranking_schedule.json that has one"
             )
+        return sched
+
+    also_sched, target_sched = schedule_of(args.also_target), schedule_of(args.target)
     estimators = args.estimators.split(",")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     unknown += [e for e in estimators if e not in ESTIMATORS]
@@ -487,6 +519,11 @@ def main() -> None:
         "target_schedule": base.nas.study_train.model_dump(mode="json"),
         "variants": {},
     }
+    if target_sched is not None:  # the file's models are the target: its schedule, not this benchmark's
+        payload["target_schedule"] = {
+            "file": str(args.target),
+            **{k: v for k, v in target_sched.items() if k in ("epochs", "warmup_epochs", "seeds", "n_archs")},
+        }
     if args.estimate_only:  # the estimators' scores of the ranking set, without the stand-alone targets
         archs = ranking_archs(base, gallery_path, data)
         for name in args.variants.split(","):
@@ -508,7 +545,10 @@ def main() -> None:
             res = train_supernet(cfg, gallery_path, work / name, resume=True, data=data)
             wall = round(time.perf_counter() - t0, 1)
         if rows is None:
-            rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
+            if target_sched is not None:
+                rows = given_target(args.target, target_sched, base, gallery_path, data)
+            else:
+                rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
             archs = list({r["arch_key"]: r["arch"] for r in rows}.values())
             also = (
                 second_target(args.also_target, also_sched, [r["macs"] for r in rows])
