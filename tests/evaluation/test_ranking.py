@@ -17,6 +17,7 @@ from cmpnas.evaluation.ranking import (
     bootstrap_rank_interval,
     composite_target,
     kendall_ceiling,
+    pearson,
     ranking_report,
     ranking_verdict,
     residual_on_log_cost,
@@ -340,3 +341,12 @@ def test_report_rejects_mismatched_lengths() -> None:
     _, top1, map_ = _seeds()
     with pytest.raises(CmpnasError, match="9 estimates for 10 architectures"):
         ranking_report([0.0] * 9, [0.0] * 10, top1, map_)
+
+
+def test_pearson_matches_scipy_and_is_none_when_a_side_is_constant() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x, y = rng.normal(size=7), rng.normal(size=7)
+        assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    assert pearson(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0])) == pytest.approx(1.0)
+    assert pearson(np.array([1.0, 2.0, 3.0]), np.array([5.0, 5.0, 5.0])) is None

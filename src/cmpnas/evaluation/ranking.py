@@ -101,7 +101,7 @@ def kendall_ceiling(reliability: float | None) -> float:
     return (2.0 / math.pi) * math.asin(math.sqrt(min(reliability, 1.0)))
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson r of two vectors; None when either is constant."""
     dx, dy = x - x.mean(), y - y.mean()
     den = math.sqrt(float(dx @ dx) * float(dy @ dy))
@@ -123,7 +123,7 @@ def split_half(per_seed: np.ndarray) -> dict[str, float | None]:
     none: dict[str, float | None] = {"r1": None, "r2": None, "tau_ceiling": None}
     if m.shape[0] < MIN_POINTS or m.shape[1] < 2:
         return none
-    r1 = _pearson(m[:, 0::2].mean(axis=1), m[:, 1::2].mean(axis=1))
+    r1 = pearson(m[:, 0::2].mean(axis=1), m[:, 1::2].mean(axis=1))
     if r1 is None:
         return none
     r2 = spearman_brown(r1)

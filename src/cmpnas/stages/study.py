@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from cmpnas import progress
 from cmpnas.config import CompatConfig, Config
@@ -23,7 +22,7 @@ from cmpnas.data.base import DataBundle
 from cmpnas.errors import CmpnasError
 from cmpnas.evaluation.compare import compare
 from cmpnas.evaluation.evaluate import LeaveOneOut
-from cmpnas.evaluation.ranking import ranking_report
+from cmpnas.evaluation.ranking import pearson, ranking_report
 from cmpnas.evaluation.stats import rank_correlations
 from cmpnas.io import read_json, write_json_atomic
 from cmpnas.manifest import write_manifest
@@ -270,7 +269,7 @@ def study(
             "fraction_compatible": sum(h > o for h, o in zip(het, hom, strict=True)) / max(1, len(rs)),
         }
         if len(rs) >= 3:
-            out_["pearson_hom_het"] = float(stats.pearsonr(hom, het)[0])
+            out_["pearson_hom_het"] = pearson(np.asarray(hom, float), np.asarray(het, float))  # None if constant
             ranks = rank_correlations(hom, het)
             out_["kendall_hom_het"], out_["spearman_hom_het"] = ranks["kendall"], ranks["spearman"]
             if mode == "bct":
