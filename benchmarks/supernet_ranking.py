@@ -174,10 +174,13 @@ def ranking_archs(cfg: Any, gallery_path: Path, data: Any) -> list[dict]:
 
 
 def estimate(
-    cfg: Any, gallery_path: Path, folder: Path, data: Any, archs: list[dict], est: str
+    cfg: Any, gallery_path: Path, folder: Path, data: Any, archs: list[dict], est: str, rank_space: Any
 ) -> dict[str, dict[str, Any]]:
-    """Estimator ``est``'s scores of ``archs`` on the recipe's supernet, by arch key, kept (and read back) in
-    ``folder/estimates-EST.json`` arch by arch, with the seconds each took."""
+    """Estimator ``est``'s scores of ``archs`` (architectures of ``rank_space``) on the recipe's supernet, by arch
+    key, kept (and read back) in ``folder/estimates-EST.json`` arch by arch, with the seconds each took.
+
+    A recipe whose space only restricts the ranking set's (one scale per stage) scores its architectures with the
+    same weights: the layers must be the same, the paths outside its sampling are what is asked of it."""
     from cmpnas.io import read_json, write_json_atomic
     from cmpnas.nas.candidates import build_evaluator
     from cmpnas.nas.supernet import load_supernet
@@ -186,10 +189,14 @@ def estimate(
 
     path = folder / f"estimates-{est}.json"
     done: dict[str, dict[str, Any]] = read_json(path, f"delete '{path}'") if path.is_file() else {}
-    setup = nas_setup(cfg, gallery_path, data)
-    if all(setup.space.arch_key(a) in done for a in archs):
+    if all(rank_space.arch_key(a) in done for a in archs):
         return done
+    setup = nas_setup(cfg, gallery_path, data)
+    if setup.space.layers != rank_space.layers:
+        print(f"{folder.name}'s space has other layers than the ranking set's: rank its own", file=sys.stderr)
+        raise SystemExit(2)
     supernet, _ = load_supernet(folder / SUPERNET_FILE, supernet_identity(cfg, data, setup.gallery))
+    supernet.space = rank_space
     s = cfg.nas.search
     evaluate = build_evaluator(
         supernet, setup.gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
@@ -197,7 +204,7 @@ def estimate(
     if ESTIMATORS[est]:
         evaluate = fine_tuned(cfg, setup.gallery, gallery_path, data, evaluate, ESTIMATORS[est])
     for arch in archs:
-        key = setup.space.arch_key(arch)
+        key = rank_space.arch_key(arch)
         if key not in done:
             t0 = time.perf_counter()
             done[key] = {**evaluate(arch), "seconds": round(time.perf_counter() - t0, 2)}
@@ -503,7 +510,7 @@ def main() -> None:
         raise SystemExit(2)
 
     from cmpnas.io import read_json
-    from cmpnas.stages.common import load_data
+    from cmpnas.stages.common import load_data, nas_setup
     from cmpnas.stages.gallery import train_gallery
     from cmpnas.stages.supernet import SUPERNET_FILE, train_supernet
 
@@ -524,12 +531,16 @@ def main() -> None:
             "file": str(args.target),
             **{k: v for k, v in target_sched.items() if k in ("epochs", "warmup_epochs", "seeds", "n_archs")},
         }
+    # the ranking set's space: the first recipe's, or the profile's when a file holds the targets
+    first = config(args.profile, {**RANKING, **resolve(args.profile, VARIANTS[args.variants.split(",")[0]][1])})
+    rank_cfg = base if target_sched is not None else first
+    rank_space = nas_setup(rank_cfg, gallery_path, data).space
     if args.estimate_only:  # the estimators' scores of the ranking set, without the stand-alone targets
-        archs = ranking_archs(base, gallery_path, data)
+        archs = ranking_archs(rank_cfg, gallery_path, data)
         for name in args.variants.split(","):
             cfg = config(args.profile, {**RANKING, **resolve(args.profile, VARIANTS[name][1])})
             for est in estimators:
-                estimate(cfg, gallery_path, work / name, data, archs, est)
+                estimate(cfg, gallery_path, work / name, data, archs, est, rank_space)
         return
     rows: list[dict[str, Any]] | None = None
     for name in args.variants.split(","):
@@ -567,7 +578,7 @@ def main() -> None:
                     gallery_path,
                     data,
                     rows,
-                    estimate(cfg, gallery_path, work / name, data, archs, est),
+                    estimate(cfg, gallery_path, work / name, data, archs, est, rank_space),
                     also,
                 )
                 for est in estimators
