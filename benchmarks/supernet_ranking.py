@@ -196,7 +196,7 @@ def estimate(
         print(f"{folder.name}'s space has other layers than the ranking set's: rank its own", file=sys.stderr)
         raise SystemExit(2)
     supernet, _ = load_supernet(folder / SUPERNET_FILE, supernet_identity(cfg, data, setup.gallery))
-    supernet.space = rank_space
+    supernet.space = supernet.supernet.space = rank_space  # same layers: only what validates a path changes
     s = cfg.nas.search
     evaluate = build_evaluator(
         supernet, setup.gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
