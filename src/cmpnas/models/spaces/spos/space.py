@@ -141,17 +141,21 @@ class SposSpace:
 
     def mutate(self, arch: Arch, rng: random.Random, prob: float) -> Arch:
         """Resample every gene (each layer's block and its scale) independently with probability ``prob``."""
-        if not 0.0 <= prob <= 1.0:
-            raise CmpnasError(
-                f"Mutation probability {prob} is outside [0, 1].", "use e.g. 0.1 (SPOS default)"
-            )
-        a = self.validate(arch)
+        a = self._mutable(arch, prob)
         for layer in range(self.num_layers):
             if rng.random() < prob:
                 a["blocks"][layer] = rng.randrange(len(self.choices))
             if rng.random() < prob:
                 a["scales"][layer] = rng.choice(self.scales)
         return a
+
+    def _mutable(self, arch: Arch, prob: float) -> Arch:
+        """A validated copy of ``arch`` to mutate with probability ``prob`` (checked)."""
+        if not 0.0 <= prob <= 1.0:
+            raise CmpnasError(
+                f"Mutation probability {prob} is outside [0, 1].", "use e.g. 0.1 (SPOS default)"
+            )
+        return self.validate(arch)
 
     def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
         """Per-gene uniform crossover: each block and scale comes from ``a`` or ``b`` with probability 1/2."""

@@ -60,11 +60,7 @@ class SposStageWidthSpace(SposSpace):
 
     def mutate(self, arch: Arch, rng: random.Random, prob: float) -> Arch:
         """Resample each layer's block and each stage's scale independently with probability ``prob``."""
-        if not 0.0 <= prob <= 1.0:
-            raise CmpnasError(
-                f"Mutation probability {prob} is outside [0, 1].", "use e.g. 0.1 (SPOS default)"
-            )
-        a = self.validate(arch)
+        a = self._mutable(arch, prob)
         for layer in range(self.num_layers):
             if rng.random() < prob:
                 a["blocks"][layer] = rng.randrange(len(self.choices))
