@@ -92,7 +92,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "stage-width": (
         "the profile's recipe in the space with one channel scale per stage (nas.space.name spos-stage); listed "
-        "first, its space's architectures are the ranking set, which every per-layer recipe can score too",
+        "first without --target, its space's architectures are the ranking set, which every per-layer recipe can "
+        "score too",
         {"nas.space.name": "spos-stage"},
     ),
 }
@@ -159,13 +160,12 @@ def targets(cfg: Any, gallery_path: Path, supernet_path: Path, data: Any, work: 
     return [r for r in res["rows"] if r.get("set") == "ranking"]
 
 
-def ranking_archs(cfg: Any, gallery_path: Path, data: Any) -> list[dict]:
-    """The study stage's ranking set for ``cfg`` (stratified by MACs over the supernet's bands, seeded)."""
+def ranking_archs(cfg: Any, setup: Any) -> list[dict]:
+    """The study stage's ranking set for ``cfg`` and its ``nas_setup`` (stratified by MACs over the supernet's
+    bands, seeded)."""
     from cmpnas.models.spaces import family_budgets, sample_bands
-    from cmpnas.stages.common import nas_setup
     from cmpnas.stages.study import sample_ranking_archs
 
-    setup = nas_setup(cfg, gallery_path, data)
     bands = sample_bands(cfg.nas, setup.budget, family_budgets(cfg.nas, setup.gallery_macs))
     dim = setup.gallery.spec.embed_dim
     return sample_ranking_archs(
@@ -192,11 +192,7 @@ def estimate(
     if all(rank_space.arch_key(a) in done for a in archs):
         return done
     setup = nas_setup(cfg, gallery_path, data)
-    if setup.space.layers != rank_space.layers:
-        print(f"{folder.name}'s space has other layers than the ranking set's: rank its own", file=sys.stderr)
-        raise SystemExit(2)
-    supernet, _ = load_supernet(folder / SUPERNET_FILE, supernet_identity(cfg, data, setup.gallery))
-    supernet.space = supernet.supernet.space = rank_space  # same layers: only what validates a path changes
+    supernet, _ = load_supernet(folder / SUPERNET_FILE, supernet_identity(cfg, data, setup.gallery), rank_space)
     s = cfg.nas.search
     evaluate = build_evaluator(
         supernet, setup.gallery, data, s.recal_images, s.recal_batch, s.val_images, s.seed
@@ -336,13 +332,10 @@ def second_target(path: Path, sched: dict[str, Any], ranking_macs: list[int]) ->
     return {"file": str(path), "epochs": sched["epochs"], "rows": rows}
 
 
-def given_target(path: Path, sched: dict[str, Any], cfg: Any, gallery_path: Path, data: Any) -> list[dict[str, Any]]:
-    """A ranking-schedule's ``sched`` as the target rows of the profile's ranking set, matched by MACs (nothing
-    trains alone here)."""
-    from cmpnas.stages.common import nas_setup
-
-    setup = nas_setup(cfg, gallery_path, data)
-    archs = ranking_archs(cfg, gallery_path, data)
+def given_target(path: Path, sched: dict[str, Any], cfg: Any, setup: Any) -> list[dict[str, Any]]:
+    """A ranking-schedule's ``sched`` as the target rows of the profile's ranking set (``cfg`` and its
+    ``nas_setup``), matched by MACs (nothing trains alone here)."""
+    archs = ranking_archs(cfg, setup)
     by_macs = {setup.space.query_macs(a, setup.gallery.spec.embed_dim): a for a in archs}
     if len(by_macs) != len(archs):
         print(f"two ranking architectures cost the same: {path} cannot be matched by MACs", file=sys.stderr)
@@ -534,9 +527,10 @@ def main() -> None:
     # the ranking set's space: the first recipe's, or the profile's when a file holds the targets
     first = config(args.profile, {**RANKING, **resolve(args.profile, VARIANTS[args.variants.split(",")[0]][1])})
     rank_cfg = base if target_sched is not None else first
-    rank_space = nas_setup(rank_cfg, gallery_path, data).space
+    rank_setup = nas_setup(rank_cfg, gallery_path, data)
+    rank_space = rank_setup.space
     if args.estimate_only:  # the estimators' scores of the ranking set, without the stand-alone targets
-        archs = ranking_archs(rank_cfg, gallery_path, data)
+        archs = ranking_archs(rank_cfg, rank_setup)
         for name in args.variants.split(","):
             cfg = config(args.profile, {**RANKING, **resolve(args.profile, VARIANTS[name][1])})
             for est in estimators:
@@ -557,7 +551,7 @@ def main() -> None:
             wall = round(time.perf_counter() - t0, 1)
         if rows is None:
             if target_sched is not None:
-                rows = given_target(args.target, target_sched, base, gallery_path, data)
+                rows = given_target(args.target, target_sched, rank_cfg, rank_setup)
             else:
                 rows = targets(cfg, gallery_path, work / name / SUPERNET_FILE, data, work)
             archs = list({r["arch_key"]: r["arch"] for r in rows}.values())

@@ -385,3 +385,21 @@ def test_a_space_with_one_scale_per_stage_searches_and_retrains(
     model = load_model(tmp_path / "retrain" / "model.safetensors")
     assert model.spec.arch == res["best"]["arch"]
     assert count_macs(model, model.input_shape(1)) == res["best"]["macs"] == ret["macs"]
+
+
+def test_a_supernet_scores_another_space_over_the_same_layers_only(chain, tiny_raw: dict) -> None:
+    from safetensors.torch import load_file
+
+    from cmpnas.models.spaces import create_space
+    from cmpnas.nas.supernet import load_supernet
+
+    path = chain["root"] / "supernet" / SUPERNET_FILE
+    per_stage = create_space({**tiny_raw["nas"]["space"], "name": "spos-stage"}, in_chans=1, input_size=28)
+    supernet, _ = load_supernet(path, {}, per_stage)
+    assert supernet.space is per_stage
+    saved = load_file(str(path))
+    assert all(torch.equal(v, saved[k]) for k, v in supernet.state_dict().items())
+
+    wider = {**tiny_raw["nas"]["space"], "channel_scales": [0.5, 1.0, 1.5]}
+    with pytest.raises(CmpnasError, match="other layers"):
+        load_supernet(path, {}, create_space(wider, in_chans=1, input_size=28))

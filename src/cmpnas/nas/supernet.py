@@ -69,8 +69,14 @@ def save_supernet(model: SupernetEmbedding, path: Path, meta: dict[str, Any]) ->
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding, dict[str, Any]]:
-    """Load and check that space, data shape, embed dim and gallery fingerprint match ``expect``."""
+def load_supernet(
+    path: Path, expect: dict[str, Any], space: Any | None = None
+) -> tuple[SupernetEmbedding, dict[str, Any]]:
+    """Load and check that space, data shape, embed dim and gallery fingerprint match ``expect``.
+
+    ``space``: score the paths of another space over the same layers (a space that only restricts which paths
+    are sampled, such as one channel scale per stage), so a supernet of one can be asked about the other's
+    architectures; a space with other layers is refused."""
     if not Path(path).is_file():
         raise CmpnasError(f"Supernet '{path}' does not exist.", "run `cmpnas train-supernet` first")
     raw = safetensors_header(path)
@@ -88,7 +94,13 @@ def load_supernet(path: Path, expect: dict[str, Any]) -> tuple[SupernetEmbedding
                 f"Supernet '{path}' does not match the config: '{key}' is {meta.get(key)!r}, expected {want!r}.",
                 "search with the config and gallery the supernet was trained with, or retrain the supernet",
             )
-    space = create_space(SpaceConfig(**meta["space"]), in_chans=meta["in_chans"], input_size=meta["input_size"])
+    saved = create_space(SpaceConfig(**meta["space"]), in_chans=meta["in_chans"], input_size=meta["input_size"])
+    if space is not None and space.layers != saved.layers:
+        raise CmpnasError(
+            f"Supernet '{path}' was trained over other layers than the space it is asked to score.",
+            "score architectures of the supernet's own space, or of one with the same layers",
+        )
+    space = space or saved
     model = SupernetEmbedding(
         space, meta["embed_dim"], meta["num_classes"], meta["classifier"], meta["cosine_scale"]
     )
