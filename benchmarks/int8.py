@@ -6,9 +6,11 @@
         [--config FILE] [--set KEY=VALUE ...] \\
         [--calibration-images 512] [--latency-runs 200] [--exporter auto|dynamo|legacy] [--out FILE]
 
-Exports the query model to fp32 ONNX (as `cmpnas export`), then quantizes it three times (static QDQ int8, weights
-per tensor, per channel, and per channel only where one scale would crush a weight's channels; calibrated on
-class-stratified training images) with the same code as `cmpnas export --int8`. For each int8 file: mean / min cosine with the fp32 embeddings on validation images,
+Exports the query model to fp32 ONNX (as `cmpnas export`), then quantizes it once per variant (static QDQ int8,
+weights per tensor, per channel, and per channel only where one scale would crush a weight's channels, the last
+also with 7-bit weights; calibrated on class-stratified training images) with the same code as `cmpnas export
+--int8`. For each int8 file: mean / min cosine with the fp32 embeddings on validation images, and of this CPU's
+fused int8 kernels with the file's arithmetic run as written (below 1 where they saturate: x86 without VNNI),
 heterogeneous and homogeneous top-1 / mAP against the gallery model on the test split (leave-one-out, as the
 evaluate stage scores) next to the fp32 export's, file sizes, and batch-1 p50 latency in ONNX Runtime at 1 thread
 and at its default thread count. The data is the run's (``--config``, default: config.yaml beside the query
@@ -16,7 +18,7 @@ model, which for the default profile is the whole Fashion-MNIST test split).
 
 Target: int8 loses at most 0.3 points of heterogeneous top-1 at at most 1/3 of the fp32 file size, judged on the
 mean over the query models given (a profile's seeds); the JSON says "met" or "missed" with the numbers, per
-granularity, for the mean and for each model. Writes benchmarks/results/int8.json (or --out).
+variant, for the mean and for each model. Writes benchmarks/results/int8.json (or --out).
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ from common import write_result  # noqa: E402
 
 MAX_TOP1_LOSS = 0.3  # points of heterogeneous top-1
 MAX_SIZE_RATIO = 1 / 3  # int8 bytes / fp32 bytes
-# JSON key -> --int8-granularity: one weight scale per tensor, per output channel, or per channel only where one
-# scale would crush a weight's channels
-GRANULARITIES = {"per_tensor": "per-tensor", "per_channel": "per-channel", "auto": "auto"}
+# JSON key -> (--int8-granularity, --int8-reduce-range): one weight scale per tensor, per output channel, or per
+# channel only where one scale would crush a weight's channels; 8-bit weights, or 7-bit ones (reduce_range)
+VARIANTS = {
+    "per_tensor": ("per-tensor", False),
+    "per_channel": ("per-channel", False),
+    "auto": ("auto", False),
+    "auto_reduce_range": ("auto", True),
+}
 
 
 def target_check(report: dict[str, Any]) -> dict[str, Any]:
@@ -64,15 +71,15 @@ def target_check(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row(report: dict[str, Any]) -> dict[str, Any]:
-    """One granularity's figures, without the repeated run-wide fields."""
-    keep = ("quantization", "calibration", "parity", "bytes", "retrieval", "latency_ms")
+    """One variant's figures, without the repeated run-wide fields."""
+    keep = ("quantization", "calibration", "parity", "kernels", "bytes", "retrieval", "latency_ms")
     return {**{k: report[k] for k in keep}, "target_check": target_check(report)}
 
 
-def mean_check(per_model: list[dict[str, Any]]) -> dict[str, Any]:
-    """The target judged on the mean over the query models (a profile's seeds), per granularity."""
+def mean_check(per_model: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    """The target judged on the mean over the query models (a profile's seeds), per variant."""
     out: dict[str, Any] = {}
-    for name in GRANULARITIES:
+    for name in variants:
         checks = [m["int8"][name]["target_check"] for m in per_model if "target_check" in m["int8"].get(name, {})]
         if len(checks) != len(per_model):
             out[name] = {"verdict": "missed", "summary": "a model could not be quantized (see per_model)"}
@@ -107,8 +114,13 @@ def main() -> None:
     ap.add_argument("--parity-images", type=int, default=1000)
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)}")
 
     from cmpnas.config import load_config
     from cmpnas.data.factory import build_data
@@ -142,7 +154,7 @@ def main() -> None:
             "start": load_start,
             "end": round(os.getloadavg()[0], 2),
         },  # timings share the CPU
-        "mean": mean_check(per_model),
+        "mean": mean_check(per_model, args.variants),
         "per_model": per_model,
     }
     write_result("int8", payload, args.out)
@@ -158,9 +170,11 @@ def measure(query: Path, data: Any, gallery_model: Any, args: argparse.Namespace
     with tempfile.TemporaryDirectory(prefix="cmpnas-int8-bench-") as tmp:
         fp32 = Path(tmp) / "query.onnx"
         export = export_onnx(query, fp32, exporter=args.exporter, measure=False)  # type: ignore[arg-type]
-        for name, granularity in GRANULARITIES.items():
+        for name in args.variants:
+            granularity, reduce_range = VARIANTS[name]
             opts = Int8Options(
                 granularity=granularity,
+                reduce_range=reduce_range,
                 calibration_images=args.calibration_images,
                 parity_images=args.parity_images,
                 latency_runs=args.latency_runs,

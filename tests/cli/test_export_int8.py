@@ -68,6 +68,7 @@ def test_export_int8_end_to_end(capsys: pytest.CaptureFixture[str], run_dir: Pat
     int8 = out.parent / "query.int8.onnx"
     assert int8.is_file() and int8.stat().st_size <= out.stat().st_size / 2
     assert f"wrote {int8} (auto int8" in stdout and "heterogeneous (test) top-1 / mAP: fp32" in stdout  # the default
+    assert "int8 kernels against the file's arithmetic: cosine mean" in stdout
     report = json.loads((out.parent / "query.int8.json").read_text())
     assert report["calibration"]["images"] == 64 and report["calibration"]["split"] == "train"
     assert (
@@ -125,6 +126,8 @@ def test_int8_options_without_int8_are_refused(
 ) -> None:
     model = run_dir / "retrain" / "R3" / "model.safetensors"
     code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--int8-granularity", "auto")
+    assert_one_line_error(code, err, "only apply to an int8 export", "add --int8")
+    code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--int8-reduce-range")
     assert_one_line_error(code, err, "only apply to an int8 export", "add --int8")
     code, _, err = cli(capsys, "export", "--model", model, "--out", tmp_path / "q.onnx", "--min-cosine", "2")
     assert code == 2 and "--min-cosine" in err and len(err.strip().splitlines()) == 1

@@ -337,3 +337,46 @@ def test_an_unknown_granularity_is_refused(int8_models: Any, tiny_data: DataBund
     with pytest.raises(CmpnasError, match="Unknown int8 granularity 'per-layer'"):
         quantize_export(int8_models.fp32, tiny_data, int8_models.gallery, tmp_path / "x.int8.onnx", opts)
     assert not (tmp_path / "x.int8.onnx").exists()
+
+
+def _int8_conv_weights(path: Path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return [numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 4]
+
+
+def test_reduce_range_keeps_weights_in_seven_bits(int8_models: Any, tiny_data: DataBundle, tmp_path: Path) -> None:
+    full = _int8_conv_weights(int8_path_for(int8_models.fp32))
+    assert max(int(np.abs(w).max()) for w in full) == 127  # 8-bit: the widest weight sets the top level
+    opts = Int8Options(**{**FAST.__dict__, "reduce_range": True})
+    out = tmp_path / "r.int8.onnx"
+    report = quantize_export(int8_models.fp32, tiny_data, int8_models.gallery, out, opts)
+    reduced = _int8_conv_weights(out)
+    assert reduced and all(w.dtype == np.int8 for w in reduced)
+    assert 32 < max(int(np.abs(w).max()) for w in reduced) <= 64  # 7-bit: VPMADDUBSW pair sums cannot saturate
+    assert report["quantization"]["weights"].startswith("int7")
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta[META_QUANTIZATION])["weights"] == report["quantization"]["weights"]
+    assert report["options"]["reduce_range"] is True
+
+
+def test_kernel_cosine_is_fused_int8_against_the_graph_run_as_written(
+    int8_models: Any, tiny_data: DataBundle
+) -> None:
+    int8 = str(int8_path_for(int8_models.fp32))
+    spec = load_encoder(int8_models.fp32).spec
+    rows = parity_indices(tiny_data, FAST.parity_images, FAST.seed)
+    x = _by_hand(tiny_data.val.images[torch.as_tensor(rows)], spec)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    simulated = ort.InferenceSession(int8, plain).run(None, {"images": x})[0].astype(np.float64)
+    fused = ort.InferenceSession(int8).run(None, {"images": x})[0].astype(np.float64)
+    cos = np.einsum("ij,ij->i", fused, simulated) / np.sqrt(
+        np.einsum("ij,ij->i", fused, fused) * np.einsum("ij,ij->i", simulated, simulated)
+    )
+    kernels = int8_models.report["kernels"]
+    assert kernels["split"] == "val" and kernels["images"] == len(rows)
+    assert kernels["mean_cosine"] == pytest.approx(cos.mean(), abs=1e-6)
+    assert kernels["min_cosine"] == pytest.approx(cos.min(), abs=1e-6)
+    assert kernels["min_cosine"] != int8_models.report["parity"]["min_cosine"]  # not the drift from fp32

@@ -92,6 +92,14 @@ def export_cmd(
             "scale would crush, per tensor elsewhere), per-tensor, or per-channel (every weight)",
         ),
     ] = None,
+    int8_reduce_range: Annotated[
+        bool,
+        typer.Option(
+            "--int8-reduce-range",
+            help="--int8: 7-bit weights, for x86 CPUs without VNNI whose int8 kernels can saturate 8-bit ones "
+            "(the report's 'kernels' cosine shows it); costs a little weight precision",
+        ),
+    ] = False,
     gallery_model: Annotated[
         Path | None,
         typer.Option(
@@ -127,10 +135,11 @@ def export_cmd(
         raise CmpnasError(
             "Pass exactly one of --model and --family.", "--model M.safetensors, or --family family.json"
         )
-    int8_only = (int8_granularity, gallery_model, data_config) != (None, None, None)
+    int8_only = (int8_granularity, gallery_model, data_config) != (None, None, None) or int8_reduce_range
     if int8_only and not int8:
         raise CmpnasError(
-            "--int8-granularity, --gallery-model and --config only apply to an int8 export.", "add --int8"
+            "--int8-granularity, --int8-reduce-range, --gallery-model and --config only apply to an int8 export.",
+            "add --int8",
         )
     if family is not None:
         if int8:
@@ -150,6 +159,7 @@ def export_cmd(
         return
     options = Int8Options(
         granularity=(int8_granularity or Int8Granularity.auto).value,
+        reduce_range=int8_reduce_range,
         calibration_images=calibration_images,
         min_cosine=min_cosine,
         latency_runs=latency_runs,
@@ -199,6 +209,11 @@ def _int8_lines(r: dict[str, Any]) -> list[str]:
         f"{size['ratio']:.2f}x); cosine with fp32 mean {r['parity']['mean_cosine']:.4f} / min "
         f"{r['parity']['min_cosine']:.4f} on {r['parity']['images']} val images"
     ]
+    k = r["kernels"]
+    lines.append(
+        f"  this CPU's int8 kernels against the file's arithmetic: cosine mean {k['mean_cosine']:.5f} / min "
+        f"{k['min_cosine']:.5f}"
+    )
     for setting in ("heterogeneous", "homogeneous"):
         a, b = ret["fp32"][setting], ret["int8"][setting]
         lines.append(

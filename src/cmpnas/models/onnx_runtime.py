@@ -22,14 +22,18 @@ from cmpnas.models.timing import Timer, check_timing_args, dummy_input, torch_th
 DEFAULT_OPSET = 18
 
 
-def session(source: str | Path | bytes, threads: int | None = None) -> Any:
+def session(source: str | Path | bytes, threads: int | None = None, optimize: bool = True) -> Any:
     """An ``InferenceSession`` on the CPU provider; ``threads`` pins intra-op threads (inter-op to 1).
 
     ``source`` is an ``.onnx`` path or the serialised model itself (see :func:`to_onnx_bytes`).
+    ``optimize=False`` runs the graph as written: a quantized (QDQ) file's arithmetic is then simulated in
+    float, without the fused int8 kernels, so it is the reference those kernels can be checked against.
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
