@@ -383,8 +383,9 @@ def quantize_export(
             "min_cosine_required": opts.min_cosine,
             "checked": "mean",
         },
-        # this CPU's fused int8 kernels against the file's arithmetic simulated in float: below ~0.9999 they
-        # saturate (x86 without VNNI), and another runtime (ORT Web, a VNNI server) embeds the same file otherwise
+        # this CPU's fused int8 kernels against the file's arithmetic simulated in float: further below 1 than
+        # rounding explains, they saturate (x86 without VNNI), and another runtime (ORT Web, a VNNI server) embeds
+        # the same file otherwise
         "kernels": {
             "split": "val",
             "images": len(par_idx),
