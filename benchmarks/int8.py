@@ -120,7 +120,7 @@ def main() -> None:
     args.variants = args.variants.split(",")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variant {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)}")
+        ap.error(f"unknown variant {unknown[0]!r}: pass --variants from {', '.join(VARIANTS)}")
 
     from cmpnas.config import load_config
     from cmpnas.data.factory import build_data
@@ -129,10 +129,10 @@ def main() -> None:
     queries, gallery = [Path(q) for q in args.query_model], Path(args.gallery_model)
     for what, p in [*(("--query-model", q) for q in queries), ("--gallery-model", gallery)]:
         if not p.is_file():
-            raise SystemExit(f"{what} {p} does not exist: pass the model.safetensors files of a finished run")
+            ap.error(f"{what} {p} does not exist: pass the model.safetensors files of a finished run")
     config = Path(args.config) if args.config else queries[0].parent / "config.yaml"
     if not config.is_file():
-        raise SystemExit(f"no data config: {config} does not exist; pass --config")
+        ap.error(f"no data config: {config} does not exist; pass --config")
     cfg = load_config(config, args.overrides)
     t0, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
     data = build_data(cfg.data)
